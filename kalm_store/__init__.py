@@ -1,0 +1,38 @@
+"""kalm-store: KaLM-Reranker-V1 ("fast but not late interaction") inside LanceDB.
+
+Passages are encoded once, offline; their pooled encoder matrices are stored in LanceDB beside the
+retrieval vector and the text; at query time a decoder pass over the stored matrices reranks the
+candidates of a vector, full-text or hybrid search. ``import kalm_store`` is cheap: torch,
+transformers and lancedb load only when a name that needs them is first used.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "KaLMModel": "kalm_store.model",
+    "EncodedPassages": "kalm_store.model",
+    "ModelLoadError": "kalm_store.model",
+    "PassageStore": "kalm_store.store",
+    "search": "kalm_store.search",
+    "make_test_model": "kalm_store.testing",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import EncodedPassages, KaLMModel, ModelLoadError
+    from .search import search
+    from .store import PassageStore
+    from .testing import make_test_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kalm_store' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY) + ["__version__"]

@@ -1,0 +1,47 @@
+"""The ``kalm-store`` command line. Each sub-command lives in its own module with ``register``/``run``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+# sub-command -> module under kalm_store.cli; modules import torch/lancedb only inside ``run``.
+COMMANDS = {
+    "make-test-model": "make_test_model",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kalm_store import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="kalm-store",
+        description="KaLM-Reranker-V1 inside LanceDB: build stores of pooled encoder matrices once, "
+                    "rerank LanceDB searches from them with the decoder alone.",
+    )
+    parser.add_argument("--version", action="version", version=f"kalm-store {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        import_module(f"kalm_store.cli.{module}").register(sub, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, TypeError, OSError) as e:  # user-facing errors: one line, no traceback
+        print(f"kalm-store {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"kalm-store {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Pooled matrix <-> stored bytes.
+
+A stored value is one zstd frame of the row-major float16 matrix, written with its content size and
+a content checksum. Decoding checks, before allocating anything, that the frame declares exactly the
+size the shape implies (rows x d x 2 bytes), so a crafted value cannot make us allocate more; the
+checksum catches bit flips, the size check truncation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zstandard
+
+DEFAULT_LEVEL = 3
+STORED_DTYPE = "float16"
+
+
+class CorruptMatrixError(ValueError):
+    """A stored matrix could not be decoded (truncated, bit-flipped, wrong size, not finite)."""
+
+
+def to_float16(matrix: np.ndarray, what: str = "matrix") -> np.ndarray:
+    """Cast to float16, failing loudly if any value is (or becomes) non-finite."""
+    out = np.ascontiguousarray(matrix, dtype=np.float16)
+    if not np.isfinite(out).all():
+        bad = int((~np.isfinite(out)).sum())
+        raise ValueError(
+            f"{what}: {bad} value(s) are not finite after the cast to float16 "
+            "(float16 holds |x| <= 65504); refusing to store them"
+        )
+    return out
+
+
+def encode_matrix(matrix: np.ndarray, level: int = DEFAULT_LEVEL) -> bytes:
+    """Compress a ``(rows, d)`` float16 matrix into one checksummed zstd frame."""
+    if matrix.dtype != np.float16 or matrix.ndim != 2:
+        raise TypeError(f"expected a 2-D float16 matrix, got {matrix.dtype} with shape {matrix.shape}")
+    compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return compressor.compress(np.ascontiguousarray(matrix).tobytes())
+
+
+def decode_matrix(blob: bytes | memoryview | None, rows: int, d: int, what: str = "matrix") -> np.ndarray:
+    """Decompress one stored value into a ``(rows, d)`` float16 matrix.
+
+    Raises
+    ------
+    CorruptMatrixError
+        Naming ``what`` (callers pass the row id and column) when the value is missing, declares
+        another size, fails its checksum, or holds non-finite values.
+    """
+    if blob is None:
+        raise CorruptMatrixError(f"{what}: no stored matrix (null value)")
+    expected = rows * d * 2
+    try:
+        params = zstandard.get_frame_parameters(blob)
+    except zstandard.ZstdError as e:
+        raise CorruptMatrixError(f"{what}: not a zstd frame ({e})") from e
+    if params.content_size != expected:
+        raise CorruptMatrixError(
+            f"{what}: frame declares {params.content_size} bytes, the shape ({rows}, {d}) float16 needs {expected}"
+        )
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=expected)
+    except zstandard.ZstdError as e:
+        raise CorruptMatrixError(f"{what}: corrupt zstd frame ({e})") from e
+    if len(raw) != expected:
+        raise CorruptMatrixError(f"{what}: decoded {len(raw)} bytes, expected {expected}")
+    matrix = np.frombuffer(raw, dtype=np.float16).reshape(rows, d)  # (rows, d)
+    if not np.isfinite(matrix).all():
+        raise CorruptMatrixError(f"{what}: decoded matrix holds non-finite values")
+    return matrix

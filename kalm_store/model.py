@@ -1,0 +1,483 @@
+"""KaLMModel: load a KaLM-Reranker-V1 checkpoint, encode+pool passages, score stored matrices.
+
+The data path, top to bottom:
+    passage text -> ``<Document>: ...`` ids -> encoder states H (n x d) -> MEP pool -> float16 matrix
+    query -> prompt ids (once per query) -> decoder over (prompt x stored matrices) -> [yes, no] -> P(yes)
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from . import prompts
+from .codec import to_float16
+from .pooling import DEFAULT_RATIO, check_ratio, mep_pool, pooled_rows
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+# Files whose bytes define the model's behaviour: what the fingerprint hashes.
+_FINGERPRINT_FILES = ("*.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+                      "special_tokens_map.json", "tokenizer.model")
+
+
+class ModelLoadError(OSError):
+    """The checkpoint could not be found, downloaded or read."""
+
+
+@dataclass(frozen=True)
+class EncodedPassages:
+    """What :meth:`KaLMModel.encode_ratios` returns."""
+
+    token_counts: list[int]  # encoder tokens per passage after truncation
+    matrices: dict[int, list[np.ndarray]] = field(default_factory=dict)  # ratio -> (ceil(n/r), d) per passage
+
+
+def _check_passages(passages: object, name: str = "passages") -> list[str]:
+    if isinstance(passages, (str, bytes)) or not isinstance(passages, Sequence):
+        raise TypeError(f"{name} must be a list of strings, got {type(passages).__name__}")
+    if len(passages) == 0:
+        raise ValueError(f"{name} is empty: give at least one passage")
+    for i, p in enumerate(passages):
+        if not isinstance(p, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(p).__name__}")
+    return list(passages)
+
+
+def _check_query(query: object) -> str:
+    if not isinstance(query, str):
+        raise TypeError(f"query must be a str, got {type(query).__name__}")
+    return query
+
+
+def _resolve_device_dtype(device: str | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    import torch
+
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif isinstance(dtype, torch.dtype):
+        dt = dtype
+    else:
+        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in names:
+            raise ValueError(f"dtype must be one of {sorted(names)} or a torch.dtype, got {dtype!r}")
+        dt = names[dtype]
+    if dt == torch.float16:
+        raise ValueError(
+            "float16 compute is refused: T5Gemma2 activations overflow float16 and the yes/no logits become "
+            "non-finite. Use dtype='bfloat16' (CUDA default) or 'float32' (CPU default); stored matrices "
+            "are float16 and are upcast before the decoder."
+        )
+    if dt not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dt}")
+    return dev, dt
+
+
+def _resolve_folder(name_or_path: str, revision: str | None, local_files_only: bool) -> tuple[Path, str | None]:
+    """A local folder as is; a hub id downloaded (or found in the cache) with its commit hash."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path, revision
+    if path.exists() or name_or_path.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path {name_or_path!r} is not a folder with a KaLM checkpoint")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            name_or_path,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"],
+            local_files_only=local_files_only,
+        )
+    except Exception as e:  # hub errors come in many classes; the user needs one message
+        raise ModelLoadError(
+            f"could not load model {name_or_path!r} (revision {revision or 'main'}) from the Hugging Face hub: "
+            f"{type(e).__name__}: {e}. The hub may be unreachable from this machine: download the checkpoint "
+            f"where it is reachable (e.g. `hf download {name_or_path} --local-dir ./{name_or_path.split('/')[-1]}`) "
+            "and pass that local folder instead of the hub id."
+        ) from None
+    folder = Path(folder)
+    return folder, folder.name  # snapshot folders are named by their commit hash
+
+
+class KaLMModel:
+    """A KaLM-Reranker-V1 checkpoint split into its offline (encoder) and online (decoder) halves.
+
+    Build it with :meth:`from_pretrained`. ``encode`` turns passages into pooled float16 matrices,
+    ``score`` scores one query against stored matrices with the decoder alone, ``rank`` does both.
+
+    Examples
+    --------
+    >>> from kalm_store import KaLMModel
+    >>> model = KaLMModel.from_pretrained("KaLM-Embedding/KaLM-Reranker-V1-Nano")  # doctest: +SKIP
+    >>> mats = model.encode(["first passage", "second passage"], ratio=4)  # doctest: +SKIP
+    >>> model.score("what is the first?", mats)  # doctest: +SKIP
+    array([0.93, 0.12], dtype=float32)
+    """
+
+    def __init__(
+        self,
+        hf_model: Any,
+        tokenizer: Any,
+        *,
+        name_or_path: str,
+        revision: str | None = None,
+        folder: Path | None = None,
+        max_length: int = prompts.DEFAULT_MAX_LENGTH,
+        query_max_length: int = prompts.DEFAULT_QUERY_MAX_LENGTH,
+        instruction: str | None = None,
+    ) -> None:
+        import torch
+
+        if not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if not isinstance(query_max_length, int) or query_max_length < 1:
+            raise ValueError(f"query_max_length must be a positive int, got {query_max_length!r}")
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.name_or_path = name_or_path
+        self.revision = revision
+        self.folder = folder
+        self.max_length = max_length
+        self.query_max_length = query_max_length
+        self.instruction = prompts.DEFAULT_INSTRUCTION if instruction is None else instruction
+        self.yes_id = self._single_token_id(prompts.YES_TOKEN)
+        self.no_id = self._single_token_id(prompts.NO_TOKEN)
+        param = next(hf_model.parameters())
+        self.device: torch.device = param.device
+        self.dtype: torch.dtype = param.dtype
+        self.dim: int = int(hf_model.config.decoder.hidden_size)
+        self.softcap: float | None = hf_model.config.decoder.final_logit_softcapping
+        # Only two rows of the tied output embedding are ever needed: (2, d), fp32 for the last matmul.
+        head = hf_model.get_output_embeddings().weight
+        self._yes_no = head[[self.yes_id, self.no_id]].detach().to(torch.float32)  # (2, d)
+        self._fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_length: int = prompts.DEFAULT_MAX_LENGTH,
+        query_max_length: int = prompts.DEFAULT_QUERY_MAX_LENGTH,
+        instruction: str | None = None,
+        local_files_only: bool = False,
+    ) -> KaLMModel:
+        """Load a checkpoint from a Hugging Face hub id or a local folder.
+
+        Parameters
+        ----------
+        name_or_path : str or Path
+            Hub id (``"KaLM-Embedding/KaLM-Reranker-V1-Nano"``) or a folder with ``config.json``,
+            safetensors weights and the tokenizer.
+        revision : str, optional
+            Hub branch, tag or commit; default ``None`` (the hub's ``main``).
+        device : str, optional
+            ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default ``None`` picks CUDA when available.
+        dtype : str or torch.dtype, optional
+            Compute dtype; default ``None`` is bfloat16 on CUDA and float32 on CPU. float16 is refused.
+        max_length : int, default 1024
+            Encoder tokens kept per passage (``<Document>: `` prefix included).
+        query_max_length : int, default 512
+            Query tokens kept before the query is put in the prompt.
+        instruction : str, optional
+            Default task instruction; ``None`` uses the released default.
+        local_files_only : bool, default False
+            Never contact the hub; use the local cache only.
+
+        Returns
+        -------
+        KaLMModel
+        """
+        import torch
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+        dev, dt = _resolve_device_dtype(device, dtype)  # validate before touching disk
+        name = str(name_or_path)
+        folder, resolved_revision = _resolve_folder(name, revision, local_files_only)
+        if not list(folder.glob("*.safetensors")):
+            raise ModelLoadError(f"{folder} holds no *.safetensors weights; KaLM loads safetensors only")
+        config = AutoConfig.from_pretrained(folder)
+        if config.model_type != "t5gemma2":
+            raise ModelLoadError(f"{name!r} is a {config.model_type!r} model; KaLM-Reranker-V1 is 't5gemma2'")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        hf_model = AutoModelForSeq2SeqLM.from_pretrained(
+            folder, dtype=dt, use_safetensors=True, attn_implementation="sdpa"
+        )
+        # The SigLIP vision tower is never used for text reranking: free its memory.
+        encoder = hf_model.get_encoder()
+        encoder.vision_tower = None
+        encoder.multi_modal_projector = None
+        hf_model.to(dev).eval()
+        return cls(hf_model, tokenizer, name_or_path=name, revision=resolved_revision, folder=folder,
+                   max_length=max_length, query_max_length=query_max_length, instruction=instruction)
+
+    def _single_token_id(self, word: str) -> int:
+        ids = self.tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"tokenizer splits {word!r} into {len(ids)} tokens {ids}; KaLM needs it to be one token")
+        return int(ids[0])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the weights, config and tokenizer files (independent of device and dtype)."""
+        if self._fingerprint is None:
+            if self.folder is None:
+                raise ValueError("this model was not loaded from files; it has no fingerprint")
+            digest = hashlib.sha256()
+            files = sorted({p for pat in _FINGERPRINT_FILES for p in self.folder.glob(pat)})
+            for path in files:
+                digest.update(path.name.encode() + b"\0")
+                with open(path, "rb") as f:
+                    digest.update(hashlib.file_digest(f, "sha256").digest())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    # ------------------------------------------------------------------ passages -> pooled matrices
+    def tokenize_passages(self, passages: Sequence[str]) -> list[list[int]]:
+        """Encoder ids of each passage: ``<Document>: {p}``, no special tokens, cut to ``max_length``."""
+        passages = _check_passages(passages)
+        texts = [prompts.document_text(p) for p in passages]
+        enc = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)
+        return [list(ids) for ids in enc["input_ids"]]
+
+    def encode_ratios(
+        self,
+        passages: Sequence[str],
+        ratios: Sequence[int] = (DEFAULT_RATIO,),
+        *,
+        batch_size: int = 16,
+        storage_dtype: Literal["float16", "float32"] = "float16",
+        show_progress: bool = False,
+    ) -> EncodedPassages:
+        """Run the encoder once per passage and pool its states at every ratio in ``ratios``.
+
+        Passages are encoded in batches sorted by length (little padding); results come back in
+        input order without padding rows. float16 output is checked for non-finite values.
+        """
+        import torch
+
+        ratios = [check_ratio(r) for r in ratios]
+        if not ratios:
+            raise ValueError("ratios is empty: give at least one of 1, 2, 4, 8, 16, 32")
+        if storage_dtype not in ("float16", "float32"):
+            raise ValueError(f"storage_dtype must be 'float16' or 'float32', got {storage_dtype!r}")
+        _check_batch_size(batch_size)
+        ids = self.tokenize_passages(passages)
+        counts = [len(x) for x in ids]
+        order = sorted(range(len(ids)), key=lambda i: -counts[i])
+        out: dict[int, list[np.ndarray | None]] = {r: [None] * len(ids) for r in ratios}
+        encoder = self.hf_model.get_encoder()
+        pad_id = self.tokenizer.pad_token_id or 0
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="encode", unit="batch")
+        with torch.inference_mode():
+            for batch in batches:
+                n_max = counts[batch[0]]
+                input_ids = torch.full((len(batch), n_max), pad_id, dtype=torch.long)  # (B, n)
+                mask = torch.zeros((len(batch), n_max), dtype=torch.long)  # (B, n)
+                for row, i in enumerate(batch):
+                    input_ids[row, : counts[i]] = torch.tensor(ids[i])
+                    mask[row, : counts[i]] = 1
+                input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+                states = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, n, d)
+                for r in ratios:
+                    pooled, _ = mep_pool(states, mask, r)  # (B, ceil(n/r), d) float32
+                    pooled = pooled.cpu().numpy()
+                    for row, i in enumerate(batch):
+                        mat = pooled[row, : pooled_rows(counts[i], r)]  # (ceil(n_i/r), d)
+                        if storage_dtype == "float16":
+                            out[r][i] = to_float16(mat, what=f"passage {i} at r={r}")
+                        else:
+                            out[r][i] = np.ascontiguousarray(mat)
+        return EncodedPassages(token_counts=counts, matrices={r: list(m) for r, m in out.items()})  # type: ignore[arg-type]
+
+    def encode(
+        self,
+        passages: Sequence[str],
+        ratio: int = DEFAULT_RATIO,
+        *,
+        batch_size: int = 16,
+        storage_dtype: Literal["float16", "float32"] = "float16",
+        show_progress: bool = False,
+    ) -> list[np.ndarray]:
+        """Pooled encoder matrices of ``passages``, ``(ceil(n/ratio), d)`` each, in input order.
+
+        Parameters
+        ----------
+        passages : list of str
+            Passage texts (not empty).
+        ratio : int, default 4
+            MEP ratio, one of 1, 2, 4, 8, 16, 32.
+        batch_size : int, default 16
+            Passages per encoder pass.
+        storage_dtype : {"float16", "float32"}, default "float16"
+            float16 is what stores hold; float32 keeps the pooled states unrounded.
+        show_progress : bool, default False
+            Show a tqdm progress bar.
+
+        Returns
+        -------
+        list of numpy.ndarray
+        """
+        enc = self.encode_ratios(passages, [ratio], batch_size=batch_size, storage_dtype=storage_dtype,
+                                 show_progress=show_progress)
+        return enc.matrices[check_ratio(ratio)]
+
+    # ------------------------------------------------------------------ query x stored matrices -> scores
+    def prompt_ids(self, query: str, instruction: str | None = None) -> list[int]:
+        """Decoder ids for one query: query cut to ``query_max_length`` tokens, then the released template."""
+        query = _check_query(query)
+        if instruction is not None and not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a str or None, got {type(instruction).__name__}")
+        q_ids = self.tokenizer.encode(query, add_special_tokens=False)[: self.query_max_length]
+        query = self.tokenizer.decode(q_ids)
+        text = prompts.prompt_text(query, self.instruction if instruction is None else instruction)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _check_matrices(self, matrices: object) -> list[Any]:
+        import torch
+
+        if isinstance(matrices, (np.ndarray, torch.Tensor)) or not isinstance(matrices, Sequence):
+            raise TypeError(f"matrices must be a list of 2-D arrays, got {type(matrices).__name__}")
+        if len(matrices) == 0:
+            raise ValueError("matrices is empty: give at least one stored matrix")
+        for i, m in enumerate(matrices):
+            if not isinstance(m, (np.ndarray, torch.Tensor)):
+                raise TypeError(f"matrices[{i}] must be a numpy array or torch tensor, got {type(m).__name__}")
+            if m.ndim != 2 or m.shape[0] < 1 or m.shape[1] != self.dim:
+                raise ValueError(f"matrices[{i}] has shape {tuple(m.shape)}; expected (rows >= 1, d={self.dim}) "
+                                 "for this model")
+            finite = np.isfinite(m).all() if isinstance(m, np.ndarray) else bool(torch.isfinite(m).all())
+            if not finite:
+                raise ValueError(f"matrices[{i}] holds non-finite values")
+        return list(matrices)
+
+    def score(
+        self,
+        query: str,
+        matrices: Sequence[np.ndarray],
+        instruction: str | None = None,
+        *,
+        batch_size: int = 32,
+        return_margin: bool = False,
+    ) -> np.ndarray:
+        """Score one query against stored pooled matrices with the decoder alone.
+
+        Parameters
+        ----------
+        query : str
+            The query.
+        matrices : list of numpy.ndarray
+            ``(rows, d)`` pooled matrices (float16 as stored, or float32), any ratio.
+        instruction : str, optional
+            Task instruction for this call only; ``None`` uses the model's default.
+        batch_size : int, default 32
+            Candidates per decoder pass; scores do not depend on it.
+        return_margin : bool, default False
+            Return the raw ``z_yes - z_no`` logit margin instead of ``P(yes)``.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32, one score per matrix, in input order.
+        """
+        import torch
+
+        prompt = self.prompt_ids(query, instruction)
+        mats = self._check_matrices(matrices)
+        _check_batch_size(batch_size)
+        order = sorted(range(len(mats)), key=lambda i: -mats[i].shape[0])
+        margins = np.empty(len(mats), dtype=np.float32)
+        prompt_t = torch.tensor([prompt], dtype=torch.long, device=self.device)  # (1, L)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                margins[batch] = self._margins(prompt_t, [mats[i] for i in batch]).cpu().numpy()
+        if return_margin:
+            return margins
+        return (1.0 / (1.0 + np.exp(-margins.astype(np.float64)))).astype(np.float32)
+
+    def _margins(self, prompt: torch.Tensor, mats: list[Any]) -> torch.Tensor:
+        """``z_yes - z_no`` at the last prompt position for one padded batch of matrices."""
+        import torch
+
+        b, m_max = len(mats), max(m.shape[0] for m in mats)
+        states = torch.zeros((b, m_max, self.dim), dtype=self.dtype, device=self.device)  # (B, m, d)
+        mask = torch.zeros((b, m_max), dtype=torch.long, device=self.device)  # (B, m)
+        for row, m in enumerate(mats):
+            t = torch.from_numpy(np.asarray(m)) if isinstance(m, np.ndarray) else m
+            states[row, : m.shape[0]] = t.to(self.device, self.dtype)  # upcast float16 -> compute dtype
+            mask[row, : m.shape[0]] = 1
+        decoder = self.hf_model.get_decoder()
+        hidden = decoder(
+            input_ids=prompt.expand(b, -1),  # (B, L): one prompt shared by every candidate
+            encoder_hidden_states=states,
+            encoder_attention_mask=mask,
+            use_cache=False,
+        ).last_hidden_state  # (B, L, d), final norm applied
+        logits = hidden[:, -1].to(torch.float32) @ self._yes_no.T  # (B, 2): [z_yes, z_no]
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits[:, 0] - logits[:, 1]  # (B,)
+
+    def rank(
+        self,
+        query: str,
+        passages: Sequence[str],
+        top_k: int | None = None,
+        *,
+        ratio: int = DEFAULT_RATIO,
+        instruction: str | None = None,
+        batch_size: int = 32,
+        return_documents: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Encode ``passages``, score them against ``query`` and return them best first.
+
+        Returns
+        -------
+        list of dict
+            ``{"corpus_id": index in passages, "score": P(yes)}`` (plus ``"text"`` when
+            ``return_documents``), sorted by descending score, at most ``top_k`` entries.
+        """
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        passages = _check_passages(passages)
+        mats = self.encode(passages, ratio=ratio, batch_size=batch_size)
+        scores = self.score(query, mats, instruction, batch_size=batch_size)
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        results = []
+        for i in order:
+            item: dict[str, Any] = {"corpus_id": int(i), "score": float(scores[i])}
+            if return_documents:
+                item["text"] = passages[i]
+            results.append(item)
+        return results
+
+    def __repr__(self) -> str:
+        return (f"KaLMModel({self.name_or_path!r}, d={self.dim}, device={self.device}, dtype={self.dtype}, "
+                f"max_length={self.max_length})")
+
+
+def _check_batch_size(batch_size: object) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+__all__ = ["KaLMModel", "EncodedPassages", "ModelLoadError"]

@@ -1,0 +1,1 @@
+"""Package data of kalm_store: the JSON declarations of stored tables."""

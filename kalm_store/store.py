@@ -1,0 +1,312 @@
+"""PassageStore: the LanceDB table that holds pooled KaLM matrices beside vectors and text.
+
+Layout and metadata come from ``schemas/passage_store.v1.json`` (see :mod:`kalm_store.schema`).
+A table remembers which model built it (fingerprint, template version, max_length, d): writing
+or scoring with anything else is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import __version__, prompts, schema
+from .codec import STORED_DTYPE, decode_matrix, encode_matrix
+from .pooling import check_ratio, pooled_rows
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import KaLMModel
+
+
+class StoreMismatchError(ValueError):
+    """A table and a model (or a requested ratio) do not belong together."""
+
+
+def model_metadata(model: KaLMModel) -> dict[str, Any]:
+    """The table metadata a model implies (the keys that must match, plus provenance)."""
+    return {
+        "model_id": model.name_or_path,
+        "model_revision": model.revision,
+        "fingerprint": model.fingerprint,
+        "dim": model.dim,
+        "stored_dtype": STORED_DTYPE,
+        "codec": schema.CODEC,
+        "template_version": prompts.TEMPLATE_VERSION,
+        "max_length": model.max_length,
+    }
+
+
+def check_compatible(table_meta: dict[str, Any], model: KaLMModel, *, what: str = "table") -> None:
+    """Raise :class:`StoreMismatchError` listing every must-match key on which table and model differ."""
+    if not table_meta:
+        raise StoreMismatchError(
+            f"{what} has no kalm-store metadata: it is not a kalm-store passage store. Build one with "
+            "`kalm-store build INPUT --db URI --table NAME --model M` or PassageStore.create(...)"
+        )
+    expected = model_metadata(model)
+    diffs = [f"{k}: table has {table_meta.get(k)!r}, model gives {expected[k]!r}"
+             for k in schema.must_match_keys() if table_meta.get(k) != expected[k]]
+    if diffs:
+        raise StoreMismatchError(f"{what} was built by another model or configuration ({'; '.join(diffs)}); "
+                                 "use the model it was built with, or build a new table")
+
+
+def check_ratio_stored(table_meta: dict[str, Any], ratio: int, *, what: str = "table") -> int:
+    """Return ``ratio`` if the table stores it, else raise naming the stored ratios."""
+    ratio = check_ratio(ratio)
+    stored = table_meta.get("ratios") or []
+    if ratio not in stored:
+        raise StoreMismatchError(f"{what} stores ratios {stored}, not r={ratio}; pick one of them or add it "
+                                 f"with `kalm-store repool --from <stored> --to {ratio}`")
+    return ratio
+
+
+def decode_rows(rows: pa.Table, ratio: int, dim: int) -> list[np.ndarray]:
+    """Decode the ``kalm_r{ratio}`` values of fetched rows (columns ``id``, ``n_tokens``, the matrix).
+
+    Every value is checked (size implied by ``n_tokens``, checksum, finite); an error names the row id.
+    """
+    col = schema.column_name(ratio)
+    for name in ("id", "n_tokens", col):
+        if name not in rows.column_names:
+            raise ValueError(f"fetched rows lack the column {name!r} (have {rows.column_names})")
+    ids = rows.column("id").to_pylist()
+    counts = rows.column("n_tokens").to_pylist()
+    blobs = rows.column(col)
+    out = []
+    for i, (pid, n) in enumerate(zip(ids, counts)):
+        blob = blobs[i].as_buffer()
+        out.append(decode_matrix(blob, pooled_rows(n, ratio), dim, what=f"passage id {pid!r}, column {col}"))
+    return out
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class PassageStore:
+    """A kalm-store table in a LanceDB database.
+
+    Examples
+    --------
+    >>> store = PassageStore.create("./db", "docs", model, ratios=[4, 8])  # doctest: +SKIP
+    >>> store.add([{"id": "a", "text": "first passage"}])  # doctest: +SKIP
+    >>> store.matrices(["a"], ratio=4)[0].shape  # doctest: +SKIP
+    (4, 640)
+    """
+
+    def __init__(self, table: Any, model: KaLMModel | None = None) -> None:
+        self.table = table
+        self.model = model
+        if model is not None:
+            check_compatible(self.metadata, model, what=f"table {table.name!r}")
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(
+        cls,
+        db_uri: str,
+        table: str,
+        model: KaLMModel,
+        ratios: Sequence[int] = (4,),
+        *,
+        vector_dim: int | None = None,
+        embedder: Any | None = None,
+        storage_options: dict[str, str] | None = None,
+        exist_ok: bool = False,
+    ) -> PassageStore:
+        """Create an empty passage store (or open a compatible existing one with ``exist_ok``).
+
+        Parameters
+        ----------
+        db_uri : str
+            LanceDB database URI (a folder, ``s3://bucket/prefix``, ...).
+        table : str
+            Table name.
+        model : KaLMModel
+            The model whose encoder fills the table; its fingerprint is recorded.
+        ratios : list of int, default (4,)
+            MEP ratios to store, one ``kalm_r{r}`` column each.
+        vector_dim : int, optional
+            Width of brought retrieval vectors; ``None`` with no ``embedder`` makes a text-only store.
+        embedder : lancedb.embeddings.EmbeddingFunction, optional
+            LanceDB embedding function computing ``vector`` from ``text`` (recorded in the table,
+            so searches embed queries the same way).
+        storage_options : dict, optional
+            Object-store options passed to ``lancedb.connect``.
+        exist_ok : bool, default False
+            Open an existing table instead of failing, if it is compatible.
+        """
+        import lancedb
+
+        ratios = sorted({check_ratio(r) for r in ratios})
+        if not ratios:
+            raise ValueError("ratios is empty: give at least one of 1, 2, 4, 8, 16, 32")
+        if vector_dim is not None and (not isinstance(vector_dim, int) or vector_dim < 1):
+            raise ValueError(f"vector_dim must be a positive int or None, got {vector_dim!r}")
+        embedder_meta = None
+        functions = None
+        if embedder is not None:
+            from lancedb.embeddings import EmbeddingFunctionConfig
+
+            vector_dim = int(embedder.ndims())
+            embedder_meta = {"name": getattr(embedder, "__embedding_function_registry_alias__", None)
+                             or type(embedder).__name__, "model": getattr(embedder, "name", None)}
+            functions = [EmbeddingFunctionConfig(source_column="text", vector_column="vector", function=embedder)]
+        meta = model_metadata(model) | {
+            "schema_version": schema.spec()["schema_version"],
+            "kalm_store_version": __version__,
+            "ratios": ratios,
+            "vector_dim": vector_dim,
+            "embedder": embedder_meta,
+        }
+        db = lancedb.connect(db_uri, storage_options=storage_options)
+        if table in _table_names(db):
+            if not exist_ok:
+                raise ValueError(f"table {table!r} already exists in {db_uri}; open it or pass exist_ok=True")
+            store = cls.open(db_uri, table, model=model, storage_options=storage_options)
+            if store.ratios != ratios or store.metadata.get("vector_dim") != vector_dim:
+                raise StoreMismatchError(
+                    f"table {table!r} stores ratios {store.ratios} and vector_dim {store.metadata.get('vector_dim')}, "
+                    f"asked for ratios {ratios} and vector_dim {vector_dim}")
+            return store
+        arrow_schema = schema.arrow_schema(ratios, vector_dim, meta)
+        tbl = db.create_table(table, schema=arrow_schema, embedding_functions=functions,
+                              storage_options=storage_options)
+        return cls(tbl, model)
+
+    @classmethod
+    def open(cls, db_uri: str, table: str, *, model: KaLMModel | None = None,
+             storage_options: dict[str, str] | None = None) -> PassageStore:
+        """Open an existing passage store; with ``model``, check that it built the table."""
+        import lancedb
+
+        db = lancedb.connect(db_uri, storage_options=storage_options)
+        if table not in _table_names(db):
+            raise ValueError(f"no table {table!r} in {db_uri} (tables: {_table_names(db)})")
+        tbl = db.open_table(table)
+        if not schema.decode_metadata(tbl.schema.metadata):
+            raise StoreMismatchError(
+                f"table {table!r} in {db_uri} has no kalm-store metadata: it is a plain LanceDB table. Build a "
+                "passage store with `kalm-store build INPUT --db URI --table NAME --model M`")
+        return cls(tbl, model)
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The table's kalm-store metadata (schema-file keys, without prefix)."""
+        return schema.decode_metadata(self.table.schema.metadata)
+
+    @property
+    def ratios(self) -> list[int]:
+        return list(self.metadata.get("ratios") or [])
+
+    @property
+    def dim(self) -> int:
+        return int(self.metadata["dim"])
+
+    # ------------------------------------------------------------------ write
+    def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        """The subset of ``ids`` already stored."""
+        if not ids or self.table.count_rows() == 0:
+            return set()
+        found: set[str] = set()
+        ids = list(ids)
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start:start + 1000]
+            where = "id IN (" + ", ".join(_sql_str(i) for i in chunk) + ")"
+            found.update(self.table.to_lance().to_table(columns=["id"], filter=where).column("id").to_pylist())
+        return found
+
+    def encode_records(self, records: Sequence[dict[str, Any]], *, batch_size: int = 16) -> pa.Table:
+        """Encode the texts of ``records`` at every stored ratio into an Arrow table of this schema."""
+        if self.model is None:
+            raise ValueError("this store was opened without a model; pass model= to PassageStore.open to add rows")
+        texts = [r["text"] for r in records]
+        enc = self.model.encode_ratios(texts, self.ratios, batch_size=batch_size)
+        columns: dict[str, Any] = {
+            "id": [r["id"] for r in records],
+            "text": texts,
+            "n_tokens": pa.array(enc.token_counts, pa.int32()),
+        }
+        has_vector = self.metadata.get("vector_dim") is not None
+        embedder = self.metadata.get("embedder")
+        if has_vector and not embedder:
+            dim = int(self.metadata["vector_dim"])
+            columns["vector"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(np.asarray([r["vector"] for r in records], dtype=np.float32).reshape(-1)), dim)
+        for r in self.ratios:
+            columns[schema.column_name(r)] = pa.array([encode_matrix(m) for m in enc.matrices[r]], pa.large_binary())
+        target = self.table.schema
+        if has_vector and embedder:
+            target = pa.schema([f for f in target if f.name != "vector"], metadata=target.metadata)
+        return pa.table({f.name: columns[f.name] for f in target}, schema=target)
+
+    def add(self, records: Iterable[dict[str, Any]], *, batch_size: int = 16) -> int:
+        """Encode and append records ``{"id", "text"[, "vector"]}`` whose id is not stored yet.
+
+        Ids already in the table, and repeats of an id within ``records``, are skipped (first
+        occurrence wins), so re-adding is idempotent. Returns the number of rows written.
+        """
+        records = list(records)
+        for i, r in enumerate(records):
+            if not isinstance(r, dict) or not isinstance(r.get("id"), str) or not isinstance(r.get("text"), str):
+                raise ValueError(f"record {i} must be a dict with string 'id' and 'text', got {r!r:.200}")
+        seen: set[str] = set()
+        unique = []
+        for r in records:
+            if r["id"] not in seen:
+                seen.add(r["id"])
+                unique.append(r)
+        stored = self.existing_ids([r["id"] for r in unique])
+        todo = [r for r in unique if r["id"] not in stored]
+        if not todo:
+            return 0
+        self.table.add(self.encode_records(todo, batch_size=batch_size))
+        return len(todo)
+
+    # ------------------------------------------------------------------ read
+    def matrices(self, ids: Sequence[str], ratio: int) -> list[np.ndarray]:
+        """The stored float16 matrices of ``ids`` at ``ratio``, in the order of ``ids``."""
+        ratio = check_ratio_stored(self.metadata, ratio, what=f"table {self.table.name!r}")
+        ids = list(ids)
+        if not ids:
+            return []
+        where = "id IN (" + ", ".join(_sql_str(i) for i in ids) + ")"
+        rows = self.table.to_lance().to_table(columns=["id", "n_tokens", schema.column_name(ratio)], filter=where)
+        mats = dict(zip(rows.column("id").to_pylist(), decode_rows(rows, ratio, self.dim)))
+        missing = [i for i in ids if i not in mats]
+        if missing:
+            raise KeyError(f"ids not in table {self.table.name!r}: {missing[:10]}")
+        return [mats[i] for i in ids]
+
+    def info(self) -> dict[str, Any]:
+        """Rows, ratios, metadata and bytes per stored column (values as stored: Lance compression is off)."""
+        meta = self.metadata
+        rows = self.table.count_rows()
+        columns: dict[str, Any] = {}
+        ds = self.table.to_lance()
+        for r in self.ratios:
+            col = schema.column_name(r)
+            stored = 0
+            for batch in ds.to_batches(columns=[col]):
+                arr = batch.column(0)
+                stored += int(pc.sum(pc.binary_length(arr)).as_py() or 0) + 8 * len(arr)  # values + int64 offsets
+            columns[col] = {"ratio": r, "stored_bytes": stored,
+                            "bytes_per_passage": stored / rows if rows else 0.0}
+        counts = ds.to_table(columns=["n_tokens"]).column(0).to_numpy() if rows else np.zeros(0, np.int64)
+        for info in columns.values():
+            # what the same matrices would take as bare float16, for the compression ratio
+            info["raw_float16_bytes"] = int(np.ceil(counts / info["ratio"]).sum()) * self.dim * 2
+        return {"table": self.table.name, "rows": rows, "tokens": int(counts.sum()), "ratios": self.ratios,
+                "columns": columns, "version": self.table.version, "metadata": meta}
+
+
+def _table_names(db: Any) -> list[str]:
+    res = db.list_tables() if hasattr(db, "list_tables") else db.table_names()
+    names = getattr(res, "tables", res)
+    return list(names)

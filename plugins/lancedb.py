@@ -1,0 +1,306 @@
+"""KaLMReranker: the LanceDB query hook that scores candidates from their stored pooled matrices.
+
+For the candidate rows of a vector, full-text or hybrid search the reranker gets each row's stored
+``kalm_r{r}`` matrix (from the search's own ``select`` when it is there, else by ``_rowid`` through
+the table handle), decodes it, and scores all candidates of the query with batched decoder passes.
+No passage is re-encoded online.
+
+Every rerank path (vector, FTS, hybrid; ``return_score`` "relevance" or "all"; empty input) ends in
+one helper, :func:`finish_results`, so they share one output contract: the input columns minus the
+stored matrices (unless ``keep_matrices``) and, for "relevance", minus ``_distance``/``_score``;
+plus a float32 ``_relevance_score``; sorted by it, descending.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from lancedb.rerankers import Reranker
+
+from kalm_store import schema
+from kalm_store.pooling import check_ratio
+from kalm_store.store import StoreMismatchError, check_compatible, check_ratio_stored, decode_rows
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kalm_store.model import KaLMModel
+
+ReturnScore = Literal["relevance", "all"]
+RETURN_SCORES = ("relevance", "all")
+SCORE_COLUMN = "_relevance_score"
+_FIRST_STAGE_SCORES = ("_distance", "_score")
+
+
+def finish_results(results: pa.Table, scores: np.ndarray, *, return_score: ReturnScore,
+                   keep_matrices: bool = False) -> pa.Table:
+    """The one output contract of every rerank path.
+
+    Drops the stored ``kalm_r*`` columns (unless ``keep_matrices``) and, for ``return_score="relevance"``,
+    the first-stage ``_distance``/``_score``; appends ``scores`` as float32 ``_relevance_score``;
+    sorts by it, descending (ties keep first-stage order).
+
+    Parameters
+    ----------
+    results : pyarrow.Table
+        Candidate rows as LanceDB returned them (possibly empty).
+    scores : numpy.ndarray
+        One score per row of ``results``.
+    return_score : {"relevance", "all"}
+        "all" keeps the first-stage score columns.
+    keep_matrices : bool, default False
+        Keep the stored matrix columns in the output.
+
+    Returns
+    -------
+    pyarrow.Table
+    """
+    if len(scores) != results.num_rows:
+        raise AssertionError(f"{len(scores)} scores for {results.num_rows} rows")  # internal invariant
+    drop = [c for c in results.column_names
+            if (not keep_matrices and schema.ratio_of_column(c) is not None)
+            or (return_score == "relevance" and c in _FIRST_STAGE_SCORES)
+            or c == SCORE_COLUMN]
+    out = results.drop_columns(drop).append_column(SCORE_COLUMN, pa.array(scores, type=pa.float32()))
+    if out.num_rows == 0:
+        return out
+    order = np.argsort(-np.asarray(scores, dtype=np.float32), kind="stable")
+    return out.take(pa.array(order))
+
+
+class _Handle:
+    """Sync view of a LanceDB ``Table`` or ``AsyncTable``: metadata, version, take by row id / id.
+
+    An ``AsyncTable``'s coroutines run on LanceDB's own background event loop, so the reranker (which
+    LanceDB calls synchronously, also from async queries) never touches the caller's loop.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = getattr(table, "table", table)  # a PassageStore gives its table
+        self.is_async = type(self.table).__name__ == "AsyncTable"
+        if not (hasattr(self.table, "schema") and hasattr(self.table, "take_row_ids")):
+            raise TypeError(f"table must be a LanceDB Table, AsyncTable or PassageStore, got {type(table).__name__}")
+
+    def _run(self, value: Any) -> Any:
+        if not self.is_async:
+            return value
+        from lancedb.background_loop import LOOP
+
+        return LOOP.run(value)
+
+    @property
+    def name(self) -> str:
+        return str(self.table.name)
+
+    def metadata(self) -> dict[str, Any]:
+        sch = self._run(self.table.schema()) if self.is_async else self.table.schema
+        return schema.decode_metadata(sch.metadata)
+
+    def version(self) -> int:
+        return int(self._run(self.table.version()) if self.is_async else self.table.version)
+
+    def take_row_ids(self, row_ids: list[int], columns: list[str]) -> pa.Table:
+        query = self.table.take_row_ids(row_ids).select(columns).with_row_id()
+        return self._run(query.to_arrow())
+
+    def take_ids(self, ids: list[str], columns: list[str]) -> pa.Table:
+        where = "id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in ids) + ")"
+        query = self.table.query() if self.is_async else self.table.search()
+        query = query.where(where).select(columns).limit(len(ids))
+        return self._run(query.to_arrow())
+
+
+class KaLMReranker(Reranker):
+    """Rerank LanceDB search results with KaLM-Reranker-V1 from the stored pooled matrices.
+
+    Parameters
+    ----------
+    model : KaLMModel
+        The model that built the table (its fingerprint is checked against the table's metadata).
+        Scoring runs on the model's device and dtype.
+    table : lancedb Table, AsyncTable or PassageStore
+        The searched table: its metadata is checked once here (and again when its version changes),
+        and rows whose matrix is not in the search results are fetched through it by ``_rowid``.
+    ratio : int, optional
+        Stored MEP ratio to score with; default ``None`` uses the smallest (most faithful) ratio the
+        table stores. A ratio the table does not store is refused.
+    instruction : str, optional
+        Task instruction; default ``None`` uses the model's default instruction.
+    batch_size : int, default 32
+        Candidates per decoder pass (the scores do not depend on it).
+    return_score : {"relevance", "all"}, default "relevance"
+        "all" keeps the first-stage ``_distance``/``_score`` columns beside ``_relevance_score``.
+    keep_matrices : bool, default False
+        Keep the stored ``kalm_r*`` columns in the output (they are dropped by default).
+
+    Notes
+    -----
+    Fastest usage: select the stored columns in the search itself (``select(rr.columns + [...])``);
+    the reranker then reads the matrices from the results. Without them it fetches the rows by
+    ``_rowid``, which needs ``.with_row_id(True)`` on vector and FTS searches (hybrid searches always
+    carry it); with neither it falls back to a filter on ``id``.
+
+    Examples
+    --------
+    >>> import lancedb
+    >>> from kalm_store import KaLMModel
+    >>> from kalm_store.plugins.lancedb import KaLMReranker
+    >>> tbl = lancedb.connect("./db").open_table("docs")  # doctest: +SKIP
+    >>> rr = KaLMReranker(KaLMModel.from_pretrained("KaLM-Embedding/KaLM-Reranker-V1-Nano"), table=tbl)  # doctest: +SKIP
+    >>> hits = (tbl.search("how do I parse json?", query_type="hybrid").select(["text"] + rr.columns)
+    ...         .limit(100).rerank(rr).limit(10).to_list())  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: KaLMModel,
+        *,
+        table: Any,
+        ratio: int | None = None,
+        instruction: str | None = None,
+        batch_size: int = 32,
+        return_score: ReturnScore = "relevance",
+        keep_matrices: bool = False,
+    ) -> None:
+        from kalm_store.model import KaLMModel, _check_batch_size
+
+        # validate every argument before touching the table
+        if not isinstance(model, KaLMModel):
+            raise TypeError(f"model must be a kalm_store.KaLMModel, got {type(model).__name__}")
+        if return_score not in RETURN_SCORES:
+            raise ValueError(f"return_score must be one of {list(RETURN_SCORES)}, got {return_score!r}")
+        if ratio is not None:
+            check_ratio(ratio)
+        if instruction is not None and not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a str or None, got {type(instruction).__name__}")
+        _check_batch_size(batch_size)
+        if not isinstance(keep_matrices, bool):
+            raise TypeError(f"keep_matrices must be a bool, got {type(keep_matrices).__name__}")
+        if table is None:
+            raise ValueError("table is required: pass the LanceDB table (or AsyncTable) being searched")
+        handle = _Handle(table)
+        super().__init__(return_score)
+        self.model = model
+        self.instruction = instruction
+        self.batch_size = batch_size
+        self.keep_matrices = keep_matrices
+        self._handle = handle
+        self._requested_ratio = ratio
+        self._version = -1
+        self.ratio: int = 0
+        self._check_table()
+
+    # ------------------------------------------------------------------ table checks
+    def _check_table(self) -> None:
+        """Check fingerprint and ratio against the table's metadata, once per table version."""
+        version = self._handle.version()
+        if version == self._version:
+            return
+        meta = self._handle.metadata()
+        what = f"table {self._handle.name!r}"
+        check_compatible(meta, self.model, what=what)
+        stored = sorted(meta.get("ratios") or [])
+        if self._requested_ratio is None:
+            if not stored:
+                raise StoreMismatchError(f"{what} stores no ratio columns")
+            self.ratio = stored[0]
+        else:
+            self.ratio = check_ratio_stored(meta, self._requested_ratio, what=what)
+        self._version = version
+
+    @property
+    def column(self) -> str:
+        """Name of the stored matrix column scored: ``kalm_r{ratio}``."""
+        return schema.column_name(self.ratio)
+
+    @property
+    def columns(self) -> list[str]:
+        """Columns to ``select`` in a search so the reranker reads matrices from the results (fastest)."""
+        return ["id", "n_tokens", self.column]
+
+    def __str__(self) -> str:
+        return f"KaLMReranker(model={self.model.name_or_path}, ratio={self.ratio})"
+
+    # ------------------------------------------------------------------ matrices of the candidates
+    def _matrices(self, results: pa.Table) -> list[np.ndarray]:
+        """Stored matrices of the result rows, in row order."""
+        if all(c in results.column_names for c in self.columns):
+            return decode_rows(results.select(self.columns), self.ratio, self.model.dim)
+        if "_rowid" in results.column_names:
+            row_ids = results.column("_rowid").to_pylist()
+            fetched = self._handle.take_row_ids(row_ids, self.columns)
+            pos = {rid: i for i, rid in enumerate(fetched.column("_rowid").to_pylist())}
+            missing = [rid for rid in row_ids if rid not in pos]
+            if missing:
+                names = results.column("id").to_pylist() if "id" in results.column_names else row_ids
+                bad = [names[row_ids.index(r)] for r in missing[:10]]
+                raise KeyError(f"no stored row for candidate(s) {bad} in table {self._handle.name!r} "
+                               "(deleted or compacted since the search?)")
+            return decode_rows(fetched.take(pa.array([pos[r] for r in row_ids])), self.ratio, self.model.dim)
+        if "id" in results.column_names:
+            ids = results.column("id").to_pylist()
+            fetched = self._handle.take_ids(ids, self.columns)
+            pos = {pid: i for i, pid in enumerate(fetched.column("id").to_pylist())}
+            missing = [pid for pid in ids if pid not in pos]
+            if missing:
+                raise KeyError(f"no stored row for candidate id(s) {missing[:10]} in table {self._handle.name!r}")
+            return decode_rows(fetched.take(pa.array([pos[p] for p in ids])), self.ratio, self.model.dim)
+        raise ValueError(
+            f"the search results carry neither the stored matrices {self.columns}, nor '_rowid', nor 'id' "
+            f"(columns: {results.column_names}); select the stored columns in the search "
+            f"(`.select([..., {', '.join(repr(c) for c in self.columns)}])`, fastest) or add "
+            "`.with_row_id(True)` to the search")
+
+    # ------------------------------------------------------------------ scoring
+    def score_results(self, query: str, results: pa.Table, *, instruction: str | None = None,
+                      batch_size: int | None = None) -> np.ndarray:
+        """Scores (float32 ``P(yes)``) of the candidate rows in ``results``, in row order.
+
+        Parameters
+        ----------
+        query : str
+            The query text.
+        results : pyarrow.Table
+            Candidate rows (see the class notes for the columns they need).
+        instruction : str, optional
+            Instruction for this call only; default ``None`` uses the reranker's.
+        batch_size : int, optional
+            Batch size for this call only; default ``None`` uses the reranker's.
+
+        Returns
+        -------
+        numpy.ndarray
+        """
+        if not isinstance(query, str):
+            raise TypeError(f"the rerank query must be a str, got {type(query).__name__}; for a vector search "
+                            "pass `.rerank(reranker, query_string=...)`")
+        self._check_table()
+        if results.num_rows == 0:
+            return np.zeros(0, dtype=np.float32)
+        mats = self._matrices(results)
+        return self.model.score(query, mats, self.instruction if instruction is None else instruction,
+                                batch_size=self.batch_size if batch_size is None else batch_size)
+
+    def rerank_table(self, query: str, results: pa.Table, *, instruction: str | None = None,
+                     batch_size: int | None = None) -> pa.Table:
+        """Score ``results`` and return them under the output contract (see :func:`finish_results`).
+
+        Per-call ``instruction``/``batch_size`` apply to this call only; the reranker is not changed.
+        """
+        scores = self.score_results(query, results, instruction=instruction, batch_size=batch_size)
+        return finish_results(results, scores, return_score=self.score, keep_matrices=self.keep_matrices)
+
+    def rerank_vector(self, query: str, vector_results: pa.Table) -> pa.Table:
+        """Rerank the rows of a vector search."""
+        return self.rerank_table(query, vector_results)
+
+    def rerank_fts(self, query: str, fts_results: pa.Table) -> pa.Table:
+        """Rerank the rows of a full-text search."""
+        return self.rerank_table(query, fts_results)
+
+    def rerank_hybrid(self, query: str, vector_results: pa.Table, fts_results: pa.Table) -> pa.Table:
+        """Rerank the union (deduplicated by ``_rowid``) of a hybrid search's two result sets."""
+        return self.rerank_table(query, self.merge_results(vector_results, fts_results))
+
+
+__all__ = ["KaLMReranker", "finish_results", "SCORE_COLUMN"]

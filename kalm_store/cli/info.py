@@ -1,0 +1,51 @@
+"""``kalm-store info --db URI --table NAME [--json]``: rows, ratios, bytes on disk, fingerprint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(name, help="describe a passage store: rows, ratios, bytes per column and passage",
+                       description="Print a passage store's rows, ratios, bytes on disk per column and per "
+                                   "passage (vs raw float16 for kalm_r* columns), indices and model fingerprint.")
+    p.add_argument("--db", required=True, help="LanceDB database URI (required)")
+    p.add_argument("--table", required=True, help="table name (required)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: text)")
+    p.set_defaults(run=run)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def run(args: argparse.Namespace) -> int:
+    from kalm_store.store import PassageStore
+
+    info = PassageStore.open(args.db, args.table).info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    meta = info["metadata"]
+    print(f"table        {info['table']} ({args.db}), version {info['version']}")
+    print(f"rows         {info['rows']}  ({info['tokens']} encoder tokens)")
+    print(f"model        {meta.get('model_id')} rev {meta.get('model_revision')}, d={info['dim']}, "
+          f"max_length={meta.get('max_length')}, template {meta.get('template_version')}")
+    print(f"fingerprint  {info['fingerprint']}")
+    print(f"ratios       {info['ratios']}   vectors: "
+          f"{meta.get('embedder') or (meta.get('vector_dim') and 'brought') or 'none'} (dim {meta.get('vector_dim')})")
+    print(f"stored       {_size(info['stored_bytes'])} on disk, {_size(info['bytes_per_passage'])} per passage")
+    print(f"{'column':<10} {'on disk':>12} {'per passage':>12} {'raw fp16/psg':>13} {'vs raw':>7}")
+    for col, c in info["columns"].items():
+        raw = c.get("raw_float16_bytes_per_passage")
+        ratio = c.get("stored_vs_raw")
+        print(f"{col:<10} {_size(c['stored_bytes']):>12} {_size(c['bytes_per_passage']):>12} "
+              f"{_size(raw) if raw is not None else '':>13} {f'{ratio:.3f}' if ratio else '':>7}")
+    print("indices      " + (", ".join(f"{ix['name']} ({ix['type']} on {','.join(ix['columns'])})"
+                                       for ix in info["indices"]) or "none"))
+    return 0

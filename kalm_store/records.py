@@ -1,0 +1,225 @@
+"""Input records for the bulk builder: streaming readers and one validation function.
+
+Readers yield ``(where, raw)`` pairs, ``where`` naming the input and the line or row
+(``corpus.jsonl:17``, ``docs.parquet row 3``), ``raw`` a plain dict; nothing is read ahead beyond one
+Arrow batch, so inputs larger than memory stream through. :func:`validate_record` turns a raw dict
+into a :class:`Record` or raises :class:`BadRecordError` naming ``where`` and the problem; callers
+decide whether to stop (the default) or skip and count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+InputFormat = Literal["auto", "jsonl", "parquet", "csv"]
+FORMATS: tuple[str, ...] = ("auto", "jsonl", "parquet", "csv")
+_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet",
+             ".csv": "csv"}
+STDIN = "-"
+
+
+class BadRecordError(ValueError):
+    """One input record is unusable; ``where`` names the input and line/row, ``reason`` the problem."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Record:
+    """A validated input record."""
+
+    id: str
+    text: str
+    vector: list[float] | None = None  # retrieval embedding when brought by the input
+    where: str = ""  # input and line/row it came from, for messages
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Which input fields hold what."""
+
+    id: str = "id"
+    text: str = "text"
+    vector: str | None = None  # None: vectors are computed (embedder) or absent (text-only store)
+
+
+def resolve_format(path: str, fmt: InputFormat = "auto") -> str:
+    """The concrete format of ``path``: ``fmt`` unless ``"auto"``, else from the suffix (``-`` is JSON lines)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"input format must be one of {list(FORMATS)}, got {fmt!r}")
+    if fmt != "auto":
+        return fmt
+    if path == STDIN:
+        return "jsonl"
+    suffix = Path(path).suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise ValueError(f"cannot tell the format of {path!r} from its suffix (known: {sorted(_SUFFIXES)}); "
+                         "pass --format jsonl|parquet|csv")
+    return _SUFFIXES[suffix]
+
+
+def count_records(path: str, fmt: InputFormat = "auto") -> int | None:
+    """Number of records in ``path`` without parsing them (``None`` for stdin).
+
+    JSON lines count non-empty lines; CSV counts lines minus the header (an estimate when quoted
+    fields span lines); Parquet reads the row count from the footer.
+    """
+    if path == STDIN:
+        return None
+    kind = resolve_format(path, fmt)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    lines = 0
+    last = b"\n"
+    blank = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            lines += block.count(b"\n")
+            blank += block.count(b"\n\n")
+            last = block[-1:]
+    if last != b"\n":
+        lines += 1
+    return max(0, lines - blank - (1 if kind == "csv" else 0))
+
+
+def read_records(path: str, fmt: InputFormat = "auto", *, fields: Fields = Fields(),
+                 batch_rows: int = 4096) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Stream ``(where, raw record)`` from a .jsonl / .parquet / .csv file, or JSON lines on stdin (``-``).
+
+    A line that is not a JSON object raises :class:`BadRecordError` naming it.
+    """
+    kind = resolve_format(path, fmt)
+    if path != STDIN and not Path(path).is_file():
+        raise FileNotFoundError(f"input {path!r} does not exist or is not a file")
+    if kind == "jsonl":
+        yield from _read_jsonl(path)
+    elif kind == "parquet":
+        yield from _read_parquet(path, fields, batch_rows)
+    else:
+        yield from _read_csv(path, fields, batch_rows)
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    name = "<stdin>" if path == STDIN else path
+    f = sys.stdin.buffer if path == STDIN else open(path, "rb")
+    try:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{name}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadRecordError(where, f"not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise BadRecordError(where, f"expected a JSON object, got {type(obj).__name__}")
+            yield where, obj
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
+
+
+def _read_parquet(path: str, fields: Fields, batch_rows: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    wanted = [f for f in (fields.id, fields.text, fields.vector) if f is not None]
+    have = set(pf.schema_arrow.names)
+    missing = [f for f in wanted if f not in have]
+    if missing:
+        raise ValueError(f"{path}: no column {missing[0]!r} (columns: {sorted(have)}); "
+                         "set --id-field/--text-field/--vector-field")
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted):
+        for obj in batch.to_pylist():
+            row += 1
+            yield f"{path} row {row}", obj
+
+
+def _read_csv(path: str, fields: Fields, batch_rows: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    # ids and texts stay strings ("007" must not become 7); a vector cell is a JSON array.
+    types = {f: pa.string() for f in (fields.id, fields.text, fields.vector) if f is not None}
+    reader = pcsv.open_csv(path, convert_options=pcsv.ConvertOptions(column_types=types, strings_can_be_null=False),
+                           read_options=pcsv.ReadOptions(block_size=1 << 22))
+    have = set(reader.schema.names)
+    missing = [f for f in types if f not in have]
+    if missing:
+        raise ValueError(f"{path}: no column {missing[0]!r} in the header (columns: {sorted(have)}); "
+                         "set --id-field/--text-field/--vector-field")
+    row = 0
+    for batch in reader:
+        for obj in batch.to_pylist():
+            row += 1
+            where = f"{path} row {row}"
+            if fields.vector is not None and isinstance(obj.get(fields.vector), str):
+                try:
+                    obj[fields.vector] = json.loads(obj[fields.vector])
+                except json.JSONDecodeError:
+                    raise BadRecordError(where, f"field {fields.vector!r} must hold a JSON array of numbers") from None
+            yield where, obj
+
+
+def validate_record(raw: dict[str, Any], where: str, *, fields: Fields = Fields(),
+                    vector_dim: int | None = None) -> Record:
+    """Check one raw record and return it as a :class:`Record`.
+
+    Rules: the id is a non-empty string (an integer is accepted and stored as its decimal string);
+    the text is a string; with ``fields.vector`` set, the vector is a list of ``vector_dim`` finite
+    numbers (any width when ``vector_dim`` is ``None``).
+
+    Raises
+    ------
+    BadRecordError
+        Naming ``where``, the field and what is wrong with it.
+    """
+    if fields.id not in raw or raw[fields.id] is None:
+        raise BadRecordError(where, f"missing id field {fields.id!r} (fields: {sorted(raw)[:10]})")
+    pid = raw[fields.id]
+    if isinstance(pid, int) and not isinstance(pid, bool):
+        pid = str(pid)
+    if not isinstance(pid, str) or not pid:
+        raise BadRecordError(where, f"id field {fields.id!r} must be a non-empty string, got {pid!r:.60}")
+    if fields.text not in raw or raw[fields.text] is None:
+        raise BadRecordError(where, f"missing text field {fields.text!r} (fields: {sorted(raw)[:10]})")
+    text = raw[fields.text]
+    if not isinstance(text, str):
+        raise BadRecordError(where, f"text field {fields.text!r} must be a string, got {type(text).__name__}")
+    vector = None
+    if fields.vector is not None:
+        vector = _check_vector(raw.get(fields.vector), where, fields.vector, vector_dim)
+    return Record(id=pid, text=text, vector=vector, where=where)
+
+
+def _check_vector(value: Any, where: str, name: str, dim: int | None) -> list[float]:
+    if value is None:
+        raise BadRecordError(where, f"missing vector field {name!r}")
+    if not isinstance(value, (list, tuple)):
+        raise BadRecordError(where, f"vector field {name!r} must be a list of numbers, got {type(value).__name__}")
+    if dim is not None and len(value) != dim:
+        raise BadRecordError(where, f"vector field {name!r} has {len(value)} values; the table's vectors have {dim}")
+    if not value:
+        raise BadRecordError(where, f"vector field {name!r} is empty")
+    for i, x in enumerate(value):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise BadRecordError(where, f"vector field {name!r}[{i}] is not a number: {x!r:.40}")
+        if not math.isfinite(x):
+            raise BadRecordError(where, f"vector field {name!r}[{i}] is {x} (vectors must be finite)")
+    return [float(x) for x in value]
+
+
+__all__ = ["BadRecordError", "Fields", "Record", "count_records", "read_records", "resolve_format",
+           "validate_record", "FORMATS", "InputFormat", "STDIN"]

@@ -13,6 +13,7 @@ plus a float32 ``_relevance_score``; sorted by it, descending.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -278,8 +279,11 @@ class KaLMReranker(Reranker):
         if results.num_rows == 0:
             return np.zeros(0, dtype=np.float32)
         mats = self._matrices(results)
-        return self.model.score(query, mats, self.instruction if instruction is None else instruction,
-                                batch_size=self.batch_size if batch_size is None else batch_size)
+        with warnings.catch_warnings():
+            # decoded matrices are read-only views of the fetched bytes; the model only reads them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return self.model.score(query, mats, self.instruction if instruction is None else instruction,
+                                    batch_size=self.batch_size if batch_size is None else batch_size)
 
     def rerank_table(self, query: str, results: pa.Table, *, instruction: str | None = None,
                      batch_size: int | None = None) -> pa.Table:

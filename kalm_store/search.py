@@ -1,0 +1,166 @@
+"""``kalm_store.search``: one call from a query to reranked hits (first stage in LanceDB, then KaLM).
+
+The first stage (vector, full-text or hybrid) fetches ``candidates`` rows and selects the stored
+matrix column with them (the fastest way for the reranker to get the matrices); the
+:class:`~kalm_store.plugins.lancedb.KaLMReranker` scores them; the best ``k`` come back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from .pooling import check_ratio
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import KaLMModel
+    from .plugins.lancedb import KaLMReranker
+
+Mode = Literal["vector", "fts", "hybrid"]
+MODES: tuple[str, ...] = ("vector", "fts", "hybrid")
+
+
+def check_search_args(query: object, k: object, candidates: object, mode: object, ratio: object,
+                      query_vector: object = None) -> None:
+    """Validate search arguments (``ValueError``/``TypeError`` naming the bad value and the allowed ones)."""
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError(f"query must be a non-empty string, got {query!r}")
+    for name, value in (("k", k), ("candidates", candidates)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if ratio is not None:
+        check_ratio(ratio)
+    if query_vector is not None and (isinstance(query_vector, (str, bytes)) or not isinstance(query_vector, Sequence)
+                                     and not hasattr(query_vector, "__array__")):
+        raise TypeError(f"query_vector must be a sequence of floats or None, got {type(query_vector).__name__}")
+
+
+def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vector: Sequence[float] | None = None,
+                columns: list[str] | None = None) -> Any:
+    """The LanceDB query builder of the first stage (not executed), with ``columns`` selected.
+
+    Vectors are computed from ``query`` by the table's registered embedding function when it has one;
+    tables with brought vectors need ``query_vector`` for "vector" and "hybrid" modes.
+    """
+    from .schema import decode_metadata
+
+    meta = decode_metadata(tbl.schema.metadata)
+    if mode != "fts":
+        if meta.get("vector_dim") is None:
+            raise ValueError(f"table {tbl.name!r} has no vector column, so mode={mode!r} cannot run; use mode='fts' "
+                             "or build the table with vectors")
+        if query_vector is None and not meta.get("embedder"):
+            raise ValueError(f"table {tbl.name!r} holds brought vectors (no embedding function recorded): pass "
+                             f"query_vector= (CLI: --query-vector) for mode={mode!r}, or use mode='fts'")
+    if mode == "fts":
+        q = tbl.search(query, query_type="fts")
+    elif mode == "vector":
+        q = tbl.search(list(query_vector) if query_vector is not None else query, query_type="vector")
+    elif query_vector is not None:
+        q = tbl.search(query_type="hybrid").vector(list(query_vector)).text(query)
+    else:
+        q = tbl.search(query, query_type="hybrid")
+    if columns is not None:
+        q = q.select(columns)
+    return q.limit(candidates)
+
+
+def search(
+    db_uri: str,
+    table: str,
+    query: str,
+    *,
+    model: KaLMModel | str | Path,
+    k: int = 10,
+    candidates: int = 100,
+    mode: Mode = "hybrid",
+    instruction: str | None = None,
+    ratio: int | None = None,
+    query_vector: Sequence[float] | None = None,
+    batch_size: int = 32,
+    storage_options: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Search a kalm-store table and rerank the candidates with KaLM from their stored matrices.
+
+    Parameters
+    ----------
+    db_uri : str
+        LanceDB database URI.
+    table : str
+        Table name (a kalm-store passage store).
+    query : str
+        The query text (also the full-text query in "fts" and "hybrid" modes).
+    model : KaLMModel or str or Path
+        The model that built the table, or its hub id / folder (loaded after the arguments are checked).
+    k : int, default 10
+        Hits returned (fewer when the first stage finds fewer).
+    candidates : int, default 100
+        Rows the first stage hands to the reranker.
+    mode : {"vector", "fts", "hybrid"}, default "hybrid"
+        First stage. "fts" needs a full-text index on ``text``; "vector"/"hybrid" need the table's
+        embedding function or ``query_vector``.
+    instruction : str, optional
+        Task instruction; default ``None`` uses the model's default.
+    ratio : int, optional
+        Stored MEP ratio to score with; default ``None`` uses the smallest (most faithful) stored ratio.
+    query_vector : sequence of float, optional
+        Query embedding for tables with brought vectors.
+    batch_size : int, default 32
+        Candidates per decoder pass.
+    storage_options : dict, optional
+        Object-store options for ``lancedb.connect``.
+
+    Returns
+    -------
+    list of dict
+        ``{"rank": 1.., "id": ..., "score": P(yes), "text": ...}``, best first.
+
+    Examples
+    --------
+    >>> from kalm_store import search
+    >>> search("./db", "docs", "how do I parse json?", model="KaLM-Embedding/KaLM-Reranker-V1-Nano",
+    ...        k=5, mode="fts")  # doctest: +SKIP
+    [{'rank': 1, 'id': 'json.loads', 'score': 0.97, 'text': '...'}, ...]
+    """
+    check_search_args(query, k, candidates, mode, ratio, query_vector)
+    import lancedb
+
+    from .model import KaLMModel
+    from .plugins.lancedb import KaLMReranker
+
+    db = lancedb.connect(db_uri, storage_options=storage_options)
+    tbl = db.open_table(table)
+    if not isinstance(model, KaLMModel):
+        model = KaLMModel.from_pretrained(model)
+    rr = KaLMReranker(model, table=tbl, ratio=ratio, instruction=instruction, batch_size=batch_size)
+    return run_search(tbl, rr, query, k=k, candidates=candidates, mode=mode, query_vector=query_vector)
+
+
+def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, candidates: int = 100,
+               mode: Mode = "hybrid", query_vector: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """Like :func:`search` with an open table and a ready reranker (no re-loading between queries)."""
+    check_search_args(query, k, candidates, mode, reranker.ratio, query_vector)
+    q = first_stage(tbl, query, mode=mode, candidates=candidates, query_vector=query_vector,
+                    columns=["text"] + reranker.columns)
+    if mode == "vector":
+        q = q.rerank(reranker, query_string=query)
+    else:
+        q = q.rerank(reranker)
+    try:
+        hits = q.to_arrow()
+    except Exception as e:  # LanceDB reports a missing FTS index in several exception classes
+        if mode != "vector" and "index" in str(e).lower():
+            raise ValueError(f"mode={mode!r} needs a full-text index on 'text' of table {tbl.name!r}: create it "
+                             f"with `tbl.create_fts_index('text')` ({type(e).__name__}: {e})") from e
+        raise
+    hits = hits.slice(0, k)
+    ids, texts = hits.column("id").to_pylist(), hits.column("text").to_pylist()
+    scores = hits.column("_relevance_score").to_pylist()
+    return [{"rank": i + 1, "id": pid, "score": float(s), "text": t}
+            for i, (pid, s, t) in enumerate(zip(ids, scores, texts))]
+
+
+__all__ = ["search", "run_search", "first_stage", "MODES", "Mode"]

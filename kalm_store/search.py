@@ -154,7 +154,7 @@ def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, can
     except Exception as e:  # LanceDB reports a missing FTS index in several exception classes
         if mode != "vector" and "index" in str(e).lower():
             raise ValueError(f"mode={mode!r} needs a full-text index on 'text' of table {tbl.name!r}: create it "
-                             f"with `tbl.create_fts_index('text')` ({type(e).__name__}: {e})") from e
+                             f"with `tbl.create_index('text', config=lancedb.index.FTS())` ({type(e).__name__}: {e})") from e
         raise
     hits = hits.slice(0, k)
     ids, texts = hits.column("id").to_pylist(), hits.column("text").to_pylist()

@@ -112,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     added = store.add(records)
     tbl = store.table
-    tbl.create_fts_index("text", replace=True)
+    from lancedb.index import FTS
+
+    tbl.create_index("text", config=FTS(), replace=True)
     t2 = time.perf_counter()
     print(f"table {args.table!r} in {args.db}: {tbl.count_rows()} rows ({added} encoded now, "
           f"{t2 - t1:.1f} s incl. FTS index; ratio r={args.ratio})")

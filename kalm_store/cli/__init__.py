@@ -9,6 +9,8 @@ from importlib import import_module
 # sub-command -> module under kalm_store.cli; modules import torch/lancedb only inside ``run``.
 COMMANDS = {
     "make-test-model": "make_test_model",
+    "plan": "plan",
+    "repool": "repool",
     "build": "build",
     "info": "info",
     "search": "search",

@@ -1,0 +1,72 @@
+"""``kalm-store repool --db URI --table NAME --from 4 --to 8``: derive a coarser ratio without re-encoding."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class RepoolOptions:
+    """Parsed and validated ``repool`` flags."""
+
+    db: str
+    table: str
+    from_ratio: int
+    to_ratio: int
+    drop_source: bool
+    batch_size: int
+    json: bool
+
+
+def register(sub: argparse._SubParsersAction, name: str) -> None:
+    p = sub.add_parser(
+        name,
+        help="add a coarser ratio column derived exactly from a stored one (no re-encoding)",
+        description="Derive kalm_r{TO} from the stored kalm_r{FROM} (TO a multiple of FROM) as the token-count-"
+                    "weighted mean of FROM groups: exact up to float16 rounding, no encoder run. Only the new "
+                    "column is written (Lance add_columns): vectors, text, other ratios and indices stay as they "
+                    "are; the table metadata then lists the new ratio. A finer ratio can never be derived.",
+    )
+    p.add_argument("--db", required=True, help="LanceDB URI of the store")
+    p.add_argument("--table", required=True, help="table name")
+    p.add_argument("--from", dest="from_ratio", type=int, required=True, help="stored source ratio")
+    p.add_argument("--to", dest="to_ratio", type=int, required=True, help="new ratio, a multiple of --from")
+    p.add_argument("--drop-source", action="store_true", help="drop the source column afterwards")
+    p.add_argument("--batch-size", type=int, default=256, help="rows re-pooled at a time (default: 256)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=run)
+
+
+def parse_options(args: argparse.Namespace) -> RepoolOptions:
+    """Validate the flags (ratios, direction, multiple) before the table is opened."""
+    from kalm_store.pooling import check_ratio
+    from kalm_store.repool import check_direction
+
+    f = check_ratio(args.from_ratio, "--from")
+    t = check_ratio(args.to_ratio, "--to")
+    check_direction(f, t)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return RepoolOptions(db=args.db, table=args.table, from_ratio=f, to_ratio=t, drop_source=args.drop_source,
+                         batch_size=args.batch_size, json=args.json)
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = parse_options(args)
+    from kalm_store.repool import repool_store
+    from kalm_store.store import PassageStore
+
+    store = PassageStore.open(opts.db, opts.table)
+    result = repool_store(store, opts.from_ratio, opts.to_ratio, drop_source=opts.drop_source,
+                          batch_size=opts.batch_size, show_progress=sys.stderr.isatty() and not opts.json)
+    if opts.json:
+        print(json.dumps(asdict(result)))
+        return 0
+    done = (f"re-pooled {result.rows:,} rows from r={result.from_ratio} to r={result.to_ratio}" if result.rows
+            else f"completed an interrupted re-pool: r={result.to_ratio} recorded in the table metadata")
+    dropped = f"; dropped r={result.dropped}" if result.dropped is not None else ""
+    print(f"{done}{dropped}; table {opts.table!r} stores ratios {result.ratios} (version {result.version})")
+    return 0

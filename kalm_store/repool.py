@@ -1,0 +1,210 @@
+"""Re-pooling a stored ratio into a coarser one, without re-encoding anything.
+
+A ``kalm_r{k*r}`` row is the token-count-weighted mean of ``k`` consecutive ``kalm_r{r}`` rows
+(:func:`kalm_store.pooling.repool`), so a coarser column is derived exactly (up to float16 rounding)
+from the stored finer one and ``n_tokens``. The new column is written with Lance ``add_columns``:
+only the new column's data files are written, the vectors, text, other ratios and the vector index
+stay as they are, and the column becomes visible in one commit (an interrupted run leaves nothing
+half-written). The table metadata ``ratios`` is updated in a second commit; a run interrupted
+between the two is finished by running the same command again.
+
+A finer ratio can never be recovered from a coarser one: that is refused, with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from . import schema
+from .codec import decode_matrix, encode_matrix, to_float16
+from .pooling import check_ratio, pooled_rows, repool
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .store import PassageStore
+
+
+class RepoolError(ValueError):
+    """A re-pooling request that cannot be carried out (finer target, not a multiple, ...)."""
+
+
+@dataclass(frozen=True)
+class RepoolResult:
+    """What :func:`repool_store` did."""
+
+    from_ratio: int
+    to_ratio: int
+    rows: int  # rows re-pooled (0 when only the metadata of an interrupted run was completed)
+    ratios: list[int]  # ratios the table stores afterwards
+    dropped: int | None  # the dropped source ratio, if any
+    version: int  # table version afterwards
+
+
+def check_repool(stored: list[int], from_ratio: object, to_ratio: object, *, columns: list[str] | None = None,
+                 drop_source: bool = False) -> tuple[int, int]:
+    """Validate a request to derive ``to_ratio`` from ``from_ratio`` for a table storing ``stored``.
+
+    Raises :class:`RepoolError` naming the reason: the target finer than the source, not a multiple of
+    it, the source not stored, the target already stored, or dropping the only stored ratio.
+    """
+    f = check_ratio(from_ratio, "from_ratio")
+    t = check_ratio(to_ratio, "to_ratio")
+    check_direction(f, t)
+    if f not in stored:
+        raise RepoolError(f"the table stores ratios {stored}, not the source r={f}; re-pool from one of them")
+    if columns is not None and schema.column_name(f) not in columns:
+        raise RepoolError(f"the table metadata lists r={f} but the column {schema.column_name(f)} is missing")
+    if t in stored:
+        raise RepoolError(f"the table already stores r={t} (ratios {stored}); nothing to do")
+    return f, t
+
+
+def check_direction(from_ratio: int, to_ratio: int) -> None:
+    """Refuse a finer or non-multiple target (before anything is opened)."""
+    if to_ratio < from_ratio:
+        raise RepoolError(
+            f"cannot re-pool from r={from_ratio} to the finer r={to_ratio}: each stored row is already a mean "
+            f"of {from_ratio} tokens and the individual token states are gone, so a finer ratio can never be "
+            f"recovered; re-encode the passages at r={to_ratio} instead (kalm-store build)")
+    if to_ratio == from_ratio:
+        raise RepoolError(f"from and to are both r={from_ratio}; nothing to do")
+    if to_ratio % from_ratio:
+        raise RepoolError(
+            f"cannot re-pool from r={from_ratio} to r={to_ratio}: {to_ratio} is not a multiple of {from_ratio}, "
+            f"so the groups of {to_ratio} tokens do not consist of whole groups of {from_ratio}; re-pool from "
+            f"r=1 or from a ratio dividing {to_ratio}")
+
+
+def set_ratios(table: Any, ratios: list[int]) -> None:
+    """Record ``ratios`` in the table metadata (one commit; other keys untouched).
+
+    store.py has no metadata update yet, so this works on the LanceDB table through its Lance dataset.
+    """
+    table.to_lance().update_schema_metadata(schema.encode_metadata({"ratios": sorted(ratios)}))
+    table.checkout_latest()
+
+
+def repool_store(
+    store: PassageStore,
+    from_ratio: int,
+    to_ratio: int,
+    *,
+    drop_source: bool = False,
+    batch_size: int = 256,
+    show_progress: bool = False,
+) -> RepoolResult:
+    """Add the ``kalm_r{to_ratio}`` column derived from ``kalm_r{from_ratio}``; no re-encoding.
+
+    Parameters
+    ----------
+    store : PassageStore
+        An opened store (no model needed).
+    from_ratio : int
+        A stored ratio.
+    to_ratio : int
+        The new ratio: a multiple of ``from_ratio``, not stored yet.
+    drop_source : bool, default False
+        Drop ``kalm_r{from_ratio}`` afterwards (the new ratio remains, so the table always keeps one).
+    batch_size : int, default 256
+        Rows read and re-pooled at a time.
+    show_progress : bool, default False
+        Show a tqdm bar over rows.
+
+    Returns
+    -------
+    RepoolResult
+
+    Examples
+    --------
+    >>> store = PassageStore.open("./db", "docs")  # doctest: +SKIP
+    >>> repool_store(store, 4, 8).ratios  # doctest: +SKIP
+    [4, 8]
+    """
+    import lance
+
+    f, t = check_ratio(from_ratio, "from_ratio"), check_ratio(to_ratio, "to_ratio")
+    check_direction(f, t)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    table = store.table
+    table.checkout_latest()
+    ds = table.to_lance()
+    columns = ds.schema.names
+    stored = store.ratios
+    src, dst = schema.column_name(f), schema.column_name(t)
+    if dst in columns and t not in stored and f in stored:
+        # add_columns committed but the metadata update did not: finish the interrupted run
+        set_ratios(table, stored + [t])
+        return _finish(store, f, t, 0, drop_source)
+    check_repool(stored, f, t, columns=columns)
+    if dst in columns:
+        raise RepoolError(f"column {dst} exists although the metadata does not list r={t}; "
+                          "inspect the table before re-pooling")
+    dim = store.dim
+    field = schema.ratio_field(t)  # carries lance-encoding:compression none, like every kalm_r* column
+    out_schema = pa.schema([field])
+    rows = ds.count_rows()
+    bar = None
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=rows, desc=f"repool r={f}->{t}", unit="row")
+
+    @lance.batch_udf(output_schema=out_schema)
+    def derive(batch: pa.RecordBatch) -> pa.RecordBatch:
+        counts = batch.column("n_tokens").to_pylist()
+        blobs = batch.column(src)
+        values: list[bytes | None] = []
+        for i, n in enumerate(counts):
+            if not blobs[i].is_valid:
+                values.append(None)
+                continue
+            mat = decode_matrix(blobs[i].as_buffer(), pooled_rows(n, f), dim, what=f"row of {src}")
+            coarse = repool(mat, n, f, t)  # (ceil(n/t), d), computed in float32, back to float16
+            values.append(encode_matrix(to_float16(coarse, what=f"re-pooled row of {dst}")))
+        if bar is not None:
+            bar.update(batch.num_rows)
+        return pa.RecordBatch.from_arrays([pa.array(values, pa.large_binary())], schema=out_schema)
+
+    try:
+        ds.add_columns(derive, read_columns=["n_tokens", src], batch_size=batch_size)
+    finally:
+        if bar is not None:
+            bar.close()
+    table.checkout_latest()
+    set_ratios(table, stored + [t])
+    return _finish(store, f, t, rows, drop_source)
+
+
+def _finish(store: PassageStore, f: int, t: int, rows: int, drop_source: bool) -> RepoolResult:
+    dropped = None
+    if drop_source:
+        dropped = drop_ratio(store, f)
+    return RepoolResult(from_ratio=f, to_ratio=t, rows=rows, ratios=store.ratios, dropped=dropped,
+                        version=store.table.version)
+
+
+def drop_ratio(store: PassageStore, ratio: int) -> int:
+    """Drop the ``kalm_r{ratio}`` column and its metadata entry; refuses to drop the last ratio.
+
+    The metadata is updated first, so an interrupted drop leaves an unlisted (harmless) column, never a
+    listed ratio without its column.
+    """
+    ratio = check_ratio(ratio)
+    table = store.table
+    table.checkout_latest()
+    stored = store.ratios
+    if ratio not in stored:
+        raise RepoolError(f"the table stores ratios {stored}, not r={ratio}")
+    if len(stored) == 1:
+        raise RepoolError(f"r={ratio} is the only ratio the table stores; dropping it would leave nothing to rerank from")
+    set_ratios(table, [r for r in stored if r != ratio])
+    table.to_lance().drop_columns([schema.column_name(ratio)])
+    table.checkout_latest()
+    return ratio
+
+
+__all__ = ["RepoolError", "RepoolResult", "check_direction", "check_repool", "repool_store", "drop_ratio",
+           "set_ratios"]

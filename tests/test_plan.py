@@ -1,0 +1,197 @@
+"""kalm-store plan: sizes predicted from token counts + an encoded sample, fidelity metrics, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kalm_store.fidelity import (Query, kendall_tau, load_qrels, load_queries, measure_fidelity, ndcg_at_k,
+                                 roc_auc, top_k_overlap)
+from kalm_store.plan import (LengthStats, SizeModel, make_plan, parse_size, ratio_costs, recommend,
+                             sample_positions, token_counts)
+
+WORDS = ("the quick brown fox jumps over lazy dog python file read values list return error passage "
+         "vector databases store embeddings text reranker scores candidate query json data format").split()
+
+
+def make_corpus(n: int, seed: int = 0, max_words: int = 90) -> list[dict[str, str]]:
+    rng = np.random.default_rng(seed)
+    return [{"id": f"p{i}", "text": " ".join(rng.choice(WORDS, int(rng.integers(1, max_words))))} for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- units
+def test_parse_size() -> None:
+    assert parse_size("50GB") == 50 * 10**9
+    assert parse_size("500MiB") == 500 * 2**20
+    assert parse_size("1.5TB") == 1_500_000_000_000
+    assert parse_size("123") == 123
+    assert parse_size("2 kib") == 2048
+    for bad in ("", "GB", "5 parsecs", "-3GB", "0"):
+        with pytest.raises(ValueError, match="size"):
+            parse_size(bad)
+
+
+def test_metrics_against_hand_computed_values() -> None:
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    assert kendall_tau(x, x) == pytest.approx(1.0)
+    assert kendall_tau(x, -x) == pytest.approx(-1.0)
+    assert kendall_tau(np.array([1.0, 2.0, 3.0]), np.array([1.0, 3.0, 2.0])) == pytest.approx(1 / 3)
+    # tau-b with a tie in y: concordant 2, discordant 0 of 3 pairs, tie in one -> 2/sqrt(3*2)
+    assert kendall_tau(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 2.0])) == pytest.approx(2 / np.sqrt(6))
+    assert top_k_overlap(x, x, k=2) == 1.0 and top_k_overlap(x, -x, k=2) == 0.0
+    assert roc_auc(np.array([0.9, 0.8, 0.1, 0.2]), np.array([1, 1, 0, 0])) == 1.0
+    assert roc_auc(np.array([0.9, 0.1, 0.5, 0.5]), np.array([1, 0, 1, 0])) == pytest.approx(0.875)
+    assert np.isnan(roc_auc(np.array([0.1, 0.2]), np.array([1, 1])))
+    # relevant doc at rank 2 of 3: (1/log2(3)) / 1
+    assert ndcg_at_k(np.array([3.0, 2.0, 1.0]), np.array([0.0, 1.0, 0.0])) == pytest.approx(1 / np.log2(3))
+    assert np.isnan(ndcg_at_k(np.array([1.0]), np.array([0.0])))
+
+
+def test_query_and_qrels_files(tmp_path) -> None:
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"id": "a", "text": "first"}\n\n{"query": "second"}\n')
+    assert load_queries(q) == [Query("a", "first"), Query("1", "second")]
+    tsv = tmp_path / "qrels.tsv"
+    tsv.write_text("query-id\tcorpus-id\tscore\na\tp1\t2\na\tp2\t0\n")
+    assert load_qrels(tsv) == {"a": {"p1": 2.0, "p2": 0.0}}
+    trec = tmp_path / "qrels.txt"
+    trec.write_text("a 0 p1 1\n")
+    assert load_qrels(trec) == {"a": {"p1": 1.0}}
+    jl = tmp_path / "qrels.jsonl"
+    jl.write_text('{"query_id": "a", "passage_id": "p3", "relevance": 1}\n')
+    assert load_qrels(jl) == {"a": {"p3": 1.0}}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        load_queries(bad)
+
+
+def test_size_model_keeps_the_sample_total_exact() -> None:
+    rows = np.array([1, 2, 5, 9, 30])
+    nbytes = np.array([150, 260, 600, 1000, 3100])
+    sm = SizeModel.fit(4, rows, nbytes)
+    assert sm.per_value >= 0
+    assert sm.predict(rows).sum() == pytest.approx(nbytes.sum())
+    flat = SizeModel.fit(4, np.array([3, 3]), np.array([100, 110]))  # no spread: a ratio, no intercept
+    assert flat.per_value == 0 and flat.per_row == pytest.approx(35.0)
+
+
+def test_recommend_picks_the_finest_ratio_that_fits() -> None:
+    counts = np.array([100, 200, 300])
+    plans = [ratio_costs(counts, r, 64, SizeModel.raw(r, 64)) for r in (1, 2, 4, 8, 16, 32)]
+    total = {p.ratio: p.stored_bytes_total for p in plans}
+    r, why = recommend(plans, total[4] + 1)
+    assert r == 4 and "finest" in why
+    r, why = recommend(plans, total[32] - 1)
+    assert r is None and "no ratio fits" in why
+    assert recommend(plans, None)[0] == 4
+    scaled = [ratio_costs(counts, r, 64, SizeModel.raw(r, 64), passages=3000) for r in (1, 4, 32)]
+    assert recommend(scaled, total[1] * 2)[0] is None  # the budget applies to --passages N, not the corpus
+    assert recommend(scaled, scaled[-1].stored_bytes_for_passages)[0] == 32
+
+
+def test_sample_positions() -> None:
+    s = sample_positions(100, 10, seed=1, must=[99, 3])
+    assert len(s) == 10 and {3, 99} <= set(s) and s == sorted(set(s))
+    assert sample_positions(5, 50) == [0, 1, 2, 3, 4]
+    assert sample_positions(5, 0) == []
+
+
+# ---------------------------------------------------------------------------------------------- against a build
+@pytest.fixture(scope="module")
+def built(model, tmp_path_factory):
+    """A store built with PassageStore (r = 1, 4, 32) from 150 passages of 1..~120 tokens."""
+    from kalm_store import PassageStore
+
+    corpus = make_corpus(150)
+    store = PassageStore.create(str(tmp_path_factory.mktemp("db")), "docs", model, ratios=[1, 4, 32])
+    store.add(corpus, batch_size=32)
+    return corpus, store
+
+
+def test_predicted_stored_bytes_within_2_percent_of_a_build(model, built) -> None:
+    corpus, store = built
+    texts = [r["text"] for r in corpus]
+    counts = token_counts(model, texts)
+    index = sample_positions(len(texts), 40, seed=3)  # a partial sample: most sizes are extrapolated
+    plan = make_plan(model, counts, sample_texts=[texts[i] for i in index], sample_index=index, ratios=[1, 4, 32])
+    info = store.info()
+    assert info["tokens"] == int(counts.sum())
+    for r in (1, 4, 32):
+        col = info["columns"][f"kalm_r{r}"]
+        predicted = plan.ratio(r)
+        assert predicted.stored_bytes_total == pytest.approx(col["stored_bytes"], rel=0.02), r
+        assert predicted.value_bytes_total == pytest.approx(col["value_bytes"], rel=0.02), r
+        assert predicted.raw_bytes_total == col["raw_float16_bytes"]
+    # a full sample measures every value: the value bytes are then exact
+    full = make_plan(model, counts, sample_texts=texts, sample_index=range(len(texts)), ratios=[4])
+    assert full.ratio(4).value_bytes_total == info["columns"]["kalm_r4"]["value_bytes"]
+
+
+def test_without_a_sample_the_plan_says_raw(model, built) -> None:
+    corpus, store = built
+    counts = token_counts(model, [r["text"] for r in corpus])
+    plan = make_plan(model, counts, ratios=[4], budget="1GB", passages=10)
+    assert "raw float16" in plan.compression_source
+    p = plan.ratio(4)
+    assert p.compression == 1.0 and p.stored_bytes_total >= store.info()["columns"]["kalm_r4"]["stored_bytes"]
+    assert p.stored_bytes_for_passages == pytest.approx(p.stored_bytes_per_passage * 10, abs=1)
+    assert plan.recommended == 4 and p.fits_budget  # the only ratio costed
+
+
+def test_fidelity_is_measured_against_r1(model, built) -> None:
+    corpus, _ = built
+    texts = [r["text"] for r in corpus[:12]]
+    ids = [r["id"] for r in corpus[:12]]
+    enc = model.encode_ratios(texts, ratios=[1, 4, 32])
+    queries = [Query("a", "python file"), Query("b", "vector text")]
+    qrels = {"a": {"p0": 1.0, "p3": 2.0}, "b": {"p5": 1.0}}
+    rep = measure_fidelity(model, queries, enc.matrices, passage_ids=ids, qrels=qrels)
+    assert rep.queries == 2 and rep.candidates == 12 and rep.judged_queries == 2
+    one = rep.by_ratio()[1]
+    assert one.mean_abs_delta == 0 and one.kendall_tau == pytest.approx(1.0) and one.top10_overlap == 1.0
+    for f in rep.ratios:
+        assert 0 <= f.ndcg_at_10 <= 1 and 0 <= f.roc_auc <= 1 and -1 <= f.kendall_tau <= 1
+    with pytest.raises(ValueError, match="r=1"):
+        measure_fidelity(model, queries, {4: enc.matrices[4]})
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_plan_json(tmp_path, tiny_model_dir, capsys) -> None:
+    from kalm_store.cli import main
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in make_corpus(30, seed=5)))
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "q", "text": "json data"}\n')
+    rc = main(["plan", str(corpus), "--model", str(tiny_model_dir), "--sample", "8", "--ratios", "1,4",
+               "--budget", "500MiB", "--passages", "1000", "--queries", str(queries), "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["ratio"] for r in out["ratios"]] == [1, 4]
+    assert all(r["stored_bytes_total"] > 0 and r["fidelity"] is not None for r in out["ratios"])
+    assert out["recommended"] == 1 and out["budget_bytes"] == 500 * 2**20 and out["lengths"]["passages"] == 30
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan"], "either INPUT"),
+    (["plan", "x.jsonl"], "--model is required"),
+    (["plan", "x.jsonl", "--model", "m", "--budget", "lots"], "cannot read size"),
+    (["plan", "x.jsonl", "--model", "m", "--plot", "p.pdf"], "PNG"),
+    (["plan", "x.jsonl", "--model", "m", "--ratios", "3"], "--ratios"),
+    (["plan", "--db", "d", "--table", "t", "--sample", "-1"], "--sample"),
+])
+def test_cli_plan_refuses_bad_flags_before_loading(argv, message, capsys) -> None:
+    from kalm_store.cli import main
+
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_length_stats() -> None:
+    s = LengthStats.of(np.array([1, 2, 3, 1024]), 1024)
+    assert (s.passages, s.tokens, s.max, s.truncated) == (4, 1030, 1024, 1)
+    with pytest.raises(ValueError, match="empty"):
+        LengthStats.of(np.array([], np.int64), 1024)

@@ -18,13 +18,13 @@ _LAZY = {
     "EncodedPassages": "kalm_store.model",
     "ModelLoadError": "kalm_store.model",
     "PassageStore": "kalm_store.store",
-    "search": "kalm_store.search",
+    "search": "kalm_store.query",
     "make_test_model": "kalm_store.testing",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import EncodedPassages, KaLMModel, ModelLoadError
-    from .search import search
+    from .query import search
     from .store import PassageStore
     from .testing import make_test_model
 

@@ -72,7 +72,7 @@ def make_embedder() -> Any | None:
 
 def run(args: argparse.Namespace) -> int:
     from kalm_store.pooling import check_ratio
-    from kalm_store.search import check_search_args
+    from kalm_store.query import check_search_args
 
     # validate everything before loading or writing
     if args.passages < 1:
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from kalm_store.cli.search import format_hits
     from kalm_store.corpus import stdlib_passages
     from kalm_store.plugins.lancedb import KaLMReranker
-    from kalm_store.search import run_search
+    from kalm_store.query import run_search
     from kalm_store.store import PassageStore, StoreMismatchError
 
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-MODES = ("vector", "fts", "hybrid")  # kalm_store.search.MODES (not imported: keeps --help cheap)
+MODES = ("vector", "fts", "hybrid")  # kalm_store.query.MODES (not imported: keeps --help cheap)
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
@@ -58,7 +58,7 @@ def format_hits(query: str, hits: list[dict[str, Any]], width: int = 100) -> str
 
 
 def run(args: argparse.Namespace) -> int:
-    from kalm_store.search import check_search_args
+    from kalm_store.query import check_search_args
 
     vector = _parse_vector(args.query_vector)
     check_search_args(args.query, args.k, args.candidates, args.mode, args.ratio, vector)  # before any loading
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
 
     from kalm_store import KaLMModel
-    from kalm_store.search import search
+    from kalm_store.query import search
 
     model = KaLMModel.from_pretrained(args.model, device=args.device)
     hits = search(args.db, args.table, args.query, model=model, k=args.k, candidates=args.candidates,

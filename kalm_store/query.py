@@ -1,4 +1,4 @@
-"""``kalm_store.search``: one call from a query to reranked hits (first stage in LanceDB, then KaLM).
+"""``kalm_store.search`` (defined here, in ``kalm_store.query``): from a query to reranked hits.
 
 The first stage (vector, full-text or hybrid) fetches ``candidates`` rows and selects the stored
 matrix column with them (the fastest way for the reranker to get the matrices); the

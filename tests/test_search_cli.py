@@ -1,0 +1,138 @@
+"""kalm_store.search, `kalm-store search` (readable and --json), `kalm-store demo`, the stdlib corpus."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kalm_store.cli import main
+
+QVEC = [0.1, -0.2, 0.3, 0.0, 0.5, -0.1, 0.2, 0.05]
+TEXTS = ["JSON is a data format.", "Parse JSON text into Python objects with json loads.",
+         "Zebras graze quietly near the riverbank at dawn.", "Open the file and read its lines."]
+
+
+@pytest.fixture(scope="module")
+def db(model, tmp_path_factory):
+    from lancedb.index import FTS
+
+    from kalm_store.store import PassageStore
+
+    uri = str(tmp_path_factory.mktemp("searchdb"))
+    rng = np.random.default_rng(1)
+    st = PassageStore.create(uri, "docs", model, ratios=[4], vector_dim=8)
+    st.add([{"id": f"d{i}", "text": TEXTS[i % 4] + f" ({i})", "vector": rng.normal(size=8).tolist()}
+            for i in range(12)])
+    st.table.create_index("text", config=FTS())
+    return uri
+
+
+@pytest.mark.parametrize("mode", ["vector", "fts", "hybrid"])
+def test_search_returns_ranked_dicts_matching_model_score(db, model, mode):
+    from kalm_store import PassageStore, search
+
+    hits = search(db, "docs", "parse json", model=model, k=3, candidates=12, mode=mode, query_vector=QVEC)
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert set(hits[0]) == {"rank", "id", "score", "text"}
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    mats = PassageStore.open(db, "docs").matrices([h["id"] for h in hits], 4)
+    np.testing.assert_allclose(scores, model.score("parse json", mats), rtol=1e-5, atol=1e-6)
+
+
+def test_search_k_larger_than_candidates(db, model):
+    from kalm_store import search
+
+    hits = search(db, "docs", "parse json", model=model, k=50, candidates=100, mode="vector", query_vector=QVEC)
+    assert len(hits) == 12 and hits[-1]["rank"] == 12
+
+
+def test_search_model_by_folder(db, tiny_model_dir):
+    from kalm_store import search
+
+    assert len(search(db, "docs", "json", model=tiny_model_dir, k=2, mode="fts")) == 2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"k": 0}, "k must be a positive int, got 0"),
+    ({"candidates": -1}, "candidates must be a positive int"),
+    ({"mode": "semantic"}, r"mode must be one of \['vector', 'fts', 'hybrid'\], got 'semantic'"),
+    ({"ratio": 5}, "ratio must be one of"),
+])
+def test_search_refuses_bad_arguments_before_loading(kwargs, match):
+    from kalm_store import search
+
+    with pytest.raises(ValueError, match=match):  # neither the db nor the model exists: never touched
+        search("/nonexistent/db", "docs", "q", model="/nonexistent/model", **kwargs)
+
+
+def test_search_brought_vectors_need_query_vector(db, model):
+    from kalm_store import search
+
+    with pytest.raises(ValueError, match="query_vector"):
+        search(db, "docs", "json", model=model, mode="hybrid")
+
+
+def test_cli_search_json(db, tiny_model_dir, capsys):
+    rc = main(["search", "parse json", "--db", db, "--table", "docs", "--model", str(tiny_model_dir),
+               "-k", "4", "--candidates", "10", "--mode", "fts", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["query"] == "parse json"
+    assert [r["rank"] for r in out["results"]] == [1, 2, 3, 4]
+    assert all(set(r) == {"rank", "id", "score", "text"} for r in out["results"])
+
+
+def test_cli_search_readable(db, tiny_model_dir, capsys):
+    vec = ",".join(str(x) for x in QVEC)
+    rc = main(["search", "parse json", "--db", db, "--table", "docs", "--model", str(tiny_model_dir),
+               "-k", "2", "--mode", "hybrid", "--query-vector", vec])
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "query: parse json" and lines[1].split() == ["rank", "score", "id", "text"]
+    assert lines[2].split()[0] == "1" and len(lines) == 4
+
+
+def test_cli_search_validates_before_loading(capsys):
+    rc = main(["search", "q", "--db", "/nonexistent", "--table", "t", "--model", "/nonexistent/model", "-k", "0"])
+    assert rc == 1
+    assert "k must be a positive int, got 0" in capsys.readouterr().err
+
+
+def test_cli_search_wrong_ratio_names_stored(db, tiny_model_dir, capsys):
+    rc = main(["search", "q", "--db", db, "--table", "docs", "--model", str(tiny_model_dir), "--mode", "fts",
+               "--ratio", "8"])
+    assert rc == 1
+    assert "stores ratios [4], not r=8" in capsys.readouterr().err
+
+
+def test_stdlib_corpus():
+    from kalm_store.corpus import stdlib_passages
+
+    docs = stdlib_passages(60, max_words=50)
+    assert len(docs) == 60 and docs == stdlib_passages(60, max_words=50)
+    assert len({d["id"] for d in docs}) == 60
+    assert all(len(d["text"].split()) <= 51 for d in docs)  # + the "name:" prefix
+    assert docs[0]["id"].startswith("json")
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        stdlib_passages(0)
+
+
+def test_cli_demo_with_model_folder(tiny_model_dir, tmp_path, capsys):
+    rc = main(["demo", "--model", str(tiny_model_dir), "--db", str(tmp_path), "--passages", "24",
+               "--no-embedder", "-k", "3", "how do I parse json?"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "first stage is full-text search only" in out
+    assert "query: how do I parse json?" in out and "FALLING BACK" not in out
+
+
+def test_cli_demo_falls_back_to_test_model_plainly(tmp_path, capsys):
+    rc = main(["demo", "--model", str(tmp_path / "no-such-model"), "--db", str(tmp_path / "db"),
+               "--passages", "12", "--no-embedder", "-k", "2", "json"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "FALLING BACK to the offline random-weight TEST model" in out and "MEAN NOTHING" in out
+    assert "query: json" in out

@@ -135,8 +135,11 @@ class KaLMModel:
         max_length: int = prompts.DEFAULT_MAX_LENGTH,
         query_max_length: int = prompts.DEFAULT_QUERY_MAX_LENGTH,
         instruction: str | None = None,
+        fast_decoder: bool = True,
     ) -> None:
         import torch
+
+        from . import decoder
 
         if not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
@@ -161,6 +164,8 @@ class KaLMModel:
         head = hf_model.get_output_embeddings().weight
         self._yes_no = head[[self.yes_id, self.no_id]].detach().to(torch.float32)  # (2, d)
         self._fingerprint: str | None = None
+        # The scoring-only decoder (kalm_store/decoder.py) when the config allows it; same arithmetic.
+        self._decoder = decoder.from_hf(hf_model, self._yes_no) if fast_decoder and decoder.supports(hf_model) else None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -175,6 +180,7 @@ class KaLMModel:
         query_max_length: int = prompts.DEFAULT_QUERY_MAX_LENGTH,
         instruction: str | None = None,
         local_files_only: bool = False,
+        fast_decoder: bool = True,
     ) -> KaLMModel:
         """Load a checkpoint from a Hugging Face hub id or a local folder.
 
@@ -197,6 +203,9 @@ class KaLMModel:
             Default task instruction; ``None`` uses the released default.
         local_files_only : bool, default False
             Never contact the hub; use the local cache only.
+        fast_decoder : bool, default True
+            Score with kalm_store's scoring-only decoder (same arithmetic, less work); False uses the
+            transformers decoder.
 
         Returns
         -------
@@ -223,7 +232,8 @@ class KaLMModel:
         encoder.multi_modal_projector = None
         hf_model.to(dev).eval()
         return cls(hf_model, tokenizer, name_or_path=name, revision=resolved_revision, folder=folder,
-                   max_length=max_length, query_max_length=query_max_length, instruction=instruction)
+                   max_length=max_length, query_max_length=query_max_length, instruction=instruction,
+                   fast_decoder=fast_decoder)
 
     def _single_token_id(self, word: str) -> int:
         ids = self.tokenizer.encode(word, add_special_tokens=False)
@@ -416,6 +426,15 @@ class KaLMModel:
 
     def _margins(self, prompt: torch.Tensor, mats: list[Any]) -> torch.Tensor:
         """``z_yes - z_no`` at the last prompt position for one padded batch of matrices."""
+        states, mask = self._pad(mats)
+        if self._decoder is not None:
+            from . import decoder
+
+            return decoder.margins(self._decoder, prompt[0], states, mask.bool())
+        return self._margins_transformers(prompt, states, mask)
+
+    def _pad(self, mats: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad matrices into ``(B, m, d)`` states (compute dtype, model device) and a ``(B, m)`` mask."""
         import torch
 
         b, m_max = len(mats), max(m.shape[0] for m in mats)
@@ -425,6 +444,13 @@ class KaLMModel:
             t = torch.from_numpy(np.asarray(m)) if isinstance(m, np.ndarray) else m
             states[row, : m.shape[0]] = t.to(self.device, self.dtype)  # upcast float16 -> compute dtype
             mask[row, : m.shape[0]] = 1
+        return states, mask
+
+    def _margins_transformers(self, prompt: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The same margins through the transformers decoder (reference path; used for unsupported configs)."""
+        import torch
+
+        b = states.shape[0]
         decoder = self.hf_model.get_decoder()
         hidden = decoder(
             input_ids=prompt.expand(b, -1),  # (B, L): one prompt shared by every candidate

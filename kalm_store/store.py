@@ -324,12 +324,11 @@ class PassageStore:
             if (col,) in have:
                 if have[(col,)].num_unindexed_rows:
                     stale.append(have[(col,)].name)
-            elif col == "text":
-                self.table.create_fts_index("text", replace=True)
-                done.append("text_idx")
             else:
-                self.table.create_scalar_index("id", index_type="BTREE", replace=True)
-                done.append("id_idx")
+                from lancedb.index import FTS, BTree
+
+                self.table.create_index(col, config=FTS() if col == "text" else BTree(), replace=True)
+                done.append(f"{col}_idx")
         if stale:
             self.table.to_lance().optimize.optimize_indices(index_names=stale)
             self.table.checkout_latest()

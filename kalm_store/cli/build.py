@@ -91,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
     from kalm_store.build import build
 
     opts = options_from_args(args)  # before loading anything
+    if not opts.progress:  # no bars at all: also silence the weight-loading bars of transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     summary = build(opts)
     print(f"kalm-store build: {opts.db} / {opts.table}: {summary.line()}")
     return 0

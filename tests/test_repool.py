@@ -1,0 +1,137 @@
+"""kalm-store repool: a coarser ratio derived from a stored one equals encoding at it; nothing else moves."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from kalm_store import schema
+from kalm_store.repool import RepoolError, drop_ratio, repool_store, set_ratios
+
+WORDS = "the quick brown fox jumps over lazy dog python file read values list return error passage json".split()
+
+
+def corpus(n: int = 40, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"id": f"p{i}", "text": " ".join(rng.choice(WORDS, int(rng.integers(1, 80)))),
+             "vector": rng.standard_normal(8).astype(np.float32).tolist()} for i in range(n)]
+
+
+def make_store(model, path, ratios):
+    from kalm_store import PassageStore
+
+    store = PassageStore.create(str(path), "docs", model, ratios=ratios, vector_dim=8)
+    store.add(corpus(), batch_size=16)
+    store.add([dict(r, id="x" + r["id"]) for r in corpus(10, seed=1)])  # a second fragment
+    from lancedb.index import BTree
+
+    store.table.create_index("id", config=BTree())
+    return store
+
+
+def other_files(ds, skip_field_ids: set[int]) -> list[tuple[int, str]]:
+    """Data files holding any field but ``skip_field_ids``, per fragment."""
+    return sorted((fr.fragment_id, df.path) for fr in ds.get_fragments() for df in fr.data_files()
+                  if set(df.fields) - skip_field_ids)
+
+
+def assert_close_fp16(got: list[np.ndarray], want: list[np.ndarray]) -> None:
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == np.float16
+        g32, w32 = g.astype(np.float32), w.astype(np.float32)
+        # both are one float16 rounding of the same float32 mean (plus the rounding of the source ratio)
+        np.testing.assert_allclose(g32, w32, rtol=2 * 2.0**-10, atol=2.0**-12 * max(1.0, float(np.abs(w32).max())))
+
+
+@pytest.mark.parametrize("src, dst", [(2, 8), (1, 32)])
+def test_repooled_column_equals_encoding_at_the_coarser_ratio(model, tmp_path, src, dst) -> None:
+    store = make_store(model, tmp_path, [src])
+    ds = store.table.to_lance()
+    before_files = other_files(ds, set())
+    indices = [ix.name for ix in store.table.list_indices()]
+    version = store.table.version
+
+    result = repool_store(store, src, dst, batch_size=7)
+
+    assert result.rows == 50 and result.ratios == [src, dst] and store.ratios == [src, dst]
+    assert result.version > version
+    ids = [f"p{i}" for i in range(40)] + [f"xp{i}" for i in range(10)]
+    texts = [r["text"] for r in corpus()] + [r["text"] for r in corpus(10, seed=1)]
+    assert_close_fp16(store.matrices(ids, dst), model.encode(texts, ratio=dst))
+    # the new field is a kalm_r* field like the others: Lance compression off
+    assert store.table.schema.field(schema.column_name(dst)).metadata == schema.ratio_field(dst).metadata
+    # nothing else was rewritten: the old data files are all still there, the index too
+    ds = store.table.to_lance()
+    new_field = ds.schema.get_field_index(schema.column_name(dst))
+    assert other_files(ds, set()) != before_files  # new files were written...
+    dst_id = next(f.id() for f in ds.lance_schema.fields() if f.name() == schema.column_name(dst))
+    assert other_files(ds, {dst_id}) == before_files  # ...only for the new column
+    assert new_field >= 0 and [ix.name for ix in store.table.list_indices()] == indices
+    info = store.info()
+    assert info["columns"][schema.column_name(dst)]["stored_bytes"] > 0
+
+
+def test_refusals(model, tmp_path) -> None:
+    store = make_store(model, tmp_path, [4, 8])
+    with pytest.raises(RepoolError, match="finer.*never be\\s+recovered"):
+        repool_store(store, 8, 4)
+    with pytest.raises(RepoolError, match="nothing to do"):
+        repool_store(store, 4, 4)
+    with pytest.raises(RepoolError, match="not the source r=2"):
+        repool_store(store, 2, 16)
+    with pytest.raises(RepoolError, match="already stores r=8"):
+        repool_store(store, 4, 8)
+    with pytest.raises(ValueError, match="to_ratio must be one of"):
+        repool_store(store, 4, 12)
+    version = store.table.version
+    store.table.checkout_latest()
+    assert store.table.version == version  # refusals wrote nothing
+
+
+def test_drop_source_and_last_ratio(model, tmp_path) -> None:
+    store = make_store(model, tmp_path, [4])
+    result = repool_store(store, 4, 16, drop_source=True)
+    assert result.dropped == 4 and store.ratios == [16]
+    assert "kalm_r4" not in store.table.schema.names
+    assert len(store.matrices(["p0", "p1"], 16)) == 2
+    with pytest.raises(RepoolError, match="only ratio"):
+        drop_ratio(store, 16)
+
+
+def test_interrupted_run_is_finished_by_running_again(model, tmp_path) -> None:
+    store = make_store(model, tmp_path, [2])
+    repool_store(store, 2, 4)
+    set_ratios(store.table, [2])  # as if the process died between add_columns and the metadata commit
+    assert store.ratios == [2] and "kalm_r4" in store.table.schema.names
+    again = repool_store(store, 2, 4)
+    assert again.rows == 0 and store.ratios == [2, 4]
+
+
+def test_cli_repool(model, tmp_path, capsys) -> None:
+    from kalm_store.cli import main
+
+    make_store(model, tmp_path, [1])
+    assert main(["repool", "--db", str(tmp_path), "--table", "docs", "--from", "1", "--to", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ratios"] == [1, 2] and out["rows"] == 50
+    # the refusal comes before any table is opened (the db does not even exist)
+    assert main(["repool", "--db", str(tmp_path / "nope"), "--table", "t", "--from", "8", "--to", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "finer r=4" in err and "re-encode" in err
+
+
+def test_null_values_stay_null(model, tmp_path) -> None:
+    """A null source value (a row whose matrix is missing) gives a null, not a crash."""
+    import lance
+
+    store = make_store(model, tmp_path, [1])
+    ds = store.table.to_lance()
+    ds.update({"kalm_r1": "NULL"}, where="id = 'p3'")
+    store.table.checkout_latest()
+    repool_store(store, 1, 2)
+    got = lance.dataset(ds.uri).to_table(columns=["id", "kalm_r2"], filter="id = 'p3'")
+    assert got.column("kalm_r2").null_count == 1
+    assert isinstance(got.column("kalm_r2").type, type(pa.large_binary()))

@@ -1,0 +1,104 @@
+"""PassageStore: create/open/add/matrices/info, metadata from the schema file, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kalm_store import schema
+from kalm_store.store import PassageStore, StoreMismatchError, check_ratio_stored, decode_rows
+
+
+@pytest.fixture
+def store(tmp_path, model, passages):
+    s = PassageStore.create(str(tmp_path / "db"), "docs", model, ratios=[8, 4])
+    s.add([{"id": f"p{i}", "text": t} for i, t in enumerate(passages)])
+    return s
+
+
+def test_schema_and_metadata_come_from_the_file(store, model):
+    spec = schema.spec()
+    names = [f.name for f in store.table.schema]
+    assert names == ["id", "text", "n_tokens", "kalm_r4", "kalm_r8"]  # no vector: text-only store
+    field = store.table.schema.field("kalm_r4")
+    assert {k.decode(): v.decode() for k, v in field.metadata.items()} == spec["columns"][-1]["field_metadata"]
+    meta = store.metadata
+    assert set(meta) <= set(spec["metadata"])
+    assert meta["fingerprint"] == model.fingerprint and meta["dim"] == model.dim and meta["ratios"] == [4, 8]
+    assert meta["stored_dtype"] == "float16" and meta["max_length"] == model.max_length
+
+
+def test_matrices_are_bitwise_what_encode_produced(store, model, passages):
+    enc = model.encode_ratios(passages, [4, 8])  # same batch as add() used
+    for r in (4, 8):
+        got = store.matrices([f"p{i}" for i in reversed(range(len(passages)))], r)[::-1]
+        for g, want in zip(got, enc.matrices[r]):
+            assert g.dtype == np.float16 and g.tobytes() == want.tobytes()
+    with pytest.raises(KeyError, match="nope"):
+        store.matrices(["p0", "nope"], 4)
+    with pytest.raises(StoreMismatchError, match=r"stores ratios \[4, 8\], not r=16"):
+        store.matrices(["p0"], 16)
+
+
+def test_add_is_idempotent_and_first_id_wins(store, passages):
+    assert store.add([{"id": "p0", "text": "other"}, {"id": "new", "text": "a"}, {"id": "new", "text": "b"}]) == 1
+    assert store.add([{"id": "new", "text": "c"}]) == 0
+    rows = store.table.to_arrow()
+    texts = dict(zip(rows.column("id").to_pylist(), rows.column("text").to_pylist()))
+    assert len(texts) == len(passages) + 1 and texts["new"] == "a" and texts["p0"] == passages[0]
+    with pytest.raises(ValueError, match="record 0"):
+        store.add([{"id": 1, "text": "x"}])
+
+
+def test_open_refuses_another_model_and_plain_tables(tmp_path, store, model):
+    import lancedb
+
+    from kalm_store import KaLMModel
+
+    other = KaLMModel(model.hf_model, model.tokenizer, name_or_path="x", folder=model.folder, max_length=64)
+    with pytest.raises(StoreMismatchError, match="max_length: table has 1024, model gives 64"):
+        PassageStore.open(str(tmp_path / "db"), "docs", model=other)
+    lancedb.connect(str(tmp_path / "db")).create_table("plain", data=[{"a": 1}])
+    with pytest.raises(StoreMismatchError, match="no kalm-store metadata"):
+        PassageStore.open(str(tmp_path / "db"), "plain")
+    with pytest.raises(ValueError, match="no table 'zzz'"):
+        PassageStore.open(str(tmp_path / "db"), "zzz")
+    with pytest.raises(ValueError, match="already exists"):
+        PassageStore.create(str(tmp_path / "db"), "docs", model)
+    with pytest.raises(StoreMismatchError, match="ratios"):
+        PassageStore.create(str(tmp_path / "db"), "docs", model, ratios=[4], exist_ok=True)
+    assert PassageStore.create(str(tmp_path / "db"), "docs", model, ratios=[4, 8], exist_ok=True).ratios == [4, 8]
+
+
+def test_check_layout_names_each_difference(store):
+    store.check_layout([8, 4], vectors="none")
+    with pytest.raises(StoreMismatchError, match=r"ratios: table has \[4, 8\], build asks for \[4\]"):
+        store.check_layout([4], vectors="none")
+    with pytest.raises(StoreMismatchError, match="vectors: table's are 'none', build's are 'brought'"):
+        store.check_layout([4, 8], vectors="brought", vector_dim=3)
+
+
+def test_info_bytes_are_bytes_on_disk(store, tmp_path):
+    store.update_indices()
+    info = store.info()
+    assert info["rows"] == 6 and info["ratios"] == [4, 8] and info["fingerprint"] == store.metadata["fingerprint"]
+    data_files = sum(p.stat().st_size for p in Path(tmp_path / "db" / "docs.lance" / "data").glob("*.lance"))
+    total = sum(c["stored_bytes"] for c in info["columns"].values())
+    assert total <= data_files <= total + 4096 * len(info["columns"]) + 8192  # file footers and metadata only
+    for r in (4, 8):
+        c = info["columns"][f"kalm_r{r}"]
+        assert c["value_bytes"] <= c["stored_bytes"] <= c["value_bytes"] + 4096  # no Lance compression layer
+        raw = sum(-(-n // r) for n in store.table.to_arrow().column("n_tokens").to_pylist()) * store.dim * 2
+        assert c["raw_float16_bytes"] == raw
+    assert {ix["name"] for ix in info["indices"]} == {"text_idx", "id_idx"}
+
+
+def test_decode_rows_and_ratio_check(store):
+    rows = store.table.to_lance().to_table(columns=["id", "n_tokens", "kalm_r4"])
+    mats = decode_rows(rows, 4, store.dim)
+    assert [m.shape[0] for m in mats] == [-(-n // 4) for n in rows.column("n_tokens").to_pylist()]
+    with pytest.raises(ValueError, match="lack the column 'kalm_r8'"):
+        decode_rows(rows, 8, store.dim)
+    assert check_ratio_stored(store.metadata, 8) == 8

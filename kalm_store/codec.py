@@ -3,7 +3,9 @@
 A stored value is one zstd frame of the row-major float16 matrix, written with its content size and
 a content checksum. Decoding checks, before allocating anything, that the frame declares exactly the
 size the shape implies (rows x d x 2 bytes), so a crafted value cannot make us allocate more; the
-checksum catches bit flips, the size check truncation.
+checksum catches bit flips, the size check truncation. A value must be exactly one frame: a frame
+without a checksum, or anything after the frame (appended bytes, a second or skippable frame), is
+refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import zstandard
 
 DEFAULT_LEVEL = 3
 STORED_DTYPE = "float16"
+
+
+_EMPTY_FRAME = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(b"")
 
 
 class CorruptMatrixError(ValueError):
@@ -59,8 +64,15 @@ def decode_matrix(blob: bytes | memoryview | None, rows: int, d: int, what: str 
         raise CorruptMatrixError(
             f"{what}: frame declares {params.content_size} bytes, the shape ({rows}, {d}) float16 needs {expected}"
         )
+    if not params.has_checksum:
+        raise CorruptMatrixError(f"{what}: frame has no content checksum (kalm-store always writes one)")
+    if expected == 0:  # zstd returns b"" for a frame declaring 0 bytes without reading on: compare whole
+        if bytes(blob) != _EMPTY_FRAME:
+            raise CorruptMatrixError(f"{what}: an empty ({rows}, {d}) matrix must be the empty frame, got {len(blob)} bytes")
+        return np.zeros((rows, d), np.float16)
     try:
-        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=expected)
+        # allow_extra_data=False: bytes after the one frame mean the value was altered; never ignore them
+        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=expected, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise CorruptMatrixError(f"{what}: corrupt zstd frame ({e})") from e
     if len(raw) != expected:

@@ -1,0 +1,404 @@
+"""Bulk building (and re-pooling) on a Ray cluster: encoder actors in Ray Data, one Lance commit per window.
+
+The driver does what the local builder does, in the same order and with the same functions
+(:mod:`kalm_store.build`): read and validate the input in chunks of ``chunk_size`` records, drop ids
+seen earlier in the input or already stored (first occurrence wins), create or check the table
+(same metadata, same refusals, before any encoding), and at the end update the FTS and id indices.
+Only the middle moves to the cluster::
+
+    driver: chunks of todo records ──ray.data.from_items──> EncodeActor x workers (one model each,
+    num_gpus=G): model.encode_ratios + PassageStore.rows_table (the local builder's two calls)
+      ──> write task: lance.fragment.write_fragments (data files straight to the table's storage)
+      ──> driver: one LanceOperation.Append commit per window of ``window_rows`` records
+
+A chunk is encoded exactly as the local builder encodes it (same records, same length-sorted
+batches), so a Ray build stores the same ids and bitwise the same matrices as a local build of the
+same input on the same device, dtype and number of torch threads (CPU float32 sums depend on
+it: ``RayOptions.threads_per_worker``). Each window's commit is atomic: a build stopped at any point
+leaves whole windows, and running it again stores only what is missing (data files of an unfinished
+window are unreferenced and removed by ``cleanup_old_versions``). Windows bound the driver's memory
+(their texts) and the work lost to an interruption; actors start once per window (model load, about
+10-30 s), so keep windows large (default one million records).
+
+Examples
+--------
+>>> from kalm_store.build import BuildOptions
+>>> from kalm_store.plugins.ray import RayOptions, build_on_ray
+>>> opts = BuildOptions("corpus.jsonl", db="s3://bucket/db", table="docs", model="KaLM-Embedding/KaLM-Reranker-V1-Nano")
+>>> build_on_ray(opts, RayOptions(address="auto", workers=8, gpus_per_worker=1))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kalm_store._deps import require
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kalm_store.build import BuildOptions, BuildSummary
+    from kalm_store.records import BadRecordError, Record
+    from kalm_store.repool import RepoolResult
+    from kalm_store.store import PassageStore
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide the Ray part of a build runs."""
+
+    address: str | None = None  # Ray cluster ("auto", "ray://head:10001"); None: RAY_ADDRESS or a local Ray
+    workers: int = 1  # encoder actors, one model each
+    gpus_per_worker: float = 0.0  # GPUs reserved per actor (0: CPU encoding); fractions share a GPU
+    cpus_per_worker: float = 1.0  # CPUs reserved per actor
+    threads_per_worker: int | None = None  # torch intra-op threads per actor; None: Ray's (= its CPUs)
+    window_rows: int = 1_000_000  # records per Ray Data job and commit: resume granularity, driver memory
+    rows_per_file: int = 1_048_576  # most rows in one Lance data file
+
+    def validate(self) -> None:
+        """Check the values without starting anything."""
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be a positive int, got {self.workers!r}")
+        for name in ("gpus_per_worker", "cpus_per_worker"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.cpus_per_worker == 0 and self.gpus_per_worker == 0:
+            raise ValueError("an actor needs cpus_per_worker > 0 or gpus_per_worker > 0")
+        t = self.threads_per_worker
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(f"threads_per_worker must be a positive int or None, got {t!r}")
+        for name in ("window_rows", "rows_per_file"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- workers
+class EncodeActor:
+    """Ray Data actor: loads the model once, turns chunks of records into rows of the table's schema.
+
+    Input batch: one row per chunk (``chunk``, ``ids``, ``texts``[, ``vectors``]); output: the chunk's
+    rows as built by :meth:`PassageStore.rows_table`, plus ``_chunk`` (the chunk's position in the input).
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from kalm_store.model import KaLMModel
+        from kalm_store.store import PassageStore
+
+        started = time.perf_counter()
+        if spec["threads"] is not None:  # CPU results depend on the thread count: match the local build's
+            import torch
+
+            torch.set_num_threads(spec["threads"])
+        model = KaLMModel.from_pretrained(spec["model"], revision=spec["revision"], device=spec["device"],
+                                          dtype=spec["dtype"], max_length=spec["max_length"])
+        # Opening with the model refuses a checkpoint that differs from the driver's (fingerprint).
+        self.store = PassageStore.open(spec["db"], spec["table"], model=model,
+                                       storage_options=spec["storage_options"])
+        self.model = model
+        self.ratios = spec["ratios"]
+        self.batch_size = spec["batch_size"]
+        self.load_seconds = time.perf_counter() - started
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        out = []
+        for item in batch.to_pylist():
+            enc = self.model.encode_ratios(item["texts"], self.ratios, batch_size=self.batch_size)
+            rows = self.store.rows_table(item["ids"], item["texts"], enc, item.get("vectors"))
+            rows = rows.append_column("_chunk", pa.array([item["chunk"]] * rows.num_rows, pa.int64()))
+            out.append(rows.append_column("_tokens", pa.array(enc.token_counts, pa.int64())))
+        return pa.concat_tables(out)
+
+
+def write_block(batch: Any, *, uri: str, schema: Any, storage_options: dict[str, str] | None,
+                data_storage_version: str | None, rows_per_file: int) -> Any:
+    """Ray Data task: write one block of encoded rows as Lance data files; return the fragment metadata."""
+    import lance.fragment
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chunk = int(pc.min(batch.column("_chunk")).as_py())
+    tokens = int(pc.sum(batch.column("_tokens")).as_py())
+    rows = batch.drop_columns(["_chunk", "_tokens"]).select(schema.names).cast(schema)
+    frags = lance.fragment.write_fragments(rows, uri, schema=schema, storage_options=storage_options,
+                                           data_storage_version=data_storage_version,
+                                           max_rows_per_file=rows_per_file)
+    n = len(frags)
+    return pa.table({"chunk": pa.array([chunk] * n, pa.int64()), "part": pa.array(range(n), pa.int64()),
+                     "rows": pa.array([rows.num_rows if i == 0 else 0 for i in range(n)], pa.int64()),
+                     "tokens": pa.array([tokens if i == 0 else 0 for i in range(n)], pa.int64()),
+                     "fragment": pa.array([pickle.dumps(f) for f in frags], pa.binary())})
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def init_ray(options: RayOptions) -> bool:
+    """Connect to ``options.address`` (or RAY_ADDRESS) or start a local Ray; True when this call started it."""
+    ray = require("ray", "ray")
+    if ray.is_initialized():
+        return False
+    ray.init(address=options.address, include_dashboard=False, log_to_driver=False,
+             ignore_reinit_error=True)
+    return True
+
+
+def _absolute(path: str) -> str:
+    """Local paths made absolute (workers do not share the driver's working directory); URIs as given."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *,
+                 storage_options: dict[str, str] | None = None, model: Any | None = None,
+                 on_bad: Callable[[BadRecordError], None] | None = None,
+                 on_commit: Callable[[BuildSummary], None] | None = None) -> BuildSummary:
+    """Build (or resume) a passage store like :func:`kalm_store.build.build`, encoding on Ray.
+
+    Parameters
+    ----------
+    options : BuildOptions
+        The same options as a local build (input, db, table, model, ratios, chunk_size, batch_size...).
+    ray_options : RayOptions, optional
+        Cluster address, actors, GPUs per actor, window size; default ``RayOptions()`` (one actor on a
+        local Ray, or on the cluster named by ``RAY_ADDRESS``).
+    storage_options : dict, optional
+        Object-store options for ``options.db`` (see :func:`kalm_store.storage.storage_options`);
+        they are passed to every worker.
+    model : KaLMModel, optional
+        The model loaded on the driver (for the table's metadata); default ``None`` loads
+        ``options.model`` on the CPU. Actors load ``options.model`` themselves.
+    on_bad, on_commit : callable, optional
+        As in :func:`kalm_store.build.build` (``on_commit`` runs after each window's commit).
+
+    Returns
+    -------
+    BuildSummary
+        ``commits`` counts windows.
+    """
+    from kalm_store.build import BuildSummary, _chunks
+    from kalm_store.model import KaLMModel
+    from kalm_store.records import STDIN, Fields
+    from kalm_store.store import PassageStore, _table_names
+
+    ray_options = ray_options or RayOptions()
+    options.validate()
+    ray_options.validate()
+    if options.embedder:
+        raise ValueError("--engine ray builds stores with brought vectors (--vector-field) or text-only stores; "
+                         "a LanceDB embedding function (--embedder) runs on the driver's add: build locally, or "
+                         "compute the vectors first and bring them")
+    start = time.perf_counter()
+    if options.input != STDIN and not Path(options.input).is_file():
+        raise FileNotFoundError(f"input {options.input!r} does not exist or is not a file")
+    require("ray", "ray")
+    import lancedb
+
+    db_uri = _absolute(options.db)
+    model_ref = _absolute(options.model) if Path(options.model).expanduser().is_dir() else options.model
+    if model is None:
+        model = KaLMModel.from_pretrained(model_ref, revision=options.revision, device="cpu",
+                                          max_length=options.max_length)
+    store: PassageStore | None = None
+    stored: set[str] = set()
+    db = lancedb.connect(db_uri, storage_options=storage_options)
+    if options.table in _table_names(db):
+        store = PassageStore.open(db_uri, options.table, model=model, storage_options=storage_options)
+        store.check_layout(options.ratios, vectors=options.vectors)
+        stored = store.all_ids()
+    vector_dim = store.metadata.get("vector_dim") if store is not None and options.vector_field else None
+
+    summary = BuildSummary()
+    fields = Fields(id=options.id_field, text=options.text_field, vector=options.vector_field)
+    started_ray = init_ray(ray_options)
+    seen: set[str] = set()
+    window: list[dict[str, Any]] = []
+    window_rows = 0
+    try:
+        for k, chunk in enumerate(_chunks(options, fields, vector_dim, summary, on_bad)):
+            if store is None:  # first chunk of a new table: the vector width is known now
+                width = len(chunk[0].vector) if options.vector_field and chunk[0].vector else None
+                store = PassageStore.create(db_uri, options.table, model, options.ratios, vector_dim=width,
+                                            storage_options=storage_options)
+            todo = _todo(chunk, seen, stored, summary)
+            if todo:
+                item: dict[str, Any] = {"chunk": k, "ids": [r.id for r in todo], "texts": [r.text for r in todo]}
+                if options.vector_field:
+                    item["vectors"] = [r.vector for r in todo]
+                window.append(item)
+            window_rows += len(chunk)
+            if window and window_rows >= ray_options.window_rows:
+                _run_window(window, store, options, ray_options, model_ref, db_uri, storage_options, summary)
+                if on_commit is not None:
+                    on_commit(summary)
+                window, window_rows = [], 0
+        if window:
+            _run_window(window, store, options, ray_options, model_ref, db_uri, storage_options, summary)
+            if on_commit is not None:
+                on_commit(summary)
+    finally:
+        if started_ray:
+            require("ray", "ray").shutdown()
+    if store is None:
+        raise ValueError(f"input {options.input!r} holds no records; nothing to build")
+    store.refresh()
+    summary.indices = store.update_indices(fts=options.fts_index, id_index=options.id_index)
+    summary.rows = store.table.count_rows()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _todo(chunk: list[Record], seen: set[str], stored: set[str], summary: BuildSummary) -> list[Record]:
+    """The local builder's duplicate policy: first occurrence in the input wins, stored ids are skipped."""
+    todo = []
+    for rec in chunk:
+        if rec.id in seen:
+            summary.duplicates += 1
+            continue
+        seen.add(rec.id)
+        if rec.id in stored:
+            summary.already_stored += 1
+        else:
+            todo.append(rec)
+    return todo
+
+
+def _run_window(window: list[dict[str, Any]], store: PassageStore, options: BuildOptions,
+                ray_options: RayOptions, model_ref: str, db_uri: str,
+                storage_options: dict[str, str] | None, summary: BuildSummary) -> None:
+    """Encode and write one window of chunks on Ray, then commit its fragments in one Append."""
+    import lance
+    import ray.data
+
+    store.refresh()
+    ds = store.table.to_lance()
+    read_version = ds.version
+    gpus = ray_options.gpus_per_worker
+    spec = {"model": model_ref, "revision": options.revision, "max_length": options.max_length,
+            "device": "cuda" if gpus > 0 else (options.device or "cpu"), "dtype": options.dtype,
+            "db": db_uri, "table": options.table, "storage_options": storage_options,
+            "ratios": options.ratios, "batch_size": options.batch_size,
+            "threads": ray_options.threads_per_worker}
+    data = ray.data.from_items(window, override_num_blocks=len(window))
+    encoded = data.map_batches(EncodeActor, fn_constructor_kwargs={"spec": spec}, batch_size=1,
+                               batch_format="pyarrow", concurrency=ray_options.workers,
+                               num_cpus=ray_options.cpus_per_worker, num_gpus=gpus or None)
+    written = encoded.map_batches(
+        write_block, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
+        fn_kwargs={"uri": ds.uri, "schema": store.table.schema, "storage_options": storage_options,
+                   "data_storage_version": ds.data_storage_version, "rows_per_file": ray_options.rows_per_file})
+    parts = sorted(written.take_all(), key=lambda r: (r["chunk"], r["part"]))  # commit in input order
+    fragments = [pickle.loads(p["fragment"]) for p in parts]
+    lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Append(fragments), read_version=read_version,
+                              storage_options=storage_options)
+    summary.written += sum(p["rows"] for p in parts)
+    summary.tokens += sum(p["tokens"] for p in parts)
+    summary.commits += 1
+    store.refresh()
+
+
+# ---------------------------------------------------------------------------------------------- repool
+def repool_on_ray(store: PassageStore, from_ratio: int, to_ratio: int, ray_options: RayOptions | None = None, *,
+                  storage_options: dict[str, str] | None = None, batch_size: int = 256) -> RepoolResult:
+    """Derive ``kalm_r{to_ratio}`` from ``kalm_r{from_ratio}`` with ``lance_ray.add_columns``: one task per
+    fragment across the cluster, one Merge commit (the vector index and other columns stay as they are).
+
+    The same checks, transform and metadata step as :func:`kalm_store.repool.repool_store`.
+    """
+    from kalm_store import schema
+    from kalm_store.repool import RepoolResult, check_direction, check_repool, set_ratios
+    from kalm_store.pooling import check_ratio
+
+    lance_ray = require("lance_ray", "ray")
+    ray_options = ray_options or RayOptions()
+    ray_options.validate()
+    f, t = check_ratio(from_ratio, "from_ratio"), check_ratio(to_ratio, "to_ratio")
+    check_direction(f, t)
+    table = store.table
+    table.checkout_latest()
+    ds = table.to_lance()
+    stored = store.ratios
+    dst = schema.column_name(t)
+    rows = 0
+    if not (dst in ds.schema.names and t not in stored and f in stored):  # else: finish an interrupted run
+        check_repool(stored, f, t, columns=ds.schema.names)
+        transform = _repool_transform(f, t, store.dim)
+        started = init_ray(ray_options)
+        try:
+            lance_ray.add_columns(ds.uri, transform=transform, read_columns=["n_tokens", schema.column_name(f)],
+                                  storage_options=storage_options, batch_size=batch_size,
+                                  concurrency=ray_options.workers)
+        finally:
+            if started:
+                require("ray", "ray").shutdown()
+        rows = ds.count_rows()
+        table.checkout_latest()
+    set_ratios(table, stored + [t])
+    return RepoolResult(from_ratio=f, to_ratio=t, rows=rows, ratios=store.ratios, dropped=None,
+                        version=table.version)
+
+
+def _repool_transform(f: int, t: int, dim: int) -> Callable[[Any], Any]:
+    """A picklable batch UDF: ``kalm_r{f}`` rows -> ``kalm_r{t}`` rows (decode, re-pool, encode)."""
+    import lance
+    import pyarrow as pa
+
+    from kalm_store import schema
+
+    out_schema = pa.schema([schema.ratio_field(t)])
+    src = schema.column_name(f)
+
+    @lance.batch_udf(output_schema=out_schema)
+    def derive(batch: Any) -> Any:
+        from kalm_store.codec import decode_matrix, encode_matrix, to_float16
+        from kalm_store.pooling import pooled_rows, repool
+
+        counts = batch.column("n_tokens").to_pylist()
+        blobs = batch.column(src)
+        values: list[bytes | None] = []
+        for i, n in enumerate(counts):
+            if not blobs[i].is_valid:
+                values.append(None)
+                continue
+            mat = decode_matrix(blobs[i].as_buffer(), pooled_rows(n, f), dim, what=f"row of {src}")
+            values.append(encode_matrix(to_float16(repool(mat, n, f, t), what=f"re-pooled row of r={t}")))
+        return pa.RecordBatch.from_arrays([pa.array(values, pa.large_binary())], schema=out_schema)
+
+    return derive
+
+
+# ---------------------------------------------------------------------------------------------- CLI glue
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--engine local|ray`` and the Ray flags of ``kalm-store build`` (and ``repool``)."""
+    group = parser.add_argument_group("distributed (pip install \"kalm-store[ray]\")")
+    group.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="where encoding runs: this process (default) or Ray Data actors")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="Ray cluster to join (auto, ray://head:10001); default: RAY_ADDRESS, else a local Ray")
+    group.add_argument("--workers", type=int, default=1, metavar="N", help="encoder actors, one model each (default: 1)")
+    group.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                       help="GPUs per actor (default: 0, CPU encoding)")
+    group.add_argument("--window-rows", type=int, default=RayOptions.window_rows, metavar="N",
+                       help=f"records per Ray job and commit, the resume granularity (default: {RayOptions.window_rows})")
+
+
+def ray_options_from_args(args: argparse.Namespace) -> RayOptions:
+    """Typed :class:`RayOptions` from the parsed flags of :func:`add_ray_arguments` (validated)."""
+    opts = RayOptions(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                      window_rows=args.window_rows)
+    opts.validate()
+    return opts
+
+
+def run_ray_build(options: BuildOptions, args: argparse.Namespace,
+                  storage_options: dict[str, str] | None = None) -> BuildSummary:
+    """What ``kalm-store build --engine ray`` runs after parsing."""
+    return build_on_ray(options, ray_options_from_args(args), storage_options=storage_options)
+
+
+__all__ = ["RayOptions", "EncodeActor", "build_on_ray", "repool_on_ray", "add_ray_arguments",
+           "ray_options_from_args", "run_ray_build", "init_ray", "write_block"]

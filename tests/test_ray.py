@@ -1,0 +1,140 @@
+"""Bulk build on Ray Data (local Ray, 2 CPUs): same table as a local build, interruption + resume,
+refusals before work, re-pooling on Ray.
+
+Skipped only when Ray is not installed (``pip install "kalm-store[ray]"``). Starting encoder actors
+costs ~10 s each here (torch + transformers imports), so the module runs two Ray Data builds in all.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "kalm-store[ray]"')
+pytest.importorskip("lance_ray", reason='lance-ray is not installed: pip install "kalm-store[ray]"')
+
+pytestmark = pytest.mark.slow
+
+WORDS = ("the quick brown fox jumps over lazy dog python json file data vector store passage query "
+         "encoded once and stored reranker scores each candidate").split()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the module: 2 CPUs, no dashboard."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _corpus(path, n: int = 60, *, dup_every: int = 7, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        rows.append({"id": f"p{i}", "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 70))),
+                     "vec": [rng.random() for _ in range(4)]})
+        if i % dup_every == 3:  # a repeated id with another text: the first occurrence must win
+            rows.append({"id": f"p{i - 1}", "text": "a later duplicate that must be skipped", "vec": [0.0] * 4})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _snapshot(db, table: str = "docs") -> dict:
+    import lancedb
+
+    tbl = lancedb.connect(str(db)).open_table(table)
+    return {"rows": tbl.to_arrow().sort_by("id").to_pylist(), "schema": tbl.schema,
+            "indices": sorted((tuple(ix.columns), str(ix.index_type)) for ix in tbl.list_indices())}
+
+
+def _options(corpus, db, model_dir, **kw):
+    from kalm_store.build import BuildOptions
+
+    kw = {"vector_field": "vec", "chunk_size": 16, "batch_size": 4, "progress": False} | kw
+    return BuildOptions(str(corpus), db=str(db), table="docs", model=str(model_dir), ratios=[2, 4], **kw)
+
+
+@pytest.fixture(scope="module")
+def built(ray_local, tmp_path_factory, tiny_model_dir, model):
+    """A local build, and a Ray build of the same input interrupted after its first window, then resumed."""
+    import torch
+
+    from kalm_store.build import build
+    from kalm_store.plugins.ray import RayOptions, build_on_ray
+
+    tmp = tmp_path_factory.mktemp("raybuild")
+    corpus = tmp / "corpus.jsonl"
+    rows = _corpus(corpus)
+    local = build(_options(corpus, tmp / "local", tiny_model_dir), model=model)
+    # CPU float32 sums depend on the thread count: actors use the local build's
+    threads = torch.get_num_threads()
+
+    def stop(summary):
+        raise KeyboardInterrupt  # as if the driver were stopped right after its first commit
+
+    with pytest.raises(KeyboardInterrupt):
+        build_on_ray(_options(corpus, tmp / "ray", tiny_model_dir),
+                     RayOptions(workers=1, window_rows=32, threads_per_worker=threads), model=model, on_commit=stop)
+    first = _snapshot(tmp / "ray")
+    resumed = build_on_ray(_options(corpus, tmp / "ray", tiny_model_dir),
+                           RayOptions(workers=2, window_rows=10_000, threads_per_worker=threads), model=model)
+    return {"tmp": tmp, "corpus": corpus, "rows": rows, "local": local, "first": first, "resumed": resumed}
+
+
+def test_interrupted_ray_build_kept_whole_chunks(built):
+    first_ids = [r["id"] for r in built["first"]["rows"]]
+    assert len(first_ids) == 32 - 4  # two chunks of 16 records, 4 of them repeated ids
+    assert built["resumed"].already_stored == len(first_ids)
+
+
+def test_ray_build_equals_local_build(built):
+    """Ids, rows, matrices (bitwise), vectors, metadata and indices equal those of a local build."""
+    local, resumed = built["local"], built["resumed"]
+    assert resumed.written + resumed.already_stored == local.written
+    assert resumed.duplicates == local.duplicates
+    a, b = _snapshot(built["tmp"] / "local"), _snapshot(built["tmp"] / "ray")
+    assert a["schema"] == b["schema"] and a["schema"].metadata == b["schema"].metadata
+    assert a["indices"] == b["indices"] == [(("id",), "BTree"), (("text",), "FTS")]
+    assert [r["id"] for r in a["rows"]] == [r["id"] for r in b["rows"]]
+    for x, y in zip(a["rows"], b["rows"]):
+        assert x == y, f"row {x['id']} differs"  # every column, kalm_r* bytes included
+    assert "a later duplicate that must be skipped" not in {r["text"] for r in b["rows"]}
+
+
+def test_finished_ray_build_is_idempotent_and_refuses_mismatch_before_work(built, tiny_model_dir, model):
+    from kalm_store.plugins.ray import RayOptions, build_on_ray
+    from kalm_store.store import StoreMismatchError
+
+    again = build_on_ray(_options(built["corpus"], built["tmp"] / "ray", tiny_model_dir), RayOptions(), model=model)
+    assert (again.written, again.commits) == (0, 0)
+    bad = _options(built["corpus"], built["tmp"] / "ray", tiny_model_dir)
+    bad.ratios = [8]
+    with pytest.raises(StoreMismatchError, match="ratios"):
+        build_on_ray(bad, RayOptions(), model=model)
+    with pytest.raises(ValueError, match="workers"):
+        build_on_ray(bad, RayOptions(workers=0), model=model)
+    with pytest.raises(ValueError, match="embedder"):
+        build_on_ray(_options(built["corpus"], built["tmp"] / "x", tiny_model_dir, vector_field=None,
+                              embedder="sentence-transformers", embedder_model="m"), RayOptions(), model=model)
+
+
+def test_repool_on_ray_matches_local_repool(built, ray_local):
+    import shutil
+
+    from kalm_store.plugins.ray import RayOptions, repool_on_ray
+    from kalm_store.repool import repool_store
+    from kalm_store.store import PassageStore
+
+    tmp = built["tmp"]
+    shutil.copytree(tmp / "local", tmp / "repool_a")
+    shutil.copytree(tmp / "local", tmp / "repool_b")
+    a, b = PassageStore.open(str(tmp / "repool_a"), "docs"), PassageStore.open(str(tmp / "repool_b"), "docs")
+    res = repool_on_ray(a, 4, 16, RayOptions(workers=2))
+    repool_store(b, 4, 16)
+    assert res.ratios == b.ratios == [2, 4, 16] and res.rows == 60
+    ids = sorted(a.all_ids())
+    assert all((x == y).all() for x, y in zip(a.matrices(ids, 16), b.matrices(ids, 16)))
+    assert {tuple(ix.columns) for ix in a.table.list_indices()} == {("id",), ("text",)}

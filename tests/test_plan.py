@@ -106,8 +106,10 @@ def built(model, tmp_path_factory):
     from kalm_store import PassageStore
 
     corpus = make_corpus(150)
-    store = PassageStore.create(str(tmp_path_factory.mktemp("db")), "docs", model, ratios=[1, 4, 32])
+    db = tmp_path_factory.mktemp("db")
+    store = PassageStore.create(str(db), "docs", model, ratios=[1, 4, 32])
     store.add(corpus, batch_size=32)
+    store.db_uri = str(db)  # for the --db test
     return corpus, store
 
 
@@ -195,3 +197,14 @@ def test_length_stats() -> None:
     assert (s.passages, s.tokens, s.max, s.truncated) == (4, 1030, 1024, 1)
     with pytest.raises(ValueError, match="empty"):
         LengthStats.of(np.array([], np.int64), 1024)
+
+
+def test_cli_plan_of_an_existing_store(built, capsys) -> None:
+    """--db/--table: counts from n_tokens, the model from the table metadata, sample texts from the table."""
+    from kalm_store.cli import main
+
+    _, store = built
+    assert main(["plan", "--db", store.db_uri, "--table", "docs", "--sample", "20", "--ratios", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    col = store.info()["columns"]["kalm_r4"]
+    assert out["ratios"][0]["stored_bytes_total"] == pytest.approx(col["stored_bytes"], rel=0.02)

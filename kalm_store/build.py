@@ -62,6 +62,7 @@ class BuildOptions:
     fts_index: bool = True  # native full-text index on `text`
     id_index: bool = True  # BTREE index on `id`
     progress: bool = True  # tqdm bar on stderr
+    storage_options: dict[str, str] | None = None  # object-store options for db (kalm_store.storage)
 
     def validate(self) -> None:
         """Check the options without touching disk or loading anything."""
@@ -167,12 +168,13 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
                                           dtype=options.dtype, max_length=options.max_length)
     import lancedb
 
-    db = lancedb.connect(options.db)
+    db = lancedb.connect(options.db, storage_options=options.storage_options)
     store: PassageStore | None = None
     emb_meta = None
     stored: set[str] = set()
     if options.table in _table_names(db):
-        store = PassageStore.open(options.db, options.table, model=model)  # refuses another model
+        store = PassageStore.open(options.db, options.table, model=model,  # refuses another model
+                                  storage_options=options.storage_options)
         if options.embedder:  # compare before loading the embedder's weights
             emb_meta = {"name": options.embedder, "model": _embedder_model_name(options.embedder_model or "")}
         store.check_layout(options.ratios, vectors=options.vectors, embedder=emb_meta)
@@ -195,7 +197,8 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
             if store is None:  # first chunk of a new table: now the vector width is known
                 width = len(chunk[0].vector) if options.vector_field and chunk[0].vector else None
                 store = PassageStore.create(options.db, options.table, model, options.ratios,
-                                            vector_dim=width, embedder=embedder)
+                                            vector_dim=width, embedder=embedder,
+                                            storage_options=options.storage_options)
             if writer is None:
                 writer = _Writer(store, summary, on_commit)
             todo: list[Record] = []

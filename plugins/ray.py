@@ -186,6 +186,7 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     from kalm_store.store import PassageStore, _table_names
 
     ray_options = ray_options or RayOptions()
+    storage_options = storage_options if storage_options is not None else options.storage_options
     options.validate()
     ray_options.validate()
     if options.embedder:

@@ -71,6 +71,12 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                    help="skip the BTREE index on id (default: create or update it)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (default: a bar on stderr with passages/s, tokens/s and ETA)")
+    # object storage and the Ray engine (kalm_store.storage, kalm_store.plugins.ray)
+    from kalm_store.plugins.ray import add_ray_arguments
+    from kalm_store.storage import add_storage_arguments
+
+    add_storage_arguments(p)
+    add_ray_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -83,6 +89,9 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
         input_format=args.input_format, chunk_size=args.chunk_size, batch_size=args.batch_size,
         max_length=args.max_length, revision=args.revision, device=args.device, dtype=args.dtype,
         fts_index=args.fts_index, id_index=args.id_index, progress=args.progress and sys.stderr.isatty())
+    from kalm_store.storage import options_from_args as storage_from_args
+
+    opts.storage_options = storage_from_args(args)
     opts.validate()
     return opts
 
@@ -95,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    summary = build(opts)
+    if getattr(args, "engine", "local") == "ray":
+        from kalm_store.plugins.ray import run_ray_build
+
+        summary = run_ray_build(opts, args, opts.storage_options)
+    else:
+        summary = build(opts)
     print(f"kalm-store build: {opts.db} / {opts.table}: {summary.line()}")
     return 0

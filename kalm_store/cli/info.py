@@ -13,6 +13,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--db", required=True, help="LanceDB database URI (required)")
     p.add_argument("--table", required=True, help="table name (required)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: text)")
+    from kalm_store.storage import add_storage_arguments  # --storage-option KEY=VALUE for --db s3://...
+
+    add_storage_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -27,7 +30,9 @@ def _size(n: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from kalm_store.store import PassageStore
 
-    info = PassageStore.open(args.db, args.table).info()
+    from kalm_store.storage import options_from_args
+
+    info = PassageStore.open(args.db, args.table, storage_options=options_from_args(args)).info()
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0

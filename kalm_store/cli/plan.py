@@ -74,6 +74,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--text-field", default="text", help="input field holding the passage text (default: text)")
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "csv"],
                    help="input format (default: from the suffix)")
+    from kalm_store.storage import add_storage_arguments  # --storage-option KEY=VALUE for --db s3://...
+
+    add_storage_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -165,9 +168,11 @@ def run(args: argparse.Namespace) -> int:
     model_name = opts.model
     max_length = opts.max_length
     if opts.db is not None:
+        from kalm_store.storage import storage_options
         from kalm_store.store import PassageStore
 
-        store = PassageStore.open(opts.db, opts.table)  # type: ignore[arg-type]
+        store = PassageStore.open(opts.db, opts.table,  # type: ignore[arg-type]
+                                  storage_options=storage_options(opts.db, args.storage_option))
         meta = store.metadata
         model_name = model_name or meta.get("model_id")
         max_length = max_length or meta.get("max_length")

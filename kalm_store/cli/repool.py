@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--drop-source", action="store_true", help="drop the source column afterwards")
     p.add_argument("--batch-size", type=int, default=256, help="rows re-pooled at a time (default: 256)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    from kalm_store.plugins.ray import add_ray_arguments  # --engine ray: one add_columns task per fragment
+
+    add_ray_arguments(p)
+    from kalm_store.storage import add_storage_arguments  # --storage-option KEY=VALUE for --db s3://...
+
+    add_storage_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -57,11 +63,21 @@ def parse_options(args: argparse.Namespace) -> RepoolOptions:
 def run(args: argparse.Namespace) -> int:
     opts = parse_options(args)
     from kalm_store.repool import repool_store
+    from kalm_store.storage import options_from_args
     from kalm_store.store import PassageStore
 
-    store = PassageStore.open(opts.db, opts.table)
-    result = repool_store(store, opts.from_ratio, opts.to_ratio, drop_source=opts.drop_source,
-                          batch_size=opts.batch_size, show_progress=sys.stderr.isatty() and not opts.json)
+    storage = options_from_args(args)
+    store = PassageStore.open(opts.db, opts.table, storage_options=storage)
+    if getattr(args, "engine", "local") == "ray":
+        from kalm_store.plugins.ray import ray_options_from_args, repool_on_ray
+
+        if opts.drop_source:
+            raise ValueError("--drop-source is not supported with --engine ray; drop it with a local repool run")
+        result = repool_on_ray(store, opts.from_ratio, opts.to_ratio, ray_options_from_args(args),
+                               storage_options=storage, batch_size=opts.batch_size)
+    else:
+        result = repool_store(store, opts.from_ratio, opts.to_ratio, drop_source=opts.drop_source,
+                              batch_size=opts.batch_size, show_progress=sys.stderr.isatty() and not opts.json)
     if opts.json:
         print(json.dumps(asdict(result)))
         return 0

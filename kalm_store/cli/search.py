@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="candidates per decoder pass (default: 32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    from kalm_store.storage import add_storage_arguments  # --storage-option KEY=VALUE for --db s3://...
+
+    add_storage_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -67,11 +70,12 @@ def run(args: argparse.Namespace) -> int:
 
     from kalm_store import KaLMModel
     from kalm_store.query import search
+    from kalm_store.storage import options_from_args
 
     model = KaLMModel.from_pretrained(args.model, device=args.device)
     hits = search(args.db, args.table, args.query, model=model, k=args.k, candidates=args.candidates,
                   mode=args.mode, instruction=args.instruction, ratio=args.ratio, query_vector=vector,
-                  batch_size=args.batch_size)
+                  batch_size=args.batch_size, storage_options=options_from_args(args))
     if args.json:
         json.dump({"query": args.query, "results": hits}, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")

@@ -1,0 +1,42 @@
+"""Shared fixtures: one tiny offline T5Gemma2 checkpoint per test session, and a few passages."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Folder with the tiny random-weight KaLM-compatible checkpoint (built once per session)."""
+    from kalm_store.testing import make_test_model
+
+    return make_test_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def model(tiny_model_dir):
+    """The tiny checkpoint loaded through the public ``KaLMModel.from_pretrained`` (CPU, float32)."""
+    from kalm_store import KaLMModel
+
+    return KaLMModel.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def passages() -> list[str]:
+    """Six passages of very different lengths: one word, a sentence, one longer than the tiny model's
+    sliding window (16 tokens), and one over 100 tokens."""
+    return [
+        "yes",
+        "JSON is a data format.",
+        "Python is a programming language. Parse the file and return a list of values.",
+        "Vector databases store embeddings next to text; a reranker scores each candidate against the query.",
+        "Zebras graze quietly near the riverbank at dawn.",
+        " ".join(
+            [
+                "The quick brown fox jumps over the lazy dog.",
+                "Open the file and read its lines, then raise an error if it is empty.",
+                "Return the number of items in a container; a passage of text is encoded once and stored.",
+                "Meanwhile, unrelated words: kaleidoscope, marmalade, quixotic, zephyr, bureaucracy!",
+            ]
+        ),
+    ]

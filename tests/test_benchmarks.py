@@ -1,0 +1,47 @@
+"""Smoke test of benchmarks/bench_scoring.py: the --quick run works end to end and writes its table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = "| r | FBNL ms | joint ms | measured speed-up | FLOP-model speed-up |"
+
+
+def test_bench_scoring_quick_writes_the_table(tmp_path):
+    prefix = tmp_path / "scoring_quick"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_scoring.py"), "--quick", "--threads", "1",
+         "--output", str(prefix)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = Path(f"{prefix}.md").read_text()
+    assert HEADER in md and HEADER in proc.stdout
+    assert "--quick" in md  # the exact command is recorded
+    res = json.loads(Path(f"{prefix}.json").read_text())
+    assert [row["r"] for row in res["results"]] == [1, 4]
+    assert res["machine"]["cpu_count"] == os.cpu_count()
+    for row in res["results"]:
+        assert row["fbnl_ms"] > 0 and row["joint_ms"] > 0 and row["flop_speedup"] > 1
+    # FBNL at r=1 computes the joint model's margin (up to float16 storage of the encoder states)
+    assert res["max_abs_margin_diff_r1"] < 5e-3
+
+
+def test_flop_model_reproduces_the_nano_trend():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_scoring import NANO, flop_model
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    layers = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(18)]
+    ratios = [flop_model(NANO, layers, 512, 60, r)["ratio"] for r in (1, 2, 4, 8)]
+    reference = [6.2, 7.8, 8.9, 9.6]  # KALM_REFERENCE.md, n = 512, 60-token prompt
+    assert ratios == sorted(ratios)
+    for got, ref in zip(ratios, reference):
+        assert 0.95 * ref < got < 1.15 * ref, (ratios, reference)

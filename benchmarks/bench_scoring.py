@@ -15,8 +15,9 @@ What is timed, for one query and C candidates of n tokens each (float32 compute 
   all n encoder states, and again only the [yes, no] rows at the last position (nothing a joint
   reranker doesn't need: no full-vocabulary head, no cache).
 
-Each is run once on one batch to warm up, then ``--repeats`` times over all C; the table shows the
-median. The model is a random-weight T5Gemma2 of the KaLM-Reranker-V1-Nano shape (hidden 640, 18+18
+Each path is run once on one batch to warm up; then each of ``--repeats`` rounds times the joint
+reranker and every ratio back to back over all C (paired, so that a shared machine's changing load
+hits both alike); the table shows medians. The model is a random-weight T5Gemma2 of the KaLM-Reranker-V1-Nano shape (hidden 640, 18+18
 layers, 4 heads, 1 KV head, head_dim 256, FFN 2048, vocabulary 262,144, sliding window 512 with 5
 sliding : 1 full layer), built in memory; scores are meaningless, the arithmetic is the real model's.
 Passages are random token ids; the stored matrices are MEP pools of the encoder states that the first
@@ -113,16 +114,6 @@ def _log(msg: str) -> None:
     print(f"[bench_scoring {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _median_s(fn, repeats: int, what: str) -> tuple[float, list[float]]:
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        _log(f"{what}: repeat {i + 1}/{repeats} took {times[-1]:.2f} s")
-    return statistics.median(times), times
-
-
 def _machine(threads: int) -> dict[str, object]:
     import torch
     import transformers
@@ -160,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     t0 = time.perf_counter()
     tokenizer = build_tokenizer(1024)  # tiny tokenizer: only its yes/no ids are used; the model's vocab is larger
     hf_model = build_model(TinyShape(**shape), max(shape["vocab_size"], len(tokenizer)))
+
     class FixedPromptModel(KaLMModel):
         """KaLMModel whose prompt is a fixed list of ids (see the module docstring)."""
 
@@ -180,10 +172,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     softcap = hf_model.config.decoder.final_logit_softcapping
     bs = args.batch_size
     batches = [slice(i, i + bs) for i in range(0, args.candidates, bs)]
-    states: list[torch.Tensor] = []  # encoder output of each batch, kept from the first timed joint pass
 
     @torch.inference_mode()
-    def joint(batch_slices=batches, keep: bool = False) -> np.ndarray:
+    def joint(batch_slices: list[slice], states: list[torch.Tensor] | None = None) -> np.ndarray:
+        """Joint reranker margins; appends each batch's encoder output to ``states`` when given."""
         margins = []
         for sl in batch_slices:
             x = ids[sl]  # (B, n)
@@ -192,41 +184,62 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             logits = out.last_hidden_state[:, -1] @ head.T  # (B, 2): [z_yes, z_no]
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap
-            margins.append(logits[:, 0] - logits[:, 1])
-            if keep:
+            margins.append(logits[:, 0] - logits[:, 1])  # (B,)
+            if states is not None:
                 states.append(out.encoder_last_hidden_state)  # (B, n, d)
         return torch.cat(margins).numpy()
 
-    joint(batches[:1])  # warm-up
-    _log("joint warm-up done")
-    first = {}
-
-    def joint_timed() -> None:
-        keep = not states
-        m = joint(keep=keep)
-        if keep:
-            first["margins"] = m
-
-    joint_s, joint_all = _median_s(joint_timed, args.repeats, "joint")
-    joint_margins = first["margins"]
-
-    rows = []
-    check = None
-    for r in args.ratios:
+    def stored(states: list[torch.Tensor], r: int) -> list[np.ndarray]:
+        """What a store holds: the MEP pool at ratio r of each candidate, float16, (ceil(n/r), d) each."""
         mats = []
         for h in states:
             pooled, _ = mep_pool(h, torch.ones(h.shape[:2], dtype=torch.long), r)  # (B, ceil(n/r), d)
             mats.extend(to_float16(p.numpy()) for p in pooled)
-        model.score("query", mats[:bs], batch_size=bs)  # warm-up
-        fbnl_s, fbnl_all = _median_s(lambda: model.score("query", mats, batch_size=bs), args.repeats, f"FBNL r={r}")
-        if r == 1:
-            fbnl_margins = model.score("query", mats, batch_size=bs, return_margin=True)
-            check = float(np.abs(fbnl_margins - joint_margins).max())
+        return mats
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    # Warm-up: one batch of each path (the joint warm-up batch also gives the FBNL warm-up matrices).
+    warm_states: list[torch.Tensor] = []
+    joint(batches[:1], warm_states)
+    for r in args.ratios:
+        model.score("query", stored(warm_states, r), batch_size=bs)
+    _log("warm-up done")
+
+    # Timed: joint and every ratio in each repeat, so both see the same machine load (it may be shared).
+    joint_times: list[float] = []
+    fbnl_times: dict[int, list[float]] = {r: [] for r in args.ratios}
+    states: list[torch.Tensor] = []
+    mats: dict[int, list[np.ndarray]] = {}
+    joint_margins = None
+    for i in range(args.repeats):
+        t0 = time.perf_counter()
+        m = joint(batches, states if i == 0 else None)
+        joint_times.append(time.perf_counter() - t0)
+        if i == 0:
+            joint_margins = m
+            mats = {r: stored(states, r) for r in args.ratios}  # from the joint's own encoder states
+        for r in args.ratios:
+            fbnl_times[r].append(timed(lambda: model.score("query", mats[r], batch_size=bs)))
+        _log(f"repeat {i + 1}/{args.repeats}: joint {joint_times[-1]:.2f} s, FBNL "
+             + ", ".join(f"r={r} {fbnl_times[r][-1]:.2f} s" for r in args.ratios))
+    fbnl_r1 = model.score("query", mats.get(1) or stored(states, 1), batch_size=bs, return_margin=True)
+    check = float(np.abs(fbnl_r1 - joint_margins).max())
+
+    joint_s = statistics.median(joint_times)
+    rows = []
+    for r in args.ratios:
+        fbnl_s = statistics.median(fbnl_times[r])
         flops = flop_model(shape, layer_types, args.n, args.prompt_len, r)
         rows.append({
             "r": r, "rows_per_candidate": math.ceil(args.n / r),
             "fbnl_ms": fbnl_s * 1e3, "joint_ms": joint_s * 1e3, "speedup": joint_s / fbnl_s,
-            "flop_speedup": flops["ratio"], "fbnl_ms_all": [t * 1e3 for t in fbnl_all],
+            "flop_speedup": flops["ratio"],
+            "fbnl_ms_all": [t * 1e3 for t in fbnl_times[r]],
+            "paired_speedups": [j / f for j, f in zip(joint_times, fbnl_times[r])],
             "joint_flops": flops["joint_flops"], "fbnl_flops": flops["fbnl_flops"],
         })
     return {
@@ -239,7 +252,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "candidates": args.candidates, "n": args.n, "prompt_len": args.prompt_len,
         "batch_size": bs, "repeats": args.repeats, "compute_dtype": "float32", "storage_dtype": "float16",
         "build_s": build_s,
-        "joint_ms_all": [t * 1e3 for t in joint_all],
+        "joint_ms_all": [t * 1e3 for t in joint_times],
         "max_abs_margin_diff_r1": check,
         "flop_model_n4096": {r: flop_model(shape, layer_types, 4096, args.prompt_len, r)["ratio"] for r in (1, 2, 4, 8)}
         if shape == NANO else None,
@@ -266,8 +279,8 @@ def to_markdown(res: dict) -> str:
         "float16 storage.",
         "",
         f"Work: one query ({res['prompt_len']}-token prompt) x {res['candidates']} candidates of {res['n']} tokens, "
-        f"batches of {res['batch_size']}; wall-clock for all candidates, median of {res['repeats']} after a "
-        "one-batch warm-up. FBNL = `KaLMModel.score` over stored matrices; joint = encoder + decoder per pair "
+        f"batches of {res['batch_size']}; wall-clock for all candidates, median of {res['repeats']} paired rounds "
+        "after a one-batch warm-up. FBNL = `KaLMModel.score` over stored matrices; joint = encoder + decoder per pair "
         "(yes/no head rows only).",
         "",
         HEADER,

@@ -5,7 +5,11 @@ A ``kalm_r{k*r}`` row is the token-count-weighted mean of ``k`` consecutive ``ka
 from the stored finer one and ``n_tokens``. The new column is written with Lance ``add_columns``:
 only the new column's data files are written, the vectors, text, other ratios and the vector index
 stay as they are, and the column becomes visible in one commit (an interrupted run leaves nothing
-half-written). The table metadata ``ratios`` is updated in a second commit; a run interrupted
+half-written). A concurrent append makes that commit fail with Lance's retryable
+``CommitConflictError``; the column is then derived again from the latest version (appended rows
+included), up to ``CONFLICT_RETRIES`` times. Rows appended after the winning commit by a writer that
+does not know the new ratio hold null in it; ``kalm-store build`` resumed on the table writes every
+ratio its metadata lists. The table metadata ``ratios`` is updated in a second commit; a run interrupted
 between the two is finished by running the same command again.
 
 A finer ratio can never be recovered from a coarser one: that is refused, with the reason.
@@ -13,6 +17,7 @@ A finer ratio can never be recovered from a coarser one: that is refused, with t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +29,9 @@ from .pooling import check_ratio, pooled_rows, repool
 
 if TYPE_CHECKING:  # pragma: no cover
     from .store import PassageStore
+
+
+CONFLICT_RETRIES = 8  # re-derivations after a retryable commit conflict with a concurrent writer
 
 
 class RepoolError(ValueError):
@@ -123,6 +131,7 @@ def repool_store(
     [4, 8]
     """
     import lance
+    from lance.commit import CommitConflictError
 
     f, t = check_ratio(from_ratio, "from_ratio"), check_ratio(to_ratio, "to_ratio")
     check_direction(f, t)
@@ -155,13 +164,14 @@ def repool_store(
     @lance.batch_udf(output_schema=out_schema)
     def derive(batch: pa.RecordBatch) -> pa.RecordBatch:
         counts = batch.column("n_tokens").to_pylist()
+        ids = batch.column("id").to_pylist()
         blobs = batch.column(src)
         values: list[bytes | None] = []
         for i, n in enumerate(counts):
             if not blobs[i].is_valid:
                 values.append(None)
                 continue
-            mat = decode_matrix(blobs[i].as_buffer(), pooled_rows(n, f), dim, what=f"row of {src}")
+            mat = decode_matrix(blobs[i].as_buffer(), pooled_rows(n, f), dim, what=f"passage id {ids[i]!r}, column {src}")
             coarse = repool(mat, n, f, t)  # (ceil(n/t), d), computed in float32, back to float16
             values.append(encode_matrix(to_float16(coarse, what=f"re-pooled row of {dst}")))
         if bar is not None:
@@ -169,7 +179,22 @@ def repool_store(
         return pa.RecordBatch.from_arrays([pa.array(values, pa.large_binary())], schema=out_schema)
 
     try:
-        ds.add_columns(derive, read_columns=["n_tokens", src], batch_size=batch_size)
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                ds.add_columns(derive, read_columns=["id", "n_tokens", src], batch_size=batch_size)
+                break
+            except CommitConflictError as e:
+                # a concurrent commit (e.g. a build appending rows) won: re-read the latest version, whose
+                # rows include the appended ones, and derive the column again
+                if attempt == CONFLICT_RETRIES:
+                    raise RepoolError(f"adding {dst} lost {attempt + 1} commit races to concurrent writers; "
+                                      "pause the writers (or retry later) and run the same command again") from e
+                time.sleep(min(0.05 * 2**attempt, 2.0))
+                table.checkout_latest()
+                ds = table.to_lance()
+                rows = ds.count_rows()
+                if bar is not None:
+                    bar.reset(total=rows)
     finally:
         if bar is not None:
             bar.close()

@@ -104,6 +104,8 @@ class BuildSummary:
     duplicates: int = 0  # skipped: id repeated later in the input (first occurrence wins)
     bad: int = 0  # skipped bad records (only with an ``on_bad`` handler)
     tokens: int = 0  # encoder tokens of the written rows
+    truncated: int = 0  # written passages that reached max_length tokens (cut there, or exactly that long)
+    max_length: int = 0  # the encoder's max_length the passages were cut at
     commits: int = 0  # Lance commits (one per chunk with new rows)
     seconds: float = 0.0
     rows: int = 0  # rows in the table afterwards
@@ -114,6 +116,7 @@ class BuildSummary:
         return (f"read {self.read}, wrote {self.written} in {self.commits} commits ({rate:.1f} passages/s, "
                 f"{self.tokens / self.seconds if self.seconds else 0.0:.0f} tokens/s), skipped "
                 f"{self.already_stored} already stored + {self.duplicates} duplicate ids + {self.bad} bad; "
+                f"{self.truncated} passages cut at max_length {self.max_length} tokens; "
                 f"table now has {self.rows} rows")
 
 
@@ -186,7 +189,7 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
                                  f"not {embedder_metadata(embedder)!r}")
     vector_dim = store.metadata.get("vector_dim") if store is not None and options.vector_field else None
 
-    summary = BuildSummary()
+    summary = BuildSummary(max_length=model.max_length)
     fields = Fields(id=options.id_field, text=options.text_field, vector=options.vector_field)
     total = count_records(options.input, options.input_format)
     bar = _progress(total, options.progress)
@@ -214,6 +217,7 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
             if todo:
                 enc = model.encode_ratios([r.text for r in todo], options.ratios, batch_size=options.batch_size)
                 summary.tokens += sum(enc.token_counts)
+                summary.truncated += sum(n >= model.max_length for n in enc.token_counts)
                 writer.submit(todo, enc, fields.vector is not None)
             bar.update(len(chunk))
             elapsed = time.perf_counter() - start
@@ -246,8 +250,15 @@ def _chunks(options: BuildOptions, fields: Fields, vector_dim: int | None, summa
     """Valid records in lists of ``chunk_size``; a bad record ends the stream after the records before it."""
     chunk: list[Record] = []
     error: BadRecordError | None = None
+
+    def unreadable(e: BadRecordError) -> None:  # a line that is not a JSON object, skipped with on_bad
+        summary.read += 1
+        summary.bad += 1
+        on_bad(e)  # type: ignore[misc]
+
     try:
-        for where, raw in read_records(options.input, options.input_format, fields=fields):
+        for where, raw in read_records(options.input, options.input_format, fields=fields,
+                                       on_bad=unreadable if on_bad is not None else None):
             summary.read += 1
             try:
                 rec = validate_record(raw, where, fields=fields, vector_dim=vector_dim)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,10 +27,11 @@ STDIN = "-"
 class BadRecordError(ValueError):
     """One input record is unusable; ``where`` names the input and line/row, ``reason`` the problem."""
 
-    def __init__(self, where: str, reason: str) -> None:
+    def __init__(self, where: str, reason: str, record_id: str | None = None) -> None:
         super().__init__(f"{where}: {reason}")
         self.where = where
         self.reason = reason
+        self.record_id = record_id  # the record's id when it has a usable one (for --skip-bad reports)
 
 
 @dataclass(frozen=True)
@@ -94,23 +95,26 @@ def count_records(path: str, fmt: InputFormat = "auto") -> int | None:
 
 
 def read_records(path: str, fmt: InputFormat = "auto", *, fields: Fields = Fields(),
-                 batch_rows: int = 4096) -> Iterator[tuple[str, dict[str, Any]]]:
+                 batch_rows: int = 4096,
+                 on_bad: Callable[[BadRecordError], None] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Stream ``(where, raw record)`` from a .jsonl / .parquet / .csv file, or JSON lines on stdin (``-``).
 
-    A line that is not a JSON object raises :class:`BadRecordError` naming it.
+    A line that is not a JSON object raises :class:`BadRecordError` naming it; with ``on_bad`` the
+    error is passed to it instead and reading goes on with the next line.
     """
     kind = resolve_format(path, fmt)
     if path != STDIN and not Path(path).is_file():
         raise FileNotFoundError(f"input {path!r} does not exist or is not a file")
     if kind == "jsonl":
-        yield from _read_jsonl(path)
+        yield from _read_jsonl(path, on_bad)
     elif kind == "parquet":
         yield from _read_parquet(path, fields, batch_rows)
     else:
-        yield from _read_csv(path, fields, batch_rows)
+        yield from _read_csv(path, fields, batch_rows, on_bad)
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def _read_jsonl(path: str, on_bad: Callable[[BadRecordError], None] | None = None
+                ) -> Iterator[tuple[str, dict[str, Any]]]:
     name = "<stdin>" if path == STDIN else path
     f = sys.stdin.buffer if path == STDIN else open(path, "rb")
     try:
@@ -121,10 +125,15 @@ def _read_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadRecordError(where, f"not valid JSON ({e})") from None
-            if not isinstance(obj, dict):
-                raise BadRecordError(where, f"expected a JSON object, got {type(obj).__name__}")
-            yield where, obj
+                error = BadRecordError(where, f"not valid JSON ({e})")
+            else:
+                if isinstance(obj, dict):
+                    yield where, obj
+                    continue
+                error = BadRecordError(where, f"expected a JSON object, got {type(obj).__name__}")
+            if on_bad is None:
+                raise error
+            on_bad(error)
     finally:
         if f is not sys.stdin.buffer:
             f.close()
@@ -147,7 +156,8 @@ def _read_parquet(path: str, fields: Fields, batch_rows: int) -> Iterator[tuple[
             yield f"{path} row {row}", obj
 
 
-def _read_csv(path: str, fields: Fields, batch_rows: int) -> Iterator[tuple[str, dict[str, Any]]]:
+def _read_csv(path: str, fields: Fields, batch_rows: int,
+              on_bad: Callable[[BadRecordError], None] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -169,7 +179,11 @@ def _read_csv(path: str, fields: Fields, batch_rows: int) -> Iterator[tuple[str,
                 try:
                     obj[fields.vector] = json.loads(obj[fields.vector])
                 except json.JSONDecodeError:
-                    raise BadRecordError(where, f"field {fields.vector!r} must hold a JSON array of numbers") from None
+                    error = BadRecordError(where, f"field {fields.vector!r} must hold a JSON array of numbers")
+                    if on_bad is None:
+                        raise error from None
+                    on_bad(error)
+                    continue
             yield where, obj
 
 
@@ -194,13 +208,17 @@ def validate_record(raw: dict[str, Any], where: str, *, fields: Fields = Fields(
     if not isinstance(pid, str) or not pid:
         raise BadRecordError(where, f"id field {fields.id!r} must be a non-empty string, got {pid!r:.60}")
     if fields.text not in raw or raw[fields.text] is None:
-        raise BadRecordError(where, f"missing text field {fields.text!r} (fields: {sorted(raw)[:10]})")
+        raise BadRecordError(where, f"missing text field {fields.text!r} (fields: {sorted(raw)[:10]})", pid)
     text = raw[fields.text]
     if not isinstance(text, str):
-        raise BadRecordError(where, f"text field {fields.text!r} must be a string, got {type(text).__name__}")
+        raise BadRecordError(where, f"text field {fields.text!r} must be a string, got {type(text).__name__}", pid)
     vector = None
     if fields.vector is not None:
-        vector = _check_vector(raw.get(fields.vector), where, fields.vector, vector_dim)
+        try:
+            vector = _check_vector(raw.get(fields.vector), where, fields.vector, vector_dim)
+        except BadRecordError as e:
+            e.record_id = pid
+            raise
     return Record(id=pid, text=text, vector=vector, where=where)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kalm_store.build import EMBEDDERS, BuildOptions
+from kalm_store.build import EMBEDDERS, BuildOptions, BuildSummary
 from kalm_store.records import FORMATS
 
 _EPILOG = """\
@@ -17,7 +17,12 @@ are skipped (never updated) and counted in the summary.
 Refusals (before anything is encoded): an existing table built with another model fingerprint,
 template version, max_length, d, other ratios, or another vector setup. A bad record (missing field,
 non-string text, wrong vector width, non-finite vector) stops the build with an error naming its line;
-the valid records before it are committed, nothing stored is lost.
+the valid records before it are committed, nothing stored is lost. With --skip-bad, bad records are
+skipped instead and each is written to the --skip-report file as one JSON line
+{"where": "corpus.jsonl:17", "id": "p17" or null, "error": "..."}; the summary counts them.
+
+Truncation: passages longer than --max-length encoder tokens are cut there; the summary reports how
+many passages reached max_length.
 
 Example:
   kalm-store build corpus.jsonl --db ./db --table docs --model KaLM-Embedding/KaLM-Reranker-V1-Nano \\
@@ -71,6 +76,12 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                    help="skip the BTREE index on id (default: create or update it)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (default: a bar on stderr with passages/s, tokens/s and ETA)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip bad records (invalid JSON or UTF-8, missing or wrongly typed fields, wrong vector "
+                        "width, NaN) and report them instead of stopping (default: stop at the first one)")
+    p.add_argument("--skip-report", default=None, metavar="PATH",
+                   help="with --skip-bad: JSON-lines report of the skipped records, rewritten by each run "
+                        "(default: ./TABLE.skipped.jsonl in the current directory)")
     # object storage and the Ray engine (kalm_store.storage, kalm_store.plugins.ray)
     from kalm_store.plugins.ray import add_ray_arguments
     from kalm_store.storage import add_storage_arguments
@@ -100,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
     from kalm_store.build import build
 
     opts = options_from_args(args)  # before loading anything
+    if args.skip_report is not None and not args.skip_bad:
+        raise ValueError("--skip-report needs --skip-bad")
+    if args.skip_bad and getattr(args, "engine", "local") == "ray":
+        raise ValueError("--skip-bad is not supported with --engine ray yet; validate the input with the local engine")
     if not opts.progress:  # no bars at all: also silence the weight-loading bars of transformers
         from transformers.utils import logging as hf_logging
 
@@ -108,7 +123,26 @@ def run(args: argparse.Namespace) -> int:
         from kalm_store.plugins.ray import run_ray_build
 
         summary = run_ray_build(opts, args, opts.storage_options)
+    elif args.skip_bad:
+        summary, report = _build_skipping_bad(opts, args.skip_report or f"{opts.table}.skipped.jsonl")
     else:
         summary = build(opts)
     print(f"kalm-store build: {opts.db} / {opts.table}: {summary.line()}")
+    if args.skip_bad and getattr(args, "engine", "local") != "ray":
+        print(f"kalm-store build: {summary.bad} bad records skipped; report: {report}")
     return 0
+
+
+def _build_skipping_bad(opts: BuildOptions, report: str) -> tuple[BuildSummary, str]:
+    """Run the build with bad records skipped, each one appended (and flushed) to ``report``."""
+    import json
+
+    from kalm_store.build import build
+    from kalm_store.records import BadRecordError
+
+    with open(report, "w", encoding="utf-8") as out:  # a plain path: opened, never interpreted
+        def on_bad(e: BadRecordError) -> None:
+            out.write(json.dumps({"where": e.where, "id": e.record_id, "error": e.reason}) + "\n")
+            out.flush()
+
+        return build(opts, on_bad=on_bad), report

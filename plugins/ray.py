@@ -118,7 +118,7 @@ class EncodeActor:
 
 
 def write_block(batch: Any, *, uri: str, schema: Any, storage_options: dict[str, str] | None,
-                data_storage_version: str | None, rows_per_file: int) -> Any:
+                data_storage_version: str | None, rows_per_file: int, max_length: int) -> Any:
     """Ray Data task: write one block of encoded rows as Lance data files; return the fragment metadata."""
     import lance.fragment
     import pyarrow as pa
@@ -126,6 +126,7 @@ def write_block(batch: Any, *, uri: str, schema: Any, storage_options: dict[str,
 
     chunk = int(pc.min(batch.column("_chunk")).as_py())
     tokens = int(pc.sum(batch.column("_tokens")).as_py())
+    truncated = int(pc.sum(pc.greater_equal(batch.column("_tokens"), max_length)).as_py())
     rows = batch.drop_columns(["_chunk", "_tokens"]).select(schema.names).cast(schema)
     frags = lance.fragment.write_fragments(rows, uri, schema=schema, storage_options=storage_options,
                                            data_storage_version=data_storage_version,
@@ -134,6 +135,7 @@ def write_block(batch: Any, *, uri: str, schema: Any, storage_options: dict[str,
     return pa.table({"chunk": pa.array([chunk] * n, pa.int64()), "part": pa.array(range(n), pa.int64()),
                      "rows": pa.array([rows.num_rows if i == 0 else 0 for i in range(n)], pa.int64()),
                      "tokens": pa.array([tokens if i == 0 else 0 for i in range(n)], pa.int64()),
+                     "truncated": pa.array([truncated if i == 0 else 0 for i in range(n)], pa.int64()),
                      "fragment": pa.array([pickle.dumps(f) for f in frags], pa.binary())})
 
 
@@ -213,7 +215,7 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
         stored = store.all_ids()
     vector_dim = store.metadata.get("vector_dim") if store is not None and options.vector_field else None
 
-    summary = BuildSummary()
+    summary = BuildSummary(max_length=model.max_length)
     fields = Fields(id=options.id_field, text=options.text_field, vector=options.vector_field)
     started_ray = init_ray(ray_options)
     seen: set[str] = set()
@@ -291,13 +293,15 @@ def _run_window(window: list[dict[str, Any]], store: PassageStore, options: Buil
     written = encoded.map_batches(
         write_block, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
         fn_kwargs={"uri": ds.uri, "schema": store.table.schema, "storage_options": storage_options,
-                   "data_storage_version": ds.data_storage_version, "rows_per_file": ray_options.rows_per_file})
+                   "data_storage_version": ds.data_storage_version, "rows_per_file": ray_options.rows_per_file,
+                   "max_length": store.model.max_length if store.model is not None else options.max_length})
     parts = sorted(written.take_all(), key=lambda r: (r["chunk"], r["part"]))  # commit in input order
     fragments = [pickle.loads(p["fragment"]) for p in parts]
     lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Append(fragments), read_version=read_version,
                               storage_options=storage_options)
     summary.written += sum(p["rows"] for p in parts)
     summary.tokens += sum(p["tokens"] for p in parts)
+    summary.truncated += sum(p["truncated"] for p in parts)  # as the local builder counts them
     summary.commits += 1
     store.refresh()
 

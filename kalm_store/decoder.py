@@ -3,14 +3,20 @@
 The transformers decoder is general (caches, masks for any layout, all logits); scoring needs much
 less, and the shape of the work lets us skip some of it:
 
-* one prompt is shared by every candidate, so layer 0's prompt projections are computed once;
+* one prompt is shared by every candidate: its embedding, RoPE tables, self-attention masks and layer
+  0's q/k/v projections are computed once per query (:func:`prepare`) and reused by every batch;
 * only the last prompt position is read, so the last layer runs its query, attention output and
   MLP for that position alone;
-* q/k/v (and gate/up) projections are fused into one matmul each, and grouped-query attention runs
-  with ``enable_gqa`` instead of copying the shared key/value head per query head.
+* the stored states' keys/values for all layers come from one matmul (:func:`project_states`): a
+  wide product runs closer to the machine's matmul rate than one narrow product per layer;
+* q/k/v (and gate/up) projections are fused into one matmul each, grouped-query attention runs
+  with ``enable_gqa`` instead of copying the shared key/value head per query head, and the merged
+  self+cross keys/values live in one buffer per batch that every layer overwrites (no ``torch.cat``,
+  no fresh allocation per layer); RoPE writes straight into the layout attention reads.
 
 Arithmetic is the same as ``T5Gemma2Decoder`` (norms in float32, RoPE from the model's own rotary
 module, merged self+cross attention); ``tests/test_decoder.py`` checks it against the model.
+Nothing here assumes a device: tensors are created on the device (and in the dtype) of the inputs.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ class Layer:
     q_norm: torch.Tensor  # (hd,)
     k_norm: torch.Tensor  # (hd,)
     w_qkv: torch.Tensor  # (H*hd + 2*KV*hd, d)
-    w_kv: torch.Tensor  # (2*KV*hd, d) the same k/v rows, applied to the stored states
+    w_kv: torch.Tensor  # (2*KV*hd, d) the same k/v rows, applied to the stored states (a view of w_kv_all)
     w_o: torch.Tensor  # (d, H*hd)
     w_gate_up: torch.Tensor  # (2*F, d)
     w_down: torch.Tensor  # (d, F)
@@ -57,6 +63,19 @@ class ScoringDecoder:
     eps: float
     softcap: float | None
     act: Any
+    w_kv_all: torch.Tensor  # (layers * 2*KV*hd, d): every layer's k/v rows, layer-major
+    k_norms: torch.Tensor  # (layers, 1, hd): every layer's k_norm scale
+
+
+@dataclass
+class Prompt:
+    """Work that depends on the prompt alone: done once per query, shared by all candidates and batches."""
+
+    length: int  # L prompt tokens
+    x: torch.Tensor  # (1, L, d) embedded prompt, compute dtype
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # kind -> cos, sin, (L, 1, hd) each
+    self_masks: dict[str, torch.Tensor]  # kind -> (L, L) bool, causal (and sliding)
+    qkv0: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # layer 0: q (1, H, L, hd), k and v (1, KV, L, hd)
 
 
 def supports(hf_model: Any) -> bool:
@@ -73,6 +92,9 @@ def from_hf(hf_model: Any, yes_no: torch.Tensor) -> ScoringDecoder:
     def scale(norm: Any) -> torch.Tensor:
         return (1.0 + norm.weight.detach().float())  # T5Gemma2 RMSNorm multiplies by (1 + w) in float32
 
+    kv_rows = 2 * cfg.num_key_value_heads * cfg.head_dim
+    w_kv_all = torch.cat([torch.cat([layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight])
+                          for layer in dec.layers]).detach()  # (layers * 2*KV*hd, d)
     layers = []
     for i, layer in enumerate(dec.layers):
         att, mlp = layer.self_attn, layer.mlp
@@ -82,7 +104,7 @@ def from_hf(hf_model: Any, yes_no: torch.Tensor) -> ScoringDecoder:
             pre_ff=scale(layer.pre_feedforward_layernorm), post_ff=scale(layer.post_feedforward_layernorm),
             q_norm=scale(att.q_norm), k_norm=scale(att.k_norm),
             w_qkv=torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).detach(),
-            w_kv=torch.cat([att.k_proj.weight, att.v_proj.weight]).detach(),
+            w_kv=w_kv_all[i * kv_rows:(i + 1) * kv_rows],  # (2*KV*hd, d) view
             w_o=att.o_proj.weight.detach(),
             w_gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
             w_down=mlp.down_proj.weight.detach(),
@@ -92,20 +114,27 @@ def from_hf(hf_model: Any, yes_no: torch.Tensor) -> ScoringDecoder:
         n_heads=cfg.num_attention_heads, n_kv=cfg.num_key_value_heads, head_dim=cfg.head_dim,
         scaling=cfg.query_pre_attn_scalar ** -0.5, sliding_window=cfg.sliding_window, eps=cfg.rms_norm_eps,
         softcap=cfg.final_logit_softcapping, act=dec.layers[0].mlp.act_fn,
+        w_kv_all=w_kv_all, k_norms=torch.stack([layer.k_norm for layer in layers])[:, None],  # (layers, 1, hd)
     )
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """T5Gemma2 RMSNorm: normalise in float32, multiply by (1 + w), back to the input dtype."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * scale).type_as(x)
+    xf = x.float()  # no copy for float32 input
+    inv = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
+    return (xf * inv).mul_(scale).to(x.dtype)  # same products, same order as x * inv * scale
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on (..., L, hd) with cos/sin (L, hd)."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE ``x * cos + rotate_half(x) * sin`` on (..., hd), without building ``rotate_half(x)``.
+
+    ``out`` (same shape as ``x``, any strides) receives the result, so the caller picks its layout.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    out = torch.mul(x, cos, out=out) if out is not None else x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)  # first half: - x2 * sin
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])  # second half: + x1 * sin
+    return out
 
 
 def self_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -118,62 +147,132 @@ def self_mask(length: int, window: int | None, device: torch.device) -> torch.Te
     return allowed
 
 
-def margins(dec: ScoringDecoder, prompt: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _prompt_qkv(dec: ScoringDecoder, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normed, rotated q, k, v of the prompt rows ``x`` (N, L, d) for one layer.
+
+    Returns q ``(N, H, L', hd)`` (L' = 1 with ``last_only``) and k, v ``(N, KV, L, hd)``; q and k are
+    written contiguous in the layout attention reads, through transposed views.
+    """
+    n, length, _ = x.shape
+    h, kv, hd = dec.n_heads, dec.n_kv, dec.head_dim
+    normed = rms_norm(x, layer.pre_attn, dec.eps)  # (N, L, d)
+    if last_only:  # the query of the last position only; keys and values of every position
+        q = normed[:, -1:] @ layer.w_qkv[: h * hd].T  # (N, 1, H*hd)
+        k, v = (normed @ layer.w_qkv[h * hd:].T).split([kv * hd, kv * hd], dim=-1)  # (N, L, KV*hd) each
+        cos_q, sin_q = cos[-1:], sin[-1:]  # (1, 1, hd)
+    else:
+        q, k, v = (normed @ layer.w_qkv.T).split([h * hd, kv * hd, kv * hd], dim=-1)  # (N, L, .*hd)
+        cos_q, sin_q = cos, sin
+    lq = q.shape[1]
+    q_out = x.new_empty(n, h, lq, hd).transpose(1, 2)  # (N, L', H, hd) view of a (N, H, L', hd) tensor
+    k_out = x.new_empty(n, kv, length, hd).transpose(1, 2)  # (N, L, KV, hd) view of (N, KV, L, hd)
+    rotate(rms_norm(q.view(n, lq, h, hd), layer.q_norm, dec.eps), cos_q, sin_q, out=q_out)
+    rotate(rms_norm(k.view(n, length, kv, hd), layer.k_norm, dec.eps), cos, sin, out=k_out)
+    v = v.view(n, length, kv, hd).transpose(1, 2)  # (N, KV, L, hd)
+    return q_out.transpose(1, 2), k_out.transpose(1, 2), v  # (N, H, L', hd), (N, KV, L, hd), (N, KV, L, hd)
+
+
+def prepare(dec: ScoringDecoder, prompt: torch.Tensor, dtype: torch.dtype) -> Prompt:
+    """The per-query work of :func:`margins`: embedding, RoPE, masks and layer 0's q/k/v of ``prompt`` (L,)."""
+    length = prompt.shape[0]
+    x = dec.embed(prompt[None]).to(dtype)  # (1, L, d): identical for every candidate at layer 0
+    positions = torch.arange(length, device=prompt.device)[None]  # (1, L)
+    rope, masks = {}, {}
+    for kind in {layer.kind for layer in dec.layers}:
+        cos, sin = dec.rotary(x, positions, kind)  # (1, L, hd) each
+        rope[kind] = (cos[0, :, None].to(dtype), sin[0, :, None].to(dtype))  # (L, 1, hd): broadcast over heads
+        masks[kind] = self_mask(length, dec.sliding_window if kind == "sliding_attention" else None, prompt.device)
+    first = dec.layers[0]
+    qkv0 = _prompt_qkv(dec, first, x, *rope[first.kind], last_only=len(dec.layers) == 1)
+    return Prompt(length=length, x=x, rope=rope, self_masks=masks, qkv0=qkv0)
+
+
+def project_states(dec: ScoringDecoder, states: torch.Tensor) -> torch.Tensor:
+    """Cross keys/values of every layer for stored states ``(B, m, d)``, in one matmul.
+
+    Returns ``(B, m, layers, 2, KV, hd)``: ``[..., i, 0, :, :]`` are layer i's keys (k_norm applied, no
+    RoPE: stored rows carry no position), ``[..., i, 1, :, :]`` its values. This is all a layer needs
+    from the stored states, so it is also what a cache of projected passages would hold.
+    """
+    b, m, _ = states.shape
+    n_layers, kv, hd = len(dec.layers), dec.n_kv, dec.head_dim
+    w = dec.w_kv_all if dec.w_kv_all.dtype == states.dtype else dec.w_kv_all.to(states.dtype)
+    kv_all = (states @ w.T).view(b, m, n_layers, 2, kv, hd)  # (B, m, layers, 2, KV, hd)
+    keys = kv_all[:, :, :, 0]  # (B, m, layers, KV, hd) view
+    if states.dtype == torch.float32:
+        inv = torch.rsqrt(keys.square().mean(-1, keepdim=True).add_(dec.eps))  # (B, m, layers, KV, 1)
+        keys.mul_(inv).mul_(dec.k_norms)  # in place; scales (layers, 1, hd)
+    else:
+        keys.copy_(rms_norm(keys, dec.k_norms, dec.eps))
+    return kv_all
+
+
+def _batch_masks(prompt: Prompt, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per layer kind, the (B, 1, L, L+m) bool attention mask: own causal part, then the stored rows."""
+    b, m = mask.shape
+    length = prompt.length
+    out = {}
+    for kind, own in prompt.self_masks.items():
+        full = mask.new_empty(b, 1, length, length + m)  # (B, 1, L, L+m)
+        full[..., :length] = own  # (L, L) broadcast over B
+        full[..., length:] = mask[:, None, None, :]  # (B, 1, 1, m): every stored row visible
+        out[kind] = full
+    return out
+
+
+def margins(dec: ScoringDecoder, prompt: torch.Tensor | Prompt, states: torch.Tensor | None, mask: torch.Tensor,
+            cross: torch.Tensor | None = None) -> torch.Tensor:
     """``z_yes - z_no`` at the last prompt position for every candidate.
 
     Parameters
     ----------
-    prompt : torch.Tensor
-        ``(L,)`` prompt token ids, shared by all candidates.
-    states : torch.Tensor
-        ``(B, m, d)`` stored (pooled) encoder states in the compute dtype, right-padded.
+    prompt : torch.Tensor or Prompt
+        ``(L,)`` prompt token ids shared by all candidates, or :func:`prepare`'s result for them.
+    states : torch.Tensor or None
+        ``(B, m, d)`` stored (pooled) encoder states in the compute dtype, right-padded; may be None
+        when ``cross`` is given.
     mask : torch.Tensor
         ``(B, m)`` bool, True for real rows.
+    cross : torch.Tensor, optional
+        :func:`project_states` of ``states``, when already computed (e.g. cached).
     """
-    b, m, d = states.shape
-    length = prompt.shape[0]
+    if cross is None:
+        cross = project_states(dec, states)  # (B, m, layers, 2, KV, hd)
+    b, m = cross.shape[:2]
+    dtype = cross.dtype
+    if not isinstance(prompt, Prompt):
+        prompt = prepare(dec, prompt, dtype)
+    length = prompt.length
     h, kv, hd = dec.n_heads, dec.n_kv, dec.head_dim
-    dtype = states.dtype
-    x = dec.embed(prompt[None]).to(dtype)  # (1, L, d): identical for every candidate at layer 0
-    positions = torch.arange(length, device=states.device)[None]  # (1, L)
-    rope = {kind: dec.rotary(x, positions, kind) for kind in {layer.kind for layer in dec.layers}}
-    cross_allowed = mask[:, None, None, :]  # (B, 1, 1, m)
-    masks = {}
-    for kind in rope:
-        window = dec.sliding_window if kind == "sliding_attention" else None
-        own = self_mask(length, window, states.device)[None, None].expand(b, 1, length, length)  # (B, 1, L, L)
-        masks[kind] = torch.cat([own, cross_allowed.expand(b, 1, length, m)], dim=-1)  # (B, 1, L, L+m)
+    masks = _batch_masks(prompt, mask)
+    keys = cross.new_empty(b, kv, length + m, hd)  # (B, KV, L+m, hd): rewritten by every layer
+    values = cross.new_empty(b, kv, length + m, hd)  # (B, KV, L+m, hd)
 
+    x = prompt.x  # (1, L, d) until layer 0's attention mixes in the stored rows
     last = len(dec.layers) - 1
     for i, layer in enumerate(dec.layers):
-        cos, sin = (t[0] for t in rope[layer.kind])  # (L, hd) each
-        normed = rms_norm(x, layer.pre_attn, dec.eps)  # (1 or B, L, d)
-        qkv = normed @ layer.w_qkv.T  # (1 or B, L, (H + 2KV) * hd)
-        q, k, v = qkv.split([h * hd, kv * hd, kv * hd], dim=-1)
-        q = rms_norm(q.view(*q.shape[:2], h, hd), layer.q_norm, dec.eps).transpose(1, 2)  # (., H, L, hd)
-        k = rms_norm(k.view(*k.shape[:2], kv, hd), layer.k_norm, dec.eps).transpose(1, 2)  # (., KV, L, hd)
-        v = v.view(*v.shape[:2], kv, hd).transpose(1, 2)  # (., KV, L, hd)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        # The stored states pass through the same k/v projections, without RoPE: their order is free.
-        ckv = states @ layer.w_kv.T  # (B, m, 2KV*hd)
-        ck, cv = ckv.split([kv * hd, kv * hd], dim=-1)
-        ck = rms_norm(ck.view(b, m, kv, hd), layer.k_norm, dec.eps).transpose(1, 2)  # (B, KV, m, hd)
-        cv = cv.view(b, m, kv, hd).transpose(1, 2)  # (B, KV, m, hd)
-        keys = torch.cat([k.expand(b, -1, -1, -1), ck], dim=2)  # (B, KV, L+m, hd)
-        values = torch.cat([v.expand(b, -1, -1, -1), cv], dim=2)  # (B, KV, L+m, hd)
-        attn_mask = masks[layer.kind]
+        cos, sin = prompt.rope[layer.kind]  # (L, 1, hd) each
+        if i == 0:
+            q, k, v = prompt.qkv0  # (1, H, L', hd), (1, KV, L, hd), (1, KV, L, hd)
+        else:
+            q, k, v = _prompt_qkv(dec, layer, x, cos, sin, last_only=i == last)
+        keys[:, :, :length] = k  # broadcast over B at layer 0
+        keys[:, :, length:] = cross[:, :, i, 0].transpose(1, 2)  # (B, KV, m, hd)
+        values[:, :, :length] = v
+        values[:, :, length:] = cross[:, :, i, 1].transpose(1, 2)  # (B, KV, m, hd)
+        attn_mask = masks[layer.kind]  # (B, 1, L, L+m)
         if i == last:  # only the last position is read: one query row per candidate from here on
-            q = q[..., -1:, :]  # (., H, 1, hd)
             attn_mask = attn_mask[..., -1:, :]  # (B, 1, 1, L+m)
             x = x[:, -1:]  # (1 or B, 1, d)
-        q = q.expand(b, -1, -1, -1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=dec.scaling,
-                                             enable_gqa=h != kv)  # (B, H, L', hd)
+            q = q[..., -1:, :]  # (., H, 1, hd) (already one row unless layer 0 is the last)
+        out = F.scaled_dot_product_attention(q.expand(b, -1, -1, -1), keys, values, attn_mask=attn_mask,
+                                             scale=dec.scaling, enable_gqa=h != kv)  # (B, H, L', hd)
         out = out.transpose(1, 2).reshape(b, q.shape[2], h * hd) @ layer.w_o.T  # (B, L', d)
         x = x + rms_norm(out, layer.post_attn, dec.eps)  # (B, L', d)
         normed = rms_norm(x, layer.pre_ff, dec.eps)
         gate, up = (normed @ layer.w_gate_up.T).chunk(2, dim=-1)  # (B, L', F) each
-        x = x + rms_norm((dec.act(gate) * up) @ layer.w_down.T, layer.post_ff, dec.eps)
+        x = x + rms_norm((dec.act(gate) * up) @ layer.w_down.T, layer.post_ff, dec.eps)  # (B, L', d)
     final = rms_norm(x[:, -1], dec.final_norm, dec.eps)  # (B, d)
     logits = final.float() @ dec.yes_no.T  # (B, 2): [z_yes, z_no]
     if dec.softcap is not None:

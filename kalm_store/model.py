@@ -399,7 +399,8 @@ class KaLMModel:
         instruction : str, optional
             Task instruction for this call only; ``None`` uses the model's default.
         batch_size : int, default 32
-            Candidates per decoder pass; scores do not depend on it.
+            Candidates per decoder pass (fewer for long matrices: a pass holds at most 8192 padded stored
+            rows, which bounds memory); scores do not depend on it.
         return_margin : bool, default False
             Return the raw ``z_yes - z_no`` logit margin instead of ``P(yes)``.
 
@@ -413,38 +414,63 @@ class KaLMModel:
         prompt = self.prompt_ids(query, instruction)
         mats = self._check_matrices(matrices)
         _check_batch_size(batch_size)
-        order = sorted(range(len(mats)), key=lambda i: -mats[i].shape[0])
+        order = sorted(range(len(mats)), key=lambda i: -mats[i].shape[0])  # longest first: little padding
         margins = np.empty(len(mats), dtype=np.float32)
         prompt_t = torch.tensor([prompt], dtype=torch.long, device=self.device)  # (1, L)
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                margins[batch] = self._margins(prompt_t, [mats[i] for i in batch]).cpu().numpy()
+            prepared = None
+            if self._decoder is not None:  # the prompt's own work, once per query for every batch
+                from . import decoder
+
+                prepared = decoder.prepare(self._decoder, prompt_t[0], self.dtype)
+            for batch in _batches(order, [mats[i].shape[0] for i in order], batch_size, _ROWS_PER_BATCH):
+                margins[batch] = self._margins(prompt_t, [mats[i] for i in batch], prepared).cpu().numpy()
         if return_margin:
             return margins
         return (1.0 / (1.0 + np.exp(-margins.astype(np.float64)))).astype(np.float32)
 
-    def _margins(self, prompt: torch.Tensor, mats: list[Any]) -> torch.Tensor:
-        """``z_yes - z_no`` at the last prompt position for one padded batch of matrices."""
+    def _margins(self, prompt: torch.Tensor, mats: list[Any], prepared: Any = None) -> torch.Tensor:
+        """``z_yes - z_no`` at the last prompt position for one padded batch of matrices.
+
+        ``prepared`` is :func:`kalm_store.decoder.prepare` of ``prompt`` (computed here when None).
+        """
         states, mask = self._pad(mats)
         if self._decoder is not None:
             from . import decoder
 
-            return decoder.margins(self._decoder, prompt[0], states, mask.bool())
+            return decoder.margins(self._decoder, prompt[0] if prepared is None else prepared, states, mask.bool())
         return self._margins_transformers(prompt, states, mask)
 
     def _pad(self, mats: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad matrices into ``(B, m, d)`` states (compute dtype, model device) and a ``(B, m)`` mask."""
+        """Right-pad matrices into ``(B, m, d)`` states (compute dtype, model device) and a ``(B, m)`` mask.
+
+        On CUDA the stored (float16) rows are gathered into one pinned host buffer in their stored
+        dtype, copied in one transfer, and upcast on the device; on the CPU they are upcast straight
+        into the padded batch.
+        """
         import torch
 
         b, m_max = len(mats), max(m.shape[0] for m in mats)
-        states = torch.zeros((b, m_max, self.dim), dtype=self.dtype, device=self.device)  # (B, m, d)
-        mask = torch.zeros((b, m_max), dtype=torch.long, device=self.device)  # (B, m)
-        for row, m in enumerate(mats):
-            t = torch.from_numpy(np.asarray(m)) if isinstance(m, np.ndarray) else m
-            states[row, : m.shape[0]] = t.to(self.device, self.dtype)  # upcast float16 -> compute dtype
+        rows = [torch.from_numpy(np.asarray(m)) if isinstance(m, np.ndarray) else m for m in mats]
+        mask = torch.zeros((b, m_max), dtype=torch.long)  # (B, m)
+        for row, m in enumerate(rows):
             mask[row, : m.shape[0]] = 1
-        return states, mask
+        if self.device.type == "cpu":
+            states = torch.zeros((b, m_max, self.dim), dtype=self.dtype)  # (B, m, d)
+            for row, m in enumerate(rows):
+                states[row, : m.shape[0]] = m.to(self.dtype)  # upcast float16 -> compute dtype
+            return states, mask
+        stored = rows[0].dtype if all(m.dtype == rows[0].dtype and m.device.type == "cpu" for m in rows) else None
+        if stored is None:  # tensors already on the device, or mixed dtypes: upcast each on the device
+            states = torch.zeros((b, m_max, self.dim), dtype=self.dtype, device=self.device)  # (B, m, d)
+            for row, m in enumerate(rows):
+                states[row, : m.shape[0]] = m.to(self.device, self.dtype)
+            return states, mask.to(self.device)
+        host = torch.zeros((b, m_max, self.dim), dtype=stored, pin_memory=True)  # (B, m, d) stored dtype
+        for row, m in enumerate(rows):
+            host[row, : m.shape[0]] = m
+        states = host.to(self.device, non_blocking=True).to(self.dtype)  # one transfer, upcast on the device
+        return states, mask.to(self.device, non_blocking=True)
 
     def _margins_transformers(self, prompt: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The same margins through the transformers decoder (reference path; used for unsupported configs)."""
@@ -499,6 +525,26 @@ class KaLMModel:
     def __repr__(self) -> str:
         return (f"KaLMModel({self.name_or_path!r}, d={self.dim}, device={self.device}, dtype={self.dtype}, "
                 f"max_length={self.max_length})")
+
+
+# Stored rows (candidates x padded rows) per decoder pass. The stored rows' keys/values for every layer
+# are 18 * 2 * 256 floats per row for Nano (36 KiB in float32), so this bounds a pass at ~300 MiB of them;
+# short matrices still go ``batch_size`` at a time (n = 512, r = 4: 128 rows, 32 candidates = 4096 rows).
+_ROWS_PER_BATCH = 8192
+
+
+def _batches(order: list[int], rows: list[int], batch_size: int, max_rows: int) -> list[list[int]]:
+    """Split ``order`` (longest first, ``rows`` each) into batches of at most ``batch_size`` candidates and
+    at most ``max_rows`` padded rows (candidates x rows of the batch's first); one candidate at least."""
+    batches: list[list[int]] = []
+    width = 0  # padded rows of the open batch: its first (longest) matrix
+    for i, r in zip(order, rows):
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * width <= max_rows:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+            width = r
+    return batches
 
 
 def _check_batch_size(batch_size: object) -> None:

@@ -45,3 +45,41 @@ def test_fast_decoder_bfloat16_close_to_transformers_bfloat16(tiny_model_dir):
     np.testing.assert_allclose(a, c, atol=0.15)
     np.testing.assert_allclose(a, b, atol=0.15)
     assert fast.dtype == torch.bfloat16
+
+
+def test_batches_respect_candidate_and_row_budgets():
+    from kalm_store.model import _batches
+
+    rows = [4096, 4096, 4096, 512, 512, 128, 128, 128]
+    got = _batches(list(range(8)), rows, batch_size=3, max_rows=8192)
+    assert got == [[0, 1], [2], [3, 4, 5], [6, 7]]  # 2 x 4096 rows fit 8192; 3 at most per batch
+    assert _batches([0], [10_000], batch_size=4, max_rows=8192) == [[0]]  # one candidate at least
+    for batch in got:
+        assert len(batch) * rows[batch[0]] <= 8192
+
+
+def test_row_budget_and_batch_size_do_not_change_scores(both, monkeypatch):
+    from kalm_store import model as model_module
+
+    fast, _ = both
+    mats = fast.encode(DOCS, ratio=1, storage_dtype="float32")
+    a = fast.score("what is json?", mats, return_margin=True)
+    monkeypatch.setattr(model_module, "_ROWS_PER_BATCH", 1)  # one candidate per pass
+    b = fast.score("what is json?", mats, return_margin=True, batch_size=3)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_prepared_prompt_and_precomputed_cross_match_plain_call(both):
+    from kalm_store import decoder
+
+    fast, _ = both
+    mats = fast.encode(DOCS, ratio=2, storage_dtype="float32")
+    prompt = torch.tensor(fast.prompt_ids("how do I parse a json file and read the values into python?"))
+    states, mask = fast._pad(mats)
+    with torch.inference_mode():
+        plain = decoder.margins(fast._decoder, prompt, states, mask.bool())
+        prepared = decoder.prepare(fast._decoder, prompt, torch.float32)
+        cross = decoder.project_states(fast._decoder, states)  # (B, m, layers, 2, KV, hd)
+        again = decoder.margins(fast._decoder, prepared, None, mask.bool(), cross=cross)
+    assert cross.shape == (len(DOCS), states.shape[1], len(fast._decoder.layers), 2, 1, fast._decoder.head_dim)
+    torch.testing.assert_close(plain, again, atol=1e-6, rtol=0)

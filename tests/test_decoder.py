@@ -52,7 +52,7 @@ def test_batches_respect_candidate_and_row_budgets():
 
     rows = [4096, 4096, 4096, 512, 512, 128, 128, 128]
     got = _batches(list(range(8)), rows, batch_size=3, max_rows=8192)
-    assert got == [[0, 1], [2], [3, 4, 5], [6, 7]]  # 2 x 4096 rows fit 8192; 3 at most per batch
+    assert got == [[0, 1], [2, 3], [4, 5, 6], [7]]  # 2 x 4096 padded rows fit 8192; 3 at most per batch
     assert _batches([0], [10_000], batch_size=4, max_rows=8192) == [[0]]  # one candidate at least
     for batch in got:
         assert len(batch) * rows[batch[0]] <= 8192

@@ -83,3 +83,24 @@ def test_prepared_prompt_and_precomputed_cross_match_plain_call(both):
         again = decoder.margins(fast._decoder, prepared, None, mask.bool(), cross=cross)
     assert cross.shape == (len(DOCS), states.shape[1], len(fast._decoder.layers), 2, 1, fast._decoder.head_dim)
     torch.testing.assert_close(plain, again, atol=1e-6, rtol=0)
+
+
+def test_bench_perf_quick_writes_table_and_plot(tmp_path):
+    """Smoke run of benchmarks/bench_perf.py --quick (tiny shape): table, json and png are written."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    prefix = tmp_path / "perf"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_perf.py"), "--quick", "--threads", "1",
+                           "--output", str(prefix)], cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(Path(f"{prefix}.json").read_text())
+    assert [(row["n"], row["r"]) for row in res["results"]] == [(64, 1), (64, 4), (256, 1), (256, 4)]
+    assert all(row["fbnl_ms"] > 0 and row["joint_ms"] > 0 and row["flop_speedup"] > 1 for row in res["results"])
+    assert res["machine_matmul_gflops"] > 0 and Path(f"{prefix}.png").stat().st_size > 0
+    assert "--quick" in Path(f"{prefix}.md").read_text()

@@ -196,7 +196,7 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     writer: _Writer | None = None
     seen: set[str] = set()
     try:
-        for chunk in _chunks(options, fields, vector_dim, summary, on_bad):
+        for chunk in read_chunks(options, fields, vector_dim, summary, on_bad):
             if store is None:  # first chunk of a new table: now the vector width is known
                 width = len(chunk[0].vector) if options.vector_field and chunk[0].vector else None
                 store = PassageStore.create(options.db, options.table, model, options.ratios,
@@ -204,16 +204,7 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
                                             storage_options=options.storage_options)
             if writer is None:
                 writer = _Writer(store, summary, on_commit)
-            todo: list[Record] = []
-            for rec in chunk:
-                if rec.id in seen:
-                    summary.duplicates += 1
-                    continue
-                seen.add(rec.id)
-                if rec.id in stored:
-                    summary.already_stored += 1
-                else:
-                    todo.append(rec)
+            todo = select_new(chunk, seen, stored, summary)
             if todo:
                 enc = model.encode_ratios([r.text for r in todo], options.ratios, batch_size=options.batch_size)
                 summary.tokens += sum(enc.token_counts)
@@ -245,7 +236,7 @@ def _embedder_model_name(model: str) -> str:
     return str(path.resolve()) if path.is_dir() else model
 
 
-def _chunks(options: BuildOptions, fields: Fields, vector_dim: int | None, summary: BuildSummary,
+def read_chunks(options: BuildOptions, fields: Fields, vector_dim: int | None, summary: BuildSummary,
             on_bad: Callable[[BadRecordError], None] | None) -> Iterator[list[Record]]:
     """Valid records in lists of ``chunk_size``; a bad record ends the stream after the records before it."""
     chunk: list[Record] = []
@@ -334,3 +325,20 @@ def _progress(total: int | None, enabled: bool) -> Any:
 
 
 __all__ = ["BuildOptions", "BuildSummary", "build", "make_embedder", "EMBEDDERS"]
+
+
+def select_new(chunk: list[Record], seen: set[str], stored: set[str], summary: BuildSummary) -> list[Record]:
+    """The duplicate-id policy, shared by every engine: the first occurrence of an id in the input
+    wins (later ones are counted as ``duplicates``), ids already stored are skipped (``already_stored``).
+    ``seen`` is updated in place."""
+    todo = []
+    for rec in chunk:
+        if rec.id in seen:
+            summary.duplicates += 1
+            continue
+        seen.add(rec.id)
+        if rec.id in stored:
+            summary.already_stored += 1
+        else:
+            todo.append(rec)
+    return todo

@@ -163,20 +163,10 @@ def repool_store(
 
     @lance.batch_udf(output_schema=out_schema)
     def derive(batch: pa.RecordBatch) -> pa.RecordBatch:
-        counts = batch.column("n_tokens").to_pylist()
-        ids = batch.column("id").to_pylist()
-        blobs = batch.column(src)
-        values: list[bytes | None] = []
-        for i, n in enumerate(counts):
-            if not blobs[i].is_valid:
-                values.append(None)
-                continue
-            mat = decode_matrix(blobs[i].as_buffer(), pooled_rows(n, f), dim, what=f"passage id {ids[i]!r}, column {src}")
-            coarse = repool(mat, n, f, t)  # (ceil(n/t), d), computed in float32, back to float16
-            values.append(encode_matrix(to_float16(coarse, what=f"re-pooled row of {dst}")))
+        out = repool_batch(batch, f, t, dim)
         if bar is not None:
             bar.update(batch.num_rows)
-        return pa.RecordBatch.from_arrays([pa.array(values, pa.large_binary())], schema=out_schema)
+        return out
 
     try:
         for attempt in range(CONFLICT_RETRIES + 1):
@@ -233,3 +223,26 @@ def drop_ratio(store: PassageStore, ratio: int) -> int:
 
 __all__ = ["RepoolError", "RepoolResult", "check_direction", "check_repool", "repool_store", "drop_ratio",
            "set_ratios"]
+
+
+def repool_batch(batch: pa.RecordBatch, from_ratio: int, to_ratio: int, dim: int) -> pa.RecordBatch:
+    """``id``, ``n_tokens``, ``kalm_r{from}`` rows -> one ``kalm_r{to}`` column (decode, re-pool, encode).
+
+    The one transform behind every repool engine (local ``add_columns`` and Ray). A null source
+    value gives a null; a value that does not decode raises an error naming its id and column.
+    """
+    src, dst = schema.column_name(from_ratio), schema.column_name(to_ratio)
+    out_schema = pa.schema([schema.ratio_field(to_ratio)])
+    counts = batch.column("n_tokens").to_pylist()
+    ids = batch.column("id").to_pylist()
+    blobs = batch.column(src)
+    values: list[bytes | None] = []
+    for i, n in enumerate(counts):
+        if not blobs[i].is_valid:
+            values.append(None)
+            continue
+        mat = decode_matrix(blobs[i].as_buffer(), pooled_rows(n, from_ratio), dim,
+                            what=f"passage id {ids[i]!r}, column {src}")
+        coarse = repool(mat, n, from_ratio, to_ratio)  # (ceil(n/to), d), computed in float32, back to float16
+        values.append(encode_matrix(to_float16(coarse, what=f"re-pooled row of {dst}")))
+    return pa.RecordBatch.from_arrays([pa.array(values, pa.large_binary())], schema=out_schema)

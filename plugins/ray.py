@@ -42,7 +42,7 @@ from kalm_store._deps import require
 
 if TYPE_CHECKING:  # pragma: no cover
     from kalm_store.build import BuildOptions, BuildSummary
-    from kalm_store.records import BadRecordError, Record
+    from kalm_store.records import BadRecordError
     from kalm_store.repool import RepoolResult
     from kalm_store.store import PassageStore
 
@@ -182,7 +182,7 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     BuildSummary
         ``commits`` counts windows.
     """
-    from kalm_store.build import BuildSummary, _chunks
+    from kalm_store.build import BuildSummary, read_chunks, select_new
     from kalm_store.model import KaLMModel
     from kalm_store.records import STDIN, Fields
     from kalm_store.store import PassageStore, _table_names
@@ -222,12 +222,12 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     window: list[dict[str, Any]] = []
     window_rows = 0
     try:
-        for k, chunk in enumerate(_chunks(options, fields, vector_dim, summary, on_bad)):
+        for k, chunk in enumerate(read_chunks(options, fields, vector_dim, summary, on_bad)):
             if store is None:  # first chunk of a new table: the vector width is known now
                 width = len(chunk[0].vector) if options.vector_field and chunk[0].vector else None
                 store = PassageStore.create(db_uri, options.table, model, options.ratios, vector_dim=width,
                                             storage_options=storage_options)
-            todo = _todo(chunk, seen, stored, summary)
+            todo = select_new(chunk, seen, stored, summary)
             if todo:
                 item: dict[str, Any] = {"chunk": k, "ids": [r.id for r in todo], "texts": [r.text for r in todo]}
                 if options.vector_field:
@@ -253,21 +253,6 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     summary.rows = store.table.count_rows()
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _todo(chunk: list[Record], seen: set[str], stored: set[str], summary: BuildSummary) -> list[Record]:
-    """The local builder's duplicate policy: first occurrence in the input wins, stored ids are skipped."""
-    todo = []
-    for rec in chunk:
-        if rec.id in seen:
-            summary.duplicates += 1
-            continue
-        seen.add(rec.id)
-        if rec.id in stored:
-            summary.already_stored += 1
-        else:
-            todo.append(rec)
-    return todo
 
 
 def _run_window(window: list[dict[str, Any]], store: PassageStore, options: BuildOptions,
@@ -334,7 +319,7 @@ def repool_on_ray(store: PassageStore, from_ratio: int, to_ratio: int, ray_optio
         transform = _repool_transform(f, t, store.dim)
         started = init_ray(ray_options)
         try:
-            lance_ray.add_columns(ds.uri, transform=transform, read_columns=["n_tokens", schema.column_name(f)],
+            lance_ray.add_columns(ds.uri, transform=transform, read_columns=["id", "n_tokens", schema.column_name(f)],
                                   storage_options=storage_options, batch_size=batch_size,
                                   concurrency=ray_options.workers)
         finally:
@@ -355,23 +340,12 @@ def _repool_transform(f: int, t: int, dim: int) -> Callable[[Any], Any]:
     from kalm_store import schema
 
     out_schema = pa.schema([schema.ratio_field(t)])
-    src = schema.column_name(f)
 
     @lance.batch_udf(output_schema=out_schema)
     def derive(batch: Any) -> Any:
-        from kalm_store.codec import decode_matrix, encode_matrix, to_float16
-        from kalm_store.pooling import pooled_rows, repool
+        from kalm_store.repool import repool_batch
 
-        counts = batch.column("n_tokens").to_pylist()
-        blobs = batch.column(src)
-        values: list[bytes | None] = []
-        for i, n in enumerate(counts):
-            if not blobs[i].is_valid:
-                values.append(None)
-                continue
-            mat = decode_matrix(blobs[i].as_buffer(), pooled_rows(n, f), dim, what=f"row of {src}")
-            values.append(encode_matrix(to_float16(repool(mat, n, f, t), what=f"re-pooled row of r={t}")))
-        return pa.RecordBatch.from_arrays([pa.array(values, pa.large_binary())], schema=out_schema)
+        return repool_batch(batch, f, t, dim)
 
     return derive
 

@@ -1,0 +1,33 @@
+"""The README's Python example runs as written (with the offline test model in place of the hub id)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs(tiny_model_dir, tmp_path, monkeypatch):
+    block = re.findall(r"```python\n(.*?)```", README.read_text("utf-8"), re.S)[0]
+    assert '"KaLM-Embedding/KaLM-Reranker-V1-Nano"' in block
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(block.replace('"KaLM-Embedding/KaLM-Reranker-V1-Nano"', repr(str(tiny_model_dir))), scope)
+    hits = scope["hits"]
+    assert [h["id"] for h in hits] and {h["id"] for h in hits} == {"a", "b"}
+    scores = [h["_relevance_score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    assert not any(k.startswith("kalm_r") for k in hits[0])  # stored bytes dropped from the output
+    # the scores are the model's own: same as scoring the stored matrices directly
+    model, store = scope["model"], scope["store"]
+    direct = model.score("how do I parse json?", store.matrices([h["id"] for h in hits], ratio=4))
+    assert abs(direct[0] - scores[0]) < 1e-6 and abs(direct[1] - scores[1]) < 1e-6
+
+
+def test_readme_test_command_is_what_ci_runs():
+    text = README.read_text("utf-8")
+    ci = (README.parent / ".ci" / "run").read_text("utf-8")
+    assert "<!-- test-command -->" in text and "<!-- test-command -->" in ci
+    cmd = text.split("<!-- test-command -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    assert cmd.startswith("pip install torch==2.13.0") and cmd.endswith("pytest")

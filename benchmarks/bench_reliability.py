@@ -69,7 +69,7 @@ def run_fuzz(profile: str) -> dict:
 
 def run_inputs() -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_reliability.py", "-q", "-p", "no:randomly",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_reliability.py",
                            "-k", "not sigkill and not during"], cwd=ROOT, capture_output=True, text=True)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     return {"pytest_summary": tail, "returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
@@ -82,11 +82,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="hypothesis profile: bench = 10,000 examples per property (default: bench)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments (default: 0)")
     p.add_argument("--skip", action="append", choices=["kills", "fuzz", "inputs"], default=[],
-                   help="leave a part out (repeatable)")
+                   help="leave a part out, keeping its figures from an earlier run in --out (repeatable)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reliability"),
                    help="output path without suffix (default: benchmarks/results/reliability)")
     args = p.parse_args(argv)
-    result: dict = {"command": "python benchmarks/bench_reliability.py " + " ".join(argv or sys.argv[1:]),
+    out = Path(args.out)
+    previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    result: dict = {k: previous[k] for k in ("kills", "fuzz", "inputs") if k in previous and k in args.skip}
+    result |= {"command": previous.get("command") if args.skip else
+               "python benchmarks/bench_reliability.py " + " ".join(argv or sys.argv[1:]),
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
                     "python": platform.python_version()}
     if "fuzz" not in args.skip:
@@ -99,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     if "inputs" not in args.skip:
         print("hostile inputs / corruption / mismatch / security tests:", flush=True)
         result["inputs"] = run_inputs()
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# Reliability benchmark", "", f"Command: `{result['command']}`  ", f"Machine: {result['machine']}", ""]

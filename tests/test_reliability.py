@@ -94,8 +94,8 @@ def kill_and_resume(workdir: Path, model_dir: Path, kills: int, *, n: int = 300,
                     seed: int = 0, model=None, log=None) -> KillReport:
     """SIGKILL ``kalm-store build`` at random moments ``kills`` times, resuming each time; verify each table.
 
-    A kill moment is either a random delay after the process started (startup, table creation, writes,
-    index building) or a random delay after the first rows became visible (mid-write). After the last
+    A kill moment is either a random delay after the run's own first commit (mid-write, 70%) or a random
+    moment between launch and the typical time to a first commit (startup, table creation, id scan). After the last
     kill of a round the same command runs to completion; the table must then equal a clean build
     (built in this process with ``model``, or by the CLI): no row lost or duplicated, every matrix bitwise equal, metadata and
     indices intact.
@@ -113,19 +113,25 @@ def kill_and_resume(workdir: Path, model_dir: Path, kills: int, *, n: int = 300,
     clean = snapshot(clean_db)
     report = KillReport()
     start = time.monotonic()
+    startup = 5.0  # seconds from launch to a first commit, learned as kills happen
     while report.kills < kills:
         db = workdir / f"db{report.rounds}"
         cmd = CLI + ["build", str(inp), "--db", str(db), "--table", "docs", "--model", str(model_dir),
                      "--chunk-size", str(chunk), "--no-progress"]
         while report.kills < kills:
+            before = _rows_now(db)
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            after_rows = rng.random() < 0.6
-            delay = rng.uniform(0.0, 1.5) if after_rows else rng.uniform(0.5, 8.0)
-            t0 = time.monotonic()
+            started = time.monotonic()
+            # mid-write (70%): a random delay after this run's first commit; else a random moment from the
+            # start up to the typical time to a first commit (startup, table open/creation, id scan)
+            after_rows = rng.random() < 0.7
+            delay = rng.uniform(0.0, 1.5) if after_rows else rng.uniform(0.0, startup)
+            t0 = started
             seen_rows = not after_rows
             while proc.poll() is None:
-                if not seen_rows and _rows_now(db) > 0:
+                if not seen_rows and _rows_now(db) > before:
                     seen_rows, t0 = True, time.monotonic()
+                    startup = 0.7 * startup + 0.3 * (t0 - started)
                 if seen_rows and time.monotonic() - t0 >= delay:
                     break
                 time.sleep(0.02)
@@ -135,8 +141,9 @@ def kill_and_resume(workdir: Path, model_dir: Path, kills: int, *, n: int = 300,
                 report.kills += 1
                 report.rows_at_kill.append(_rows_now(db))
                 if log:
-                    log(f"kill {report.kills}: {'after first rows' if after_rows else 'after start'} "
-                        f"+{delay:.2f}s, {report.rows_at_kill[-1]} rows committed")
+                    log(f"kill {report.kills}: {'after its first commit' if after_rows else 'after start'} "
+                        f"+{delay:.2f}s, {report.rows_at_kill[-1] - before} rows committed by this run, "
+                        f"{report.rows_at_kill[-1]} in the table")
             else:
                 err = proc.stderr.read().decode()
                 assert proc.returncode == 0, err[-2000:]

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import __version__, prompts, schema
-from .codec import STORED_DTYPE, decode_matrix, encode_matrix
+from .codec import STORED_DTYPE, CorruptMatrixError, decode_matrix, encode_matrix
 from .pooling import check_ratio, pooled_rows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,10 +71,12 @@ def check_ratio_stored(table_meta: dict[str, Any], ratio: int, *, what: str = "t
     return ratio
 
 
-def decode_rows(rows: pa.Table, ratio: int, dim: int) -> list[np.ndarray]:
+def decode_rows(rows: pa.Table, ratio: int, dim: int, max_tokens: int | None = None) -> list[np.ndarray]:
     """Decode the ``kalm_r{ratio}`` values of fetched rows (columns ``id``, ``n_tokens``, the matrix).
 
-    Every value is checked (size implied by ``n_tokens``, checksum, finite); an error names the row id.
+    Every value is checked (``0 < n_tokens <= max_tokens``, the size it implies, checksum, finite);
+    an error names the row id. Bounding ``n_tokens`` by the table's ``max_length`` keeps a crafted row
+    (huge ``n_tokens`` and a frame declaring that size) from making us allocate without bound.
     """
     col = schema.column_name(ratio)
     for name in ("id", "n_tokens", col):
@@ -85,6 +87,8 @@ def decode_rows(rows: pa.Table, ratio: int, dim: int) -> list[np.ndarray]:
     blobs = rows.column(col)
     out = []
     for i, (pid, n) in enumerate(zip(ids, counts)):
+        if n is None or n < 1 or (max_tokens is not None and n > max_tokens):
+            raise CorruptMatrixError(f"passage id {pid!r}, column {col}: n_tokens {n!r} is outside 1..{max_tokens}")
         blob = blobs[i].as_buffer()
         out.append(decode_matrix(blob, pooled_rows(n, ratio), dim, what=f"passage id {pid!r}, column {col}"))
     return out
@@ -367,7 +371,7 @@ class PassageStore:
             return []
         where = "id IN (" + ", ".join(_sql_str(i) for i in ids) + ")"
         rows = self.table.to_lance().to_table(columns=["id", "n_tokens", schema.column_name(ratio)], filter=where)
-        mats = dict(zip(rows.column("id").to_pylist(), decode_rows(rows, ratio, self.dim)))
+        mats = dict(zip(rows.column("id").to_pylist(), decode_rows(rows, ratio, self.dim, self.metadata.get("max_length"))))
         missing = [i for i in ids if i not in mats]
         if missing:
             raise KeyError(f"ids not in table {self.table.name!r}: {missing[:10]}")

@@ -226,7 +226,7 @@ class KaLMReranker(Reranker):
     def _matrices(self, results: pa.Table) -> list[np.ndarray]:
         """Stored matrices of the result rows, in row order."""
         if all(c in results.column_names for c in self.columns):
-            return decode_rows(results.select(self.columns), self.ratio, self.model.dim)
+            return decode_rows(results.select(self.columns), self.ratio, self.model.dim, self.model.max_length)
         if "_rowid" in results.column_names:
             row_ids = results.column("_rowid").to_pylist()
             fetched = self._handle.take_row_ids(row_ids, self.columns)
@@ -237,7 +237,7 @@ class KaLMReranker(Reranker):
                 bad = [names[row_ids.index(r)] for r in missing[:10]]
                 raise KeyError(f"no stored row for candidate(s) {bad} in table {self._handle.name!r} "
                                "(deleted or compacted since the search?)")
-            return decode_rows(fetched.take(pa.array([pos[r] for r in row_ids])), self.ratio, self.model.dim)
+            return decode_rows(fetched.take(pa.array([pos[r] for r in row_ids])), self.ratio, self.model.dim, self.model.max_length)
         if "id" in results.column_names:
             ids = results.column("id").to_pylist()
             fetched = self._handle.take_ids(ids, self.columns)
@@ -245,7 +245,7 @@ class KaLMReranker(Reranker):
             missing = [pid for pid in ids if pid not in pos]
             if missing:
                 raise KeyError(f"no stored row for candidate id(s) {missing[:10]} in table {self._handle.name!r}")
-            return decode_rows(fetched.take(pa.array([pos[p] for p in ids])), self.ratio, self.model.dim)
+            return decode_rows(fetched.take(pa.array([pos[p] for p in ids])), self.ratio, self.model.dim, self.model.max_length)
         raise ValueError(
             f"the search results carry neither the stored matrices {self.columns}, nor '_rowid', nor 'id' "
             f"(columns: {results.column_names}); select the stored columns in the search "

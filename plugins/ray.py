@@ -31,7 +31,6 @@ Examples
 from __future__ import annotations
 
 import argparse
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,7 +135,7 @@ def write_block(batch: Any, *, uri: str, schema: Any, storage_options: dict[str,
                      "rows": pa.array([rows.num_rows if i == 0 else 0 for i in range(n)], pa.int64()),
                      "tokens": pa.array([tokens if i == 0 else 0 for i in range(n)], pa.int64()),
                      "truncated": pa.array([truncated if i == 0 else 0 for i in range(n)], pa.int64()),
-                     "fragment": pa.array([pickle.dumps(f) for f in frags], pa.binary())})
+                     "fragment": pa.array([f.to_json() for f in frags], pa.string())})
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -281,7 +280,7 @@ def _run_window(window: list[dict[str, Any]], store: PassageStore, options: Buil
                    "data_storage_version": ds.data_storage_version, "rows_per_file": ray_options.rows_per_file,
                    "max_length": store.model.max_length if store.model is not None else options.max_length})
     parts = sorted(written.take_all(), key=lambda r: (r["chunk"], r["part"]))  # commit in input order
-    fragments = [pickle.loads(p["fragment"]) for p in parts]
+    fragments = [lance.fragment.FragmentMetadata.from_json(p["fragment"]) for p in parts]  # JSON: no pickle
     lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Append(fragments), read_version=read_version,
                               storage_options=storage_options)
     summary.written += sum(p["rows"] for p in parts)

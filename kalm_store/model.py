@@ -211,7 +211,6 @@ class KaLMModel:
         -------
         KaLMModel
         """
-        import torch
         from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
         dev, dt = _resolve_device_dtype(device, dtype)  # validate before touching disk

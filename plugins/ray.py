@@ -31,6 +31,7 @@ Examples
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,7 +136,7 @@ def write_block(batch: Any, *, uri: str, schema: Any, storage_options: dict[str,
                      "rows": pa.array([rows.num_rows if i == 0 else 0 for i in range(n)], pa.int64()),
                      "tokens": pa.array([tokens if i == 0 else 0 for i in range(n)], pa.int64()),
                      "truncated": pa.array([truncated if i == 0 else 0 for i in range(n)], pa.int64()),
-                     "fragment": pa.array([f.to_json() for f in frags], pa.string())})
+                     "fragment": pa.array([json.dumps(f.to_json()) for f in frags], pa.string())})
 
 
 # ---------------------------------------------------------------------------------------------- driver

@@ -26,7 +26,8 @@ class CorruptMatrixError(ValueError):
 
 def to_float16(matrix: np.ndarray, what: str = "matrix") -> np.ndarray:
     """Cast to float16, failing loudly if any value is (or becomes) non-finite."""
-    out = np.ascontiguousarray(matrix, dtype=np.float16)
+    with np.errstate(over="ignore"):  # overflow is reported below, naming the input
+        out = np.ascontiguousarray(matrix, dtype=np.float16)
     if not np.isfinite(out).all():
         bad = int((~np.isfinite(out)).sum())
         raise ValueError(

@@ -8,6 +8,7 @@ The data path, top to bottom:
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -250,8 +251,11 @@ class KaLMModel:
             files = sorted({p for pat in _FINGERPRINT_FILES for p in self.folder.glob(pat)})
             for path in files:
                 digest.update(path.name.encode() + b"\0")
+                file_digest = hashlib.sha256()  # chunked: hashlib.file_digest needs Python 3.11
                 with open(path, "rb") as f:
-                    digest.update(hashlib.file_digest(f, "sha256").digest())
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        file_digest.update(block)
+                digest.update(file_digest.digest())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 
@@ -450,7 +454,10 @@ class KaLMModel:
         import torch
 
         b, m_max = len(mats), max(m.shape[0] for m in mats)
-        rows = [torch.from_numpy(np.asarray(m)) if isinstance(m, np.ndarray) else m for m in mats]
+        with warnings.catch_warnings():
+            # Decoded Arrow buffers are read-only; these tensors are only read (copied into the batch).
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            rows = [torch.from_numpy(np.asarray(m)) if isinstance(m, np.ndarray) else m for m in mats]
         mask = torch.zeros((b, m_max), dtype=torch.long)  # (B, m)
         for row, m in enumerate(rows):
             mask[row, : m.shape[0]] = 1

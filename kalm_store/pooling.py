@@ -61,7 +61,8 @@ def mep_pool(states, mask, ratio: int):
     rows = math.ceil(n / ratio)
     pad = rows * ratio - n
     weights = mask.to(torch.float32)  # (B, n)
-    x = states.to(torch.float32) * weights.unsqueeze(-1)  # (B, n, d), padding zeroed
+    # where, not multiply: padded positions may hold non-finite values and NaN * 0 is NaN
+    x = torch.where(mask.bool().unsqueeze(-1), states.to(torch.float32), 0.0)  # (B, n, d), padding zeroed
     if pad:
         x = torch.nn.functional.pad(x, (0, 0, 0, pad))  # (B, rows*r, d)
         weights = torch.nn.functional.pad(weights, (0, pad))  # (B, rows*r)

@@ -462,6 +462,9 @@ def _random_batch(lengths: list[int], d: int = 5, seed: int = 0) -> tuple[torch.
     for i, k in enumerate(lengths):
         mask[i, :k] = 1
         states[i, k:] = 1e4  # padding holds garbage: it must never enter a mean
+        if k + 2 <= n:
+            states[i, k] = float("nan")  # not even non-finite garbage (NaN * 0 is NaN)
+            states[i, k + 1] = float("inf")
     return states, mask
 
 
@@ -569,6 +572,7 @@ def test_codec_refuses_non_finite_and_non_float16():
         encode_matrix(m.astype(np.float32))
 
 
+@pytest.mark.filterwarnings("error")  # the refusal is our ValueError, not a numpy overflow warning
 def test_to_float16_refuses_values_beyond_its_range():
     for bad in (70000.0, -1e5, 1e6, np.inf, np.nan):
         with pytest.raises(ValueError, match="65504") as info:

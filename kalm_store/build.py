@@ -164,29 +164,12 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     if options.input != STDIN and not Path(options.input).is_file():
         raise FileNotFoundError(f"input {options.input!r} does not exist or is not a file")
     from .model import KaLMModel
-    from .store import PassageStore, StoreMismatchError, _table_names, embedder_metadata
+    from .store import PassageStore
 
     if model is None:
         model = KaLMModel.from_pretrained(options.model, revision=options.revision, device=options.device,
                                           dtype=options.dtype, max_length=options.max_length)
-    import lancedb
-
-    db = lancedb.connect(options.db, storage_options=options.storage_options)
-    store: PassageStore | None = None
-    emb_meta = None
-    stored: set[str] = set()
-    if options.table in _table_names(db):
-        store = PassageStore.open(options.db, options.table, model=model,  # refuses another model
-                                  storage_options=options.storage_options)
-        if options.embedder:  # compare before loading the embedder's weights
-            emb_meta = {"name": options.embedder, "model": _embedder_model_name(options.embedder_model or "")}
-        store.check_layout(options.ratios, vectors=options.vectors, embedder=emb_meta)
-        stored = store.all_ids()
-    embedder = make_embedder(options.embedder, options.embedder_model or "", options.embedder_device) \
-        if options.embedder else None
-    if embedder is not None and store is not None and embedder_metadata(embedder) != store.metadata.get("embedder"):
-        raise StoreMismatchError(f"table {options.table!r} was embedded by {store.metadata.get('embedder')!r}, "
-                                 f"not {embedder_metadata(embedder)!r}")
+    store, stored, embedder = open_target(options, model, options.storage_options)
     vector_dim = store.metadata.get("vector_dim") if store is not None and options.vector_field else None
 
     summary = BuildSummary(max_length=model.max_length)
@@ -229,6 +212,37 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     summary.rows = store.table.count_rows()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[str, str] | None
+                ) -> tuple[PassageStore | None, set[str], Any]:
+    """The build's table checked against its options, before any encoding (one place for both engines).
+
+    Returns the open store (``None`` when the table does not exist yet), the ids it already holds, and
+    the LanceDB embedding function of ``--embedder`` (``None`` without one). Refuses another model,
+    other ratios or another vector setup, naming the difference.
+    """
+    import lancedb
+
+    from .store import PassageStore, StoreMismatchError, _table_names, embedder_metadata
+
+    db = lancedb.connect(options.db, storage_options=storage_options)
+    store: PassageStore | None = None
+    stored: set[str] = set()
+    if options.table in _table_names(db):
+        store = PassageStore.open(options.db, options.table, model=model,  # refuses another model
+                                  storage_options=storage_options)
+        emb_meta = None
+        if options.embedder:  # compare before loading the embedder's weights
+            emb_meta = {"name": options.embedder, "model": _embedder_model_name(options.embedder_model or "")}
+        store.check_layout(options.ratios, vectors=options.vectors, embedder=emb_meta)
+        stored = store.all_ids()
+    embedder = make_embedder(options.embedder, options.embedder_model or "", options.embedder_device) \
+        if options.embedder else None
+    if embedder is not None and store is not None and embedder_metadata(embedder) != store.metadata.get("embedder"):
+        raise StoreMismatchError(f"table {options.table!r} was embedded by {store.metadata.get('embedder')!r}, "
+                                 f"not {embedder_metadata(embedder)!r}")
+    return store, stored, embedder
 
 
 def _embedder_model_name(model: str) -> str:

@@ -249,14 +249,17 @@ class PassageStore:
                    vectors: Sequence[Sequence[float]] | None = None) -> pa.Table:
         """Arrow rows of this table's schema from encoder output (matrices compressed here).
 
-        With an embedding function the ``vector`` column is left out: LanceDB computes it on ``add``.
+        With an embedding function the ``vector`` column is left out (LanceDB computes it on ``add``)
+        unless ``vectors`` are given: Ray actors compute them with the table's own function, because
+        fragments written straight to Lance bypass LanceDB's ``add``.
         """
+        embeds = self.metadata.get("vector_dim") is not None and bool(self.metadata.get("embedder"))
         columns: dict[str, Any] = {
             "id": pa.array(list(ids), pa.string()),
             "text": pa.array(list(texts), pa.string()),
             "n_tokens": pa.array(encoded.token_counts, pa.int32()),
         }
-        if self.brings_vectors:
+        if self.brings_vectors or (embeds and vectors is not None):
             dim = int(self.metadata["vector_dim"])
             if vectors is None:
                 raise ValueError(f"table {self.table.name!r} stores brought vectors of width {dim}: give each row's vector")
@@ -268,7 +271,7 @@ class PassageStore:
             columns[schema.column_name(r)] = pa.array([encode_matrix(m) for m in encoded.matrices[r]],
                                                       pa.large_binary())
         target = self.table.schema
-        if self.metadata.get("vector_dim") is not None and self.metadata.get("embedder"):
+        if embeds and vectors is None:
             target = pa.schema([f for f in target if f.name != "vector"], metadata=target.metadata)
         return pa.table({f.name: columns[f.name] for f in target}, schema=target)
 

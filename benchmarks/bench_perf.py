@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scoring import NANO, TINY, flop_model  # noqa: E402  (one FLOP model for both benchmarks)
+from bench_scoring import NANO, TINY, flop_model, loadavg, random_model  # noqa: E402  (one FLOP model for both)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILES = {
@@ -86,35 +86,18 @@ def _measure(fn) -> tuple[float, float | None]:
     return seconds, (peak - before) / 1024 if before is not None and peak is not None else None
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        return None
-
-
 def run(args: argparse.Namespace) -> dict[str, object]:
     import numpy as np
     import torch
 
-    from kalm_store import KaLMModel, decoder
-    from kalm_store.testing import TinyShape, build_model, build_tokenizer
+    from kalm_store import decoder
 
     torch.set_num_threads(args.threads)
-    load_before = _loadavg()
+    load_before = loadavg()
     shape = dict(args.shape)
     t0 = time.perf_counter()
-    tokenizer = build_tokenizer(1024)  # only its yes/no ids are used; the model's vocabulary is larger
-    hf_model = build_model(TinyShape(**shape), max(shape["vocab_size"], len(tokenizer)))
     prompt: list[int] = []
-
-    class FixedPromptModel(KaLMModel):
-        """KaLMModel whose prompt is a fixed list of ids (its length, not its text, sets the cost)."""
-
-        def prompt_ids(self, query: str, instruction: str | None = None) -> list[int]:
-            return list(prompt)
-
-    model = FixedPromptModel(hf_model, tokenizer, name_or_path="random")
+    hf_model, tokenizer, model = random_model(shape, prompt, "random")
     build_s = time.perf_counter() - t0
     layer_types = list(hf_model.config.decoder.layer_types)
     d, vocab, c = shape["hidden_size"], hf_model.config.decoder.vocab_size, args.candidates
@@ -206,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "machine": {"processor": platform.processor() or platform.machine(), "platform": platform.platform(),
                     "cpu_count": os.cpu_count(), "torch_threads": args.threads, "python": platform.python_version(),
                     "torch": torch.__version__},
-        "load_average_before": load_before, "load_average_after": _loadavg(),
+        "load_average_before": load_before, "load_average_after": loadavg(),
         "shape": shape, "layer_types": layer_types, "candidates": c, "prompt_len": args.prompt_len,
         "batch_size": args.batch_size, "repeats": args.repeats, "compute_dtype": "float32",
         "storage_dtype": "float16", "build_s": build_s,
@@ -225,7 +208,7 @@ def to_markdown(res: dict) -> str:
         "",
         f"Machine: {m['processor']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), {m['platform']}; "
         f"Python {m['python']}, torch {m['torch']}. Load average before/after: {res['load_average_before']} / "
-        f"{res['load_average_after']} (above the CPU count, the machine was shared and every number is slower).",
+        f"{res['load_average_after']} (this run's own threads count toward it; a load well above the CPU count means the machine was shared and every number is slower).",
         "",
         f"Model: random-weight T5Gemma2, {s['num_layers']}+{s['num_layers']} layers, hidden {s['hidden_size']}, "
         f"{s['num_heads']} heads / {s['num_kv_heads']} KV, head_dim {s['head_dim']}, FFN {s['intermediate_size']}; "

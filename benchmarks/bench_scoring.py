@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -131,36 +132,46 @@ def _machine(threads: int) -> dict[str, object]:
     }
 
 
-def _loadavg() -> list[float] | None:
+def loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: a shared machine's load above its CPU count slows every timing."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:  # pragma: no cover - not on every platform
         return None
 
 
+def random_model(shape: dict, prompt: list[int], name: str) -> tuple[Any, Any, Any]:
+    """A random-weight T5Gemma2 of ``shape``, the tiny tokenizer, and a KaLMModel scoring with ``prompt``.
+
+    The tokenizer only supplies the yes/no ids (the model's vocabulary is larger); ``prompt`` is read
+    at every call, so callers fill it once they know the vocabulary: its length, not its text, sets the cost.
+    """
+    from kalm_store import KaLMModel
+    from kalm_store.testing import TinyShape, build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(1024)
+    hf_model = build_model(TinyShape(**shape), max(shape["vocab_size"], len(tokenizer)))
+
+    class FixedPromptModel(KaLMModel):
+        def prompt_ids(self, query: str, instruction: str | None = None) -> list[int]:
+            return list(prompt)
+
+    return hf_model, tokenizer, FixedPromptModel(hf_model, tokenizer, name_or_path=name)
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     import numpy as np
     import torch
 
-    from kalm_store import KaLMModel
     from kalm_store.codec import to_float16
     from kalm_store.pooling import mep_pool
-    from kalm_store.testing import TinyShape, build_model, build_tokenizer
 
     torch.set_num_threads(args.threads)
-    load_before = _loadavg()
+    load_before = loadavg()
     shape = dict(args.shape)
     t0 = time.perf_counter()
-    tokenizer = build_tokenizer(1024)  # tiny tokenizer: only its yes/no ids are used; the model's vocab is larger
-    hf_model = build_model(TinyShape(**shape), max(shape["vocab_size"], len(tokenizer)))
-
-    class FixedPromptModel(KaLMModel):
-        """KaLMModel whose prompt is a fixed list of ids (see the module docstring)."""
-
-        def prompt_ids(self, query: str, instruction: str | None = None) -> list[int]:
-            return list(prompt)
-
-    model = FixedPromptModel(hf_model, tokenizer, name_or_path="nano-shape-random" if shape == NANO else "tiny-random")
+    prompt: list[int] = []
+    hf_model, tokenizer, model = random_model(shape, prompt, "nano-shape-random" if shape == NANO else "tiny-random")
     build_s = time.perf_counter() - t0
     _log(f"built the model in {build_s:.1f} s; {args.candidates} candidates x {args.n} tokens, threads {args.threads}")
     layer_types = list(hf_model.config.decoder.layer_types)
@@ -168,7 +179,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     g = torch.Generator().manual_seed(0)
     vocab = hf_model.config.decoder.vocab_size
     ids = torch.randint(10, min(vocab, 2**31 - 1), (args.candidates, args.n), generator=g)  # (C, n)
-    prompt = [tokenizer.bos_token_id] + torch.randint(10, vocab, (args.prompt_len - 1,), generator=g).tolist()
+    prompt.extend([tokenizer.bos_token_id] + torch.randint(10, vocab, (args.prompt_len - 1,), generator=g).tolist())
     prompt_t = torch.tensor([prompt])  # (1, L)
     head = hf_model.get_output_embeddings().weight[[model.yes_id, model.no_id]].detach()  # (2, d)
     softcap = hf_model.config.decoder.final_logit_softcapping
@@ -235,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         joint_times.append(joint_t)
         for r in args.ratios:
             fbnl_times[r].append(fbnl_t[r])
-        loads.append(_loadavg())
+        loads.append(loadavg())
         _log(f"round {i + 1}/{args.repeats}: joint {joint_t:.2f} s, FBNL "
              + ", ".join(f"r={r} {fbnl_t[r]:.2f} s" for r in args.ratios) + f"; load average {loads[-1]}")
     fbnl_r1 = model.score("query", mats[1] if 1 in mats else stored(states, 1), batch_size=bs, return_margin=True)
@@ -260,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "command": args.command,
         "machine": _machine(args.threads),
         "load_average_before": load_before,
-        "load_average_after": _loadavg(),
+        "load_average_after": loadavg(),
         "shape": shape,
         "layer_types": layer_types,
         "candidates": args.candidates, "n": args.n, "prompt_len": args.prompt_len,

@@ -205,6 +205,12 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
             writer.close()
     finally:
         bar.close()
+    return finish_build(store, options, summary, start)
+
+
+def finish_build(store: PassageStore | None, options: BuildOptions, summary: BuildSummary,
+                 start: float) -> BuildSummary:
+    """After the last commit (both engines): FTS and id indices, the table's row count, the wall time."""
     if store is None:
         raise ValueError(f"input {options.input!r} holds no records; nothing to build")
     store.refresh()

@@ -190,7 +190,7 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     BuildSummary
         ``commits`` counts windows.
     """
-    from kalm_store.build import BuildSummary, open_target, read_chunks, select_new
+    from kalm_store.build import BuildSummary, finish_build, open_target, read_chunks, select_new
     from kalm_store.model import KaLMModel
     from kalm_store.records import STDIN, Fields
     from kalm_store.store import PassageStore
@@ -243,13 +243,7 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     finally:
         if started_ray:
             require("ray", "ray").shutdown()
-    if store is None:
-        raise ValueError(f"input {options.input!r} holds no records; nothing to build")
-    store.refresh()
-    summary.indices = store.update_indices(fts=options.fts_index, id_index=options.id_index)
-    summary.rows = store.table.count_rows()
-    summary.seconds = time.perf_counter() - start
-    return summary
+    return finish_build(store, options, summary, start)
 
 
 def _run_window(window: list[dict[str, Any]], store: PassageStore, options: BuildOptions,

@@ -64,6 +64,8 @@ def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vect
     else:
         q = tbl.search(query, query_type="hybrid")
     if columns is not None:
+        if mode == "fts" and "_score" not in columns:
+            columns = [*columns, "_score"]  # Lance adds it anyway, and warns on every query when not asked
         q = q.select(columns)
     return q.limit(candidates)
 

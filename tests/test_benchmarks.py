@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/bench_scoring.py: the --quick run works end to end and writes its table."""
+"""Smoke tests of the benchmarks: --quick runs work end to end, write their tables and check their own results."""
 
 from __future__ import annotations
 
@@ -45,3 +45,22 @@ def test_flop_model_reproduces_the_nano_trend():
     assert ratios == sorted(ratios)
     for got, ref in zip(ratios, reference):
         assert 0.95 * ref < got < 1.15 * ref, (ratios, reference)
+
+
+def test_bench_kv_cache_quick_cached_scores_equal_uncached(tmp_path):
+    prefix = tmp_path / "kv_quick"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_kv_cache.py"), "--quick", "--threads", "1",
+         "--output", str(prefix)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(Path(f"{prefix}.json").read_text())
+    assert "| cache | passages held | hit rate |" in Path(f"{prefix}.md").read_text()
+    # margins from cached keys/values are the uncached margins: the cache changes time, never scores
+    assert res["max_abs_margin_diff"] < 1e-5
+    none, small, large = res["results"]
+    assert none["cache_mib"] is None and none["hit_rate"] == 0
+    assert 0 < small["passages_held"] < large["passages_held"] and small["hit_rate"] <= large["hit_rate"]
+    assert 0 < res["projection_share"] < 1

@@ -12,7 +12,6 @@ untimed call of each (the compile itself is reported separately), and checks the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scoring import NANO, _machine, loadavg, random_model  # noqa: E402
+from bench_scoring import NANO, _machine, loadavg, random_model, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -83,10 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---|---|---|---|",
         f"| {1000 * eager:.0f} | {1000 * comp:.0f} | {paired:.2f}x | {compile_s:.1f} | {diff:.1e} |", "",
     ])
-    Path(f"{args.output}.md").write_text(md)
-    Path(f"{args.output}.json").write_text(json.dumps(res, indent=2))
-    print(md)
-    print(f"wrote {args.output}.md and {args.output}.json")
+    write_results(args.output, md, res)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ resident (untimed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scoring import NANO, TINY, _machine, loadavg, random_model  # noqa: E402  (one model builder)
+from bench_scoring import NANO, TINY, _machine, loadavg, random_model, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILES = {
@@ -273,12 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     res = run(args)
     prefix = Path(args.output) if args.output else (
         Path(tempfile.mkdtemp()) / "kv_cache_quick" if args.quick else RESULTS / "kv_cache_cpu")
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    md = to_markdown(res)
-    Path(f"{prefix}.md").write_text(md)
-    Path(f"{prefix}.json").write_text(json.dumps(res, indent=2))
-    print(md)
-    print(f"wrote {prefix}.md and {prefix}.json")
+    write_results(prefix, to_markdown(res), res)
 
 
 if __name__ == "__main__":

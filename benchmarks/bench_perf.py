@@ -32,7 +32,6 @@ between rounds, so a shared machine's load hits all alike; tables show medians o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -44,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scoring import NANO, TINY, flop_model, loadavg, random_model  # noqa: E402  (one FLOP model for both)
+from bench_scoring import NANO, TINY, flop_model, loadavg, random_model, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROFILES = {
@@ -313,14 +312,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = run(args)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    md = to_markdown(res)
-    Path(f"{out}.md").write_text(md)
-    Path(f"{out}.json").write_text(json.dumps(res, indent=2) + "\n")
-    plot(res, Path(f"{out}.png"))
-    print(md)
-    print(f"wrote {out}.md, {out}.json and {out}.png")
+    write_results(args.output, to_markdown(res), res)
+    plot(res, Path(f"{args.output}.png"))
+    print(f"wrote {args.output}.png")
     return 0
 
 

@@ -363,15 +363,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = run(args)
-    md = to_markdown(res)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    md_path, json_path = Path(f"{out}.md"), Path(f"{out}.json")
-    md_path.write_text(md)
-    json_path.write_text(json.dumps(res, indent=2) + "\n")
-    print(md)
-    print(f"wrote {md_path} and {json_path}")
+    write_results(args.output, to_markdown(res), res)
     return 0
+
+
+def write_results(prefix: str | Path, md: str, res: dict) -> None:
+    """PREFIX.md and PREFIX.json (folders made as needed); the table also goes to stdout."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}.md").write_text(md)
+    Path(f"{prefix}.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(md)
+    print(f"wrote {prefix}.md and {prefix}.json")
 
 
 if __name__ == "__main__":

@@ -64,8 +64,11 @@ def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vect
     else:
         q = tbl.search(query, query_type="hybrid")
     if columns is not None:
-        if mode == "fts" and "_score" not in columns:
-            columns = [*columns, "_score"]  # Lance adds it anyway, and warns on every query when not asked
+        # Lance adds the first-stage score anyway, and warns on every query when it is not asked for
+        # (hybrid can ask for neither: LanceDB gives both legs one select; the CLI quiets that warning)
+        score = {"fts": "_score", "vector": "_distance"}.get(mode)
+        if score is not None and score not in columns:
+            columns = [*columns, score]
         q = q.select(columns)
     return q.limit(candidates)
 

@@ -136,3 +136,21 @@ def test_cli_demo_falls_back_to_test_model_plainly(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "FALLING BACK to the offline random-weight TEST model" in out and "MEAN NOTHING" in out
     assert "query: json" in out
+
+
+def test_cli_hybrid_search_prints_no_lance_deprecation_lines(db, tiny_model_dir):
+    # LANCEDB_LOG is read when lancedb is first imported, so this needs a fresh process
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", "import sys; from kalm_store.cli import main; sys.exit(main())", "search",
+           "--db", db, "--table", "docs", "--model", str(tiny_model_dir), "--mode", "hybrid",
+           "--query-vector", ",".join(map(str, QVEC)), "-k", "2", "parse json"]
+    env = {k: v for k, v in os.environ.items() if k != "LANCEDB_LOG"}
+    quiet = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "rank" in quiet.stdout and "Deprecation warning" not in quiet.stderr
+    # a user's own LANCEDB_LOG wins over the CLI's default
+    loud = subprocess.run(cmd, env={**env, "LANCEDB_LOG": "warn"}, capture_output=True, text=True, timeout=120)
+    assert loud.returncode == 0 and "Deprecation warning" in loud.stderr

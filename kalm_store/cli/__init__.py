@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import import_module
 
@@ -33,7 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Lance's scanner logs a deprecation warning on every hybrid search that selects columns (LanceDB's hybrid
+# query gives both legs one select, so neither `_distance` nor `_score` can be asked for): six lines per
+# demo query that tell a user nothing. Only the CLI sets this, only that module, only if the user has not.
+_LANCEDB_LOG_DEFAULT = "warn,lance::dataset::scanner=error"
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("LANCEDB_LOG", _LANCEDB_LOG_DEFAULT)  # read when lancedb is first imported
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

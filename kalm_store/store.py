@@ -26,6 +26,13 @@ class StoreMismatchError(ValueError):
     """A table and a model (or a requested ratio) do not belong together."""
 
 
+class MissingRowError(KeyError):
+    """Rows asked for (by id, or candidates by ``_rowid``) are not in the table."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
 def model_metadata(model: KaLMModel) -> dict[str, Any]:
     """The table metadata a model implies (the keys that must match, plus provenance)."""
     return {
@@ -94,8 +101,12 @@ def decode_rows(rows: pa.Table, ratio: int, dim: int, max_tokens: int | None = N
     return out
 
 
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+def sql_in(column: str, values: Sequence[str]) -> str:
+    """A Lance filter ``column IN ('a', 'b')`` with every value quoted as an SQL string literal."""
+    bad = [v for v in values if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"ids must be strings, got {type(bad[0]).__name__} {bad[0]!r}")
+    return f"{column} IN (" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")"
 
 
 class PassageStore:
@@ -227,8 +238,7 @@ class PassageStore:
         ids = list(ids)
         for start in range(0, len(ids), 1000):
             chunk = ids[start:start + 1000]
-            where = "id IN (" + ", ".join(_sql_str(i) for i in chunk) + ")"
-            found.update(self.table.to_lance().to_table(columns=["id"], filter=where).column("id").to_pylist())
+            found.update(self.table.to_lance().to_table(columns=["id"], filter=sql_in("id", chunk)).column("id").to_pylist())
         return found
 
     def encode_records(self, records: Sequence[dict[str, Any]], *, batch_size: int = 16) -> pa.Table:
@@ -372,12 +382,12 @@ class PassageStore:
         ids = list(ids)
         if not ids:
             return []
-        where = "id IN (" + ", ".join(_sql_str(i) for i in ids) + ")"
+        where = sql_in("id", ids)
         rows = self.table.to_lance().to_table(columns=["id", "n_tokens", schema.column_name(ratio)], filter=where)
         mats = dict(zip(rows.column("id").to_pylist(), decode_rows(rows, ratio, self.dim, self.metadata.get("max_length"))))
         missing = [i for i in ids if i not in mats]
         if missing:
-            raise KeyError(f"ids not in table {self.table.name!r}: {missing[:10]}")
+            raise MissingRowError(f"ids not in table {self.table.name!r}: {missing[:10]}")
         return [mats[i] for i in ids]
 
     def info(self) -> dict[str, Any]:

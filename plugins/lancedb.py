@@ -22,7 +22,7 @@ from lancedb.rerankers import Reranker
 
 from kalm_store import schema
 from kalm_store.pooling import check_ratio
-from kalm_store.store import StoreMismatchError, check_compatible, check_ratio_stored, decode_rows
+from kalm_store.store import MissingRowError, StoreMismatchError, check_compatible, check_ratio_stored, decode_rows, sql_in
 
 if TYPE_CHECKING:  # pragma: no cover
     from kalm_store.model import KaLMModel
@@ -105,9 +105,8 @@ class _Handle:
         return self._run(query.to_arrow())
 
     def take_ids(self, ids: list[str], columns: list[str]) -> pa.Table:
-        where = "id IN (" + ", ".join("'" + i.replace("'", "''") + "'" for i in ids) + ")"
         query = self.table.query() if self.is_async else self.table.search()
-        query = query.where(where).select(columns).limit(len(ids))
+        query = query.where(sql_in("id", ids)).select(columns).limit(len(ids))
         return self._run(query.to_arrow())
 
 
@@ -226,31 +225,33 @@ class KaLMReranker(Reranker):
     def _matrices(self, results: pa.Table) -> list[np.ndarray]:
         """Stored matrices of the result rows, in row order."""
         if all(c in results.column_names for c in self.columns):
-            return decode_rows(results.select(self.columns), self.ratio, self.model.dim, self.model.max_length)
-        if "_rowid" in results.column_names:
-            row_ids = results.column("_rowid").to_pylist()
-            fetched = self._handle.take_row_ids(row_ids, self.columns)
-            pos = {rid: i for i, rid in enumerate(fetched.column("_rowid").to_pylist())}
-            missing = [rid for rid in row_ids if rid not in pos]
-            if missing:
-                names = results.column("id").to_pylist() if "id" in results.column_names else row_ids
-                bad = [names[row_ids.index(r)] for r in missing[:10]]
-                raise KeyError(f"no stored row for candidate(s) {bad} in table {self._handle.name!r} "
-                               "(deleted or compacted since the search?)")
-            return decode_rows(fetched.take(pa.array([pos[r] for r in row_ids])), self.ratio, self.model.dim, self.model.max_length)
-        if "id" in results.column_names:
-            ids = results.column("id").to_pylist()
-            fetched = self._handle.take_ids(ids, self.columns)
-            pos = {pid: i for i, pid in enumerate(fetched.column("id").to_pylist())}
-            missing = [pid for pid in ids if pid not in pos]
-            if missing:
-                raise KeyError(f"no stored row for candidate id(s) {missing[:10]} in table {self._handle.name!r}")
-            return decode_rows(fetched.take(pa.array([pos[p] for p in ids])), self.ratio, self.model.dim, self.model.max_length)
-        raise ValueError(
-            f"the search results carry neither the stored matrices {self.columns}, nor '_rowid', nor 'id' "
-            f"(columns: {results.column_names}); select the stored columns in the search "
-            f"(`.select([..., {', '.join(repr(c) for c in self.columns)}])`, fastest) or add "
-            "`.with_row_id(True)` to the search")
+            rows = results.select(self.columns)
+        elif "_rowid" in results.column_names:
+            rows = self._fetch(results, "_rowid")
+        elif "id" in results.column_names:
+            rows = self._fetch(results, "id")
+        else:
+            raise ValueError(
+                f"the search results carry neither the stored matrices {self.columns}, nor '_rowid', nor 'id' "
+                f"(columns: {results.column_names}); select the stored columns in the search "
+                f"(`.select([..., {', '.join(repr(c) for c in self.columns)}])`, fastest) or add "
+                "`.with_row_id(True)` to the search")
+        return decode_rows(rows, self.ratio, self.model.dim, self.model.max_length)
+
+    def _fetch(self, results: pa.Table, key: Literal["_rowid", "id"]) -> pa.Table:
+        """The stored columns of the result rows, fetched through the table by ``key``, in row order."""
+        keys = results.column(key).to_pylist()
+        if key == "_rowid":
+            fetched = self._handle.take_row_ids(keys, self.columns)
+        else:
+            fetched = self._handle.take_ids(keys, self.columns)
+        pos = {k: i for i, k in enumerate(fetched.column(key).to_pylist())}
+        missing = [i for i, k in enumerate(keys) if k not in pos]
+        if missing:
+            names = results.column("id").to_pylist() if "id" in results.column_names else keys
+            raise MissingRowError(f"no stored row for candidate(s) {[names[i] for i in missing[:10]]} in table "
+                           f"{self._handle.name!r} (deleted or compacted since the search?)")
+        return fetched.take(pa.array([pos[k] for k in keys]))
 
     # ------------------------------------------------------------------ scoring
     def score_results(self, query: str, results: pa.Table, *, instruction: str | None = None,

@@ -36,8 +36,13 @@ def test_matrices_are_bitwise_what_encode_produced(store, model, passages):
         got = store.matrices([f"p{i}" for i in reversed(range(len(passages)))], r)[::-1]
         for g, want in zip(got, enc.matrices[r]):
             assert g.dtype == np.float16 and g.tobytes() == want.tobytes()
-    with pytest.raises(KeyError, match="nope"):
+    with pytest.raises(KeyError, match="nope") as missing:
         store.matrices(["p0", "nope"], 4)
+    assert str(missing.value).startswith("ids not in table")  # the message itself, not KeyError's repr
+    with pytest.raises(TypeError, match="ids must be strings, got int 7"):
+        store.matrices(["p0", 7], 4)
+    with pytest.raises(KeyError, match="it's"):  # quotes in ids stay inside the SQL literal
+        store.matrices(["it's"], 4)
     with pytest.raises(StoreMismatchError, match=r"stores ratios \[4, 8\], not r=16"):
         store.matrices(["p0"], 16)
 

@@ -52,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:  # user-facing errors: one line, no traceback
         print(f"kalm-store {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyError as e:
+        from kalm_store.store import MissingRowError
+
+        if not isinstance(e, MissingRowError):  # any other KeyError is a bug: keep its traceback
+            raise
+        print(f"kalm-store {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"kalm-store {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -61,7 +61,13 @@ def _check_query(query: object) -> str:
 def _resolve_device_dtype(device: str | None, dtype: str | torch.dtype | None) -> tuple[torch.device, torch.dtype]:
     import torch
 
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but this torch ({torch.__version__}) sees no CUDA device; "
+                         "use device='cpu' or None (picks CUDA when there is one)")
     if dtype is None:
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     elif isinstance(dtype, torch.dtype):
@@ -87,7 +93,10 @@ def _resolve_folder(name_or_path: str, revision: str | None, local_files_only: b
     """A local folder as is; a hub id downloaded (or found in the cache) with its commit hash."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path, revision
+        if revision is not None:  # a folder has one set of files: recording a revision would be a lie
+            raise ValueError(f"revision={revision!r} applies to hub ids; {name_or_path!r} is a local folder "
+                             "(drop revision, or pass the hub id)")
+        return path, None
     if path.exists() or name_or_path.startswith((".", "/", "~")):
         raise ModelLoadError(f"model path {name_or_path!r} is not a folder with a KaLM checkpoint")
     from huggingface_hub import snapshot_download
@@ -142,10 +151,7 @@ class KaLMModel:
 
         from . import decoder
 
-        if not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
-        if not isinstance(query_max_length, int) or query_max_length < 1:
-            raise ValueError(f"query_max_length must be a positive int, got {query_max_length!r}")
+        _check_lengths(max_length, query_max_length)
         self.hf_model = hf_model
         self.tokenizer = tokenizer
         self.name_or_path = name_or_path
@@ -215,14 +221,22 @@ class KaLMModel:
         from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
         dev, dt = _resolve_device_dtype(device, dtype)  # validate before touching disk
+        _check_lengths(max_length, query_max_length)
         name = str(name_or_path)
         folder, resolved_revision = _resolve_folder(name, revision, local_files_only)
         if not list(folder.glob("*.safetensors")):
             raise ModelLoadError(f"{folder} holds no *.safetensors weights; KaLM loads safetensors only")
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{folder} holds no config.json; a KaLM checkpoint folder needs config.json, "
+                                 "*.safetensors and the tokenizer files")
         config = AutoConfig.from_pretrained(folder)
         if config.model_type != "t5gemma2":
             raise ModelLoadError(f"{name!r} is a {config.model_type!r} model; KaLM-Reranker-V1 is 't5gemma2'")
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as e:  # transformers says "couldn't find a tokenizer" in either class
+            raise ModelLoadError(f"{folder} has no loadable tokenizer (tokenizer.json / tokenizer_config.json): "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
         hf_model = AutoModelForSeq2SeqLM.from_pretrained(
             folder, dtype=dt, use_safetensors=True, attn_implementation="sdpa"
         )
@@ -374,6 +388,9 @@ class KaLMModel:
         for i, m in enumerate(matrices):
             if not isinstance(m, (np.ndarray, torch.Tensor)):
                 raise TypeError(f"matrices[{i}] must be a numpy array or torch tensor, got {type(m).__name__}")
+            kind = m.dtype.kind if isinstance(m, np.ndarray) else ("f" if m.is_floating_point() else "i")
+            if kind != "f":
+                raise TypeError(f"matrices[{i}] has dtype {m.dtype}; stored matrices are float16 (or float32)")
             if m.ndim != 2 or m.shape[0] < 1 or m.shape[1] != self.dim:
                 raise ValueError(f"matrices[{i}] has shape {tuple(m.shape)}; expected (rows >= 1, d={self.dim}) "
                                  "for this model")
@@ -514,7 +531,7 @@ class KaLMModel:
             ``{"corpus_id": index in passages, "score": P(yes)}`` (plus ``"text"`` when
             ``return_documents``), sorted by descending score, at most ``top_k`` entries.
         """
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         passages = _check_passages(passages)
         mats = self.encode(passages, ratio=ratio, batch_size=batch_size)
@@ -551,6 +568,12 @@ def _batches(order: list[int], rows: list[int], batch_size: int, max_rows: int) 
             batches.append([i])
             width = r
     return batches
+
+
+def _check_lengths(max_length: object, query_max_length: object) -> None:
+    for name, value in (("max_length", max_length), ("query_max_length", query_max_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_batch_size(batch_size: object) -> None:

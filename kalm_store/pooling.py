@@ -8,8 +8,12 @@ a mean. A coarser ratio is derived exactly from a finer one by a token-count-wei
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 RATIOS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 DEFAULT_RATIO = 4
@@ -36,7 +40,7 @@ def group_sizes(n_tokens: int, ratio: int) -> np.ndarray:
     return sizes
 
 
-def mep_pool(states, mask, ratio: int):
+def mep_pool(states: torch.Tensor, mask: torch.Tensor, ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool a right-padded batch of encoder states by ``ratio``.
 
     Parameters

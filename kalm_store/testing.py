@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedTokenizerFast, T5Gemma2Config, T5Gemma2ForConditionalGeneration
 
 # Gemma's special tokens, in the order of their ids in the tiny vocabulary.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
@@ -45,7 +49,7 @@ class TinyShape:
     seed: int = 0
 
 
-def build_tokenizer(vocab_size: int = 1024):
+def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on a fixed text with Gemma's special tokens; ``yes`` and ``no`` single tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -72,7 +76,7 @@ def build_tokenizer(vocab_size: int = 1024):
     return fast
 
 
-def build_config(shape: TinyShape, vocab_size: int):
+def build_config(shape: TinyShape, vocab_size: int) -> T5Gemma2Config:
     """A T5Gemma2 config of the given shape (tiny vision tower: T5Gemma2 always builds one)."""
     from transformers import T5Gemma2Config
 
@@ -109,7 +113,7 @@ def build_config(shape: TinyShape, vocab_size: int):
                           dropout_rate=0.0, attention_dropout=0.0)
 
 
-def build_model(shape: TinyShape, vocab_size: int):
+def build_model(shape: TinyShape, vocab_size: int) -> T5Gemma2ForConditionalGeneration:
     """Random T5Gemma2ForConditionalGeneration; norm weights randomized so no norm is the identity."""
     import torch
     from transformers import T5Gemma2ForConditionalGeneration

@@ -150,7 +150,7 @@ def test_ratio_1_equals_joint_forward(model, passages, storage, tol):
 
 
 # --------------------------------------------------------------------------- r > 1: equal to decoder over loop pooling
-@pytest.mark.parametrize("r", [2, 4, 8, 32])
+@pytest.mark.parametrize("r", [2, 4, 8, 16, 32])
 def test_pooled_ratio_equals_decoder_over_loop_pooling(model, passages, r):
     tok = model.tokenizer
     mats = model.encode(passages, ratio=r)
@@ -350,6 +350,11 @@ def test_rank(model, passages):
          ["matrices[0]", "non-finite"]),
         (lambda m, mats: m.score("q", ["not an array"]), TypeError, ["matrices[0]", "str"]),
         (lambda m, mats: m.rank("q", ["a", "b"], top_k=0), ValueError, ["top_k", "0"]),
+        (lambda m, mats: m.rank("q", ["a", "b"], top_k=True), ValueError, ["top_k", "True"]),
+        (lambda m, mats: m.score("q", [np.array([[None] * m.dim], dtype=object)]), TypeError,
+         ["matrices[0]", "dtype object"]),
+        (lambda m, mats: m.score("q", [torch.zeros((2, m.dim), dtype=torch.long)]), TypeError,
+         ["matrices[0]", "torch.int64"]),
     ],
 )
 def test_bad_input_errors_name_the_problem(model, call, exc, words):
@@ -382,6 +387,88 @@ def test_tokenizer_where_yes_is_not_one_token_is_refused(tmp_path, tiny_model_di
     with pytest.raises(ValueError) as info:
         KaLMModel.from_pretrained(folder)
     assert "'yes'" in str(info.value) and "one token" in str(info.value)
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"device": "cuda"}, ["device='cuda'", "no CUDA device"]),
+    ({"device": "gpu0"}, ["device must be", "'gpu0'"]),
+    ({"max_length": True}, ["max_length", "True"]),
+    ({"query_max_length": 0}, ["query_max_length", "0"]),
+])
+def test_bad_load_arguments_are_refused_before_touching_disk(tmp_path, kwargs, words):
+    if kwargs.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError) as info:  # a folder that does not exist: validation comes first
+        KaLMModel.from_pretrained(tmp_path / "missing", **kwargs)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_folder_lacking_config_or_tokenizer_is_a_model_load_error(tmp_path, tiny_model_dir):
+    no_config = tmp_path / "no-config"
+    shutil.copytree(tiny_model_dir, no_config)
+    (no_config / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        KaLMModel.from_pretrained(no_config)
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_model_dir, no_tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+        (no_tokenizer / name).unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        KaLMModel.from_pretrained(no_tokenizer)
+
+
+def test_hub_id_and_revision_resolve_through_the_hub_cache(tmp_path, tiny_model_dir, monkeypatch, passages):
+    """The real hub path, offline: a Hugging Face cache laid out as `hf download` leaves it, two revisions."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--KaLM-Embedding--KaLM-Reranker-V1-Nano"
+    main_sha, v2_sha = "a" * 40, "b" * 40
+    for ref, sha in (("main", main_sha), ("v2", v2_sha)):
+        shutil.copytree(tiny_model_dir, repo / "snapshots" / sha)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(sha)
+    v2 = repo / "snapshots" / v2_sha / "config.json"  # v2 differs in a behaviour-defining file
+    config = json.loads(v2.read_text())
+    config["final_logit_softcapping"] = config["decoder"]["final_logit_softcapping"] = 0.5
+    v2.write_text(json.dumps(config))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_id = "KaLM-Embedding/KaLM-Reranker-V1-Nano"
+
+    main = KaLMModel.from_pretrained(hub_id, local_files_only=True)
+    assert main.revision == main_sha and main.folder == repo / "snapshots" / main_sha
+    assert main.name_or_path == hub_id
+    local = KaLMModel.from_pretrained(tiny_model_dir)
+    assert main.fingerprint == local.fingerprint
+    mats = local.encode(passages, ratio=4)
+    np.testing.assert_array_equal(main.score(QUERY, mats), local.score(QUERY, mats))
+
+    tagged = KaLMModel.from_pretrained(hub_id, revision="v2", local_files_only=True)
+    assert tagged.revision == v2_sha and tagged.softcap == 0.5 and tagged.fingerprint != main.fingerprint
+    assert KaLMModel.from_pretrained(hub_id, revision=v2_sha, local_files_only=True).revision == v2_sha
+    with pytest.raises(ModelLoadError, match="revision nope"):
+        KaLMModel.from_pretrained(hub_id, revision="nope", local_files_only=True)
+    with pytest.raises(ValueError, match="applies to hub ids"):  # a folder has no revisions to pick from
+        KaLMModel.from_pretrained(tiny_model_dir, revision="v2")
+
+
+def test_vision_tower_is_dropped_and_the_full_head_never_runs(tiny_model_dir, passages, monkeypatch):
+    loaded = KaLMModel.from_pretrained(tiny_model_dir)
+    encoder = loaded.hf_model.get_encoder()
+    assert encoder.vision_tower is None and encoder.multi_modal_projector is None
+    assert not any("vision" in name for name, _ in loaded.hf_model.named_parameters())
+    head = loaded.hf_model.get_output_embeddings()
+
+    def no_full_head(*args, **kwargs):
+        raise AssertionError("the full-vocabulary head ran")
+
+    mats = loaded.encode(passages, ratio=4)
+    expected = loaded.score(QUERY, mats)
+    monkeypatch.setattr(head, "forward", no_full_head)
+    np.testing.assert_array_equal(loaded.score(QUERY, mats), expected)
+    slow = KaLMModel.from_pretrained(tiny_model_dir, fast_decoder=False)  # the transformers decoder path too
+    monkeypatch.setattr(slow.hf_model.get_output_embeddings(), "forward", no_full_head)
+    np.testing.assert_allclose(slow.score(QUERY, mats), expected, atol=1e-5)
 
 
 def test_missing_folder_is_a_model_load_error(tmp_path):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
+import kalm_store
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -23,6 +27,17 @@ def test_readme_example_runs(tiny_model_dir, tmp_path, monkeypatch):
     model, store = scope["model"], scope["store"]
     direct = model.score("how do I parse json?", store.matrices([h["id"] for h in hits], ratio=4))
     assert abs(direct[0] - scores[0]) < 1e-6 and abs(direct[1] - scores[1]) < 1e-6
+
+    # the second block continues the first: the model on its own, then kalm_store.search
+    second = re.findall(r"```python\n(.*?)```", README.read_text("utf-8"), re.S)[1]
+    exec(second, scope)
+    assert scope["mats"][0].dtype == np.float16 and scope["scores"].dtype == np.float32
+    np.testing.assert_allclose(scope["scores"], model.score("what is the first?", scope["mats"]), atol=0)
+    found = model.rank("what is the first?", ["first passage", "second passage"], top_k=1)
+    assert len(found) == 1 and found[0]["corpus_id"] in (0, 1)
+    searched = kalm_store.search(str(tmp_path / "db"), "docs", "how do I parse json?", model=model, k=10,
+                                 mode="vector", query_vector=[1, 0, 0])
+    assert [(h["id"], h["score"]) for h in searched] == [(h["id"], h["_relevance_score"]) for h in hits]
 
 
 def test_readme_test_command_is_what_ci_runs():

@@ -140,17 +140,22 @@ def loadavg() -> list[float] | None:
         return None
 
 
-def random_model(shape: dict, prompt: list[int], name: str) -> tuple[Any, Any, Any]:
+def random_model(shape: dict, prompt: list[int], name: str, *, device: Any = None,
+                 dtype: Any = None) -> tuple[Any, Any, Any]:
     """A random-weight T5Gemma2 of ``shape``, the tiny tokenizer, and a KaLMModel scoring with ``prompt``.
 
     The tokenizer only supplies the yes/no ids (the model's vocabulary is larger); ``prompt`` is read
     at every call, so callers fill it once they know the vocabulary: its length, not its text, sets the cost.
+    ``device``/``dtype`` (default: CPU, float32) are applied before the KaLMModel is made, as
+    ``from_pretrained`` does, so the scoring decoder is built from the moved weights.
     """
     from kalm_store import KaLMModel
     from kalm_store.testing import TinyShape, build_model, build_tokenizer
 
     tokenizer = build_tokenizer(1024)
     hf_model = build_model(TinyShape(**shape), max(shape["vocab_size"], len(tokenizer)))
+    if device is not None or dtype is not None:
+        hf_model.to(device=device, dtype=dtype)
 
     class FixedPromptModel(KaLMModel):
         def prompt_ids(self, query: str, instruction: str | None = None) -> list[int]:

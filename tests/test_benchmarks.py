@@ -64,3 +64,24 @@ def test_bench_kv_cache_quick_cached_scores_equal_uncached(tmp_path):
     assert none["cache_mib"] is None and none["hit_rate"] == 0
     assert 0 < small["passages_held"] < large["passages_held"] and small["hit_rate"] <= large["hit_rate"]
     assert 0 < res["projection_share"] < 1
+
+
+def test_bench_gpu_quick_on_the_cpu_writes_the_table(tmp_path):
+    """The GPU benchmark is prepared for a lent GPU; here it runs its CPU smoke path end to end."""
+    prefix = tmp_path / "gpu_quick"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--quick", "--device", "cpu",
+         "--output", str(prefix)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = Path(f"{prefix}.md").read_text()
+    assert "| n | r | rows | FBNL ms (p90) |" in md and "--device cpu" in md
+    res = json.loads(Path(f"{prefix}.json").read_text())
+    assert res["device"] == "cpu" and res["compute_dtype"] == "float32"
+    assert [(row["n"], row["r"]) for row in res["results"]] == [(64, 1), (64, 4)]
+    for row in res["results"]:
+        assert row["fbnl_ms"] > 0 and row["joint_ms"] > 0 and len(row["fbnl_ms_all"]) == 2
+    # FBNL at r = 1 computes the joint model's margins (float16 storage of the states in between)
+    assert res["max_abs_margin_diff_r1"]["64"] < 5e-3

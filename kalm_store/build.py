@@ -30,6 +30,8 @@ from .records import (STDIN, BadRecordError, Fields, InputFormat, Record, count_
                       resolve_format, validate_record)
 
 if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow as pa
+
     from .model import EncodedPassages, KaLMModel
     from .store import PassageStore
 
@@ -107,17 +109,29 @@ class BuildSummary:
     truncated: int = 0  # written passages that reached max_length tokens (cut there, or exactly that long)
     max_length: int = 0  # the encoder's max_length the passages were cut at
     commits: int = 0  # Lance commits (one per chunk with new rows)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole run
+    setup_seconds: float = 0.0  # of which: loading the model and checking the table, before the first record
+    index_seconds: float = 0.0  # of which: creating or updating the indices after the last commit
     rows: int = 0  # rows in the table afterwards
     indices: list[str] = field(default_factory=list)  # indices created or updated
 
+    @property
+    def work_seconds(self) -> float:
+        """Reading, encoding, compressing and committing: the time the rates are measured over."""
+        return max(self.seconds - self.setup_seconds - self.index_seconds, 0.0)
+
     def line(self) -> str:
-        rate = self.written / self.seconds if self.seconds else 0.0
-        return (f"read {self.read}, wrote {self.written} in {self.commits} commits ({rate:.1f} passages/s, "
-                f"{self.tokens / self.seconds if self.seconds else 0.0:.0f} tokens/s), skipped "
+        work = self.work_seconds
+        return (f"read {self.read}, wrote {self.written} in {self.commits} commits ({self.rate(self.written):.1f} "
+                f"passages/s, {self.rate(self.tokens):.0f} tokens/s over {work:.1f} s of encoding and writing; "
+                f"{self.setup_seconds:.1f} s loading and checks, {self.index_seconds:.1f} s indexing), skipped "
                 f"{self.already_stored} already stored + {self.duplicates} duplicate ids + {self.bad} bad; "
                 f"{self.truncated} passages cut at max_length {self.max_length} tokens; "
                 f"table now has {self.rows} rows")
+
+    def rate(self, count: int) -> float:
+        """``count`` per second of :attr:`work_seconds`."""
+        return count / self.work_seconds if self.work_seconds else 0.0
 
 
 def make_embedder(name: Embedder, model: str, device: str = "cpu") -> Any:
@@ -176,6 +190,7 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     fields = Fields(id=options.id_field, text=options.text_field, vector=options.vector_field)
     total = count_records(options.input, options.input_format)
     bar = _progress(total, options.progress)
+    summary.setup_seconds = time.perf_counter() - start
     writer: _Writer | None = None
     seen: set[str] = set()
     try:
@@ -194,7 +209,7 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
                 summary.truncated += sum(n >= model.max_length for n in enc.token_counts)
                 writer.submit(todo, enc, fields.vector is not None)
             bar.update(len(chunk))
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - start - summary.setup_seconds
             bar.set_postfix_str(f"{summary.tokens / elapsed:.0f} tok/s, {summary.written} written", refresh=False)
     except BaseException:
         if writer is not None:
@@ -214,7 +229,9 @@ def finish_build(store: PassageStore | None, options: BuildOptions, summary: Bui
     if store is None:
         raise ValueError(f"input {options.input!r} holds no records; nothing to build")
     store.refresh()
+    t = time.perf_counter()
     summary.indices = store.update_indices(fts=options.fts_index, id_index=options.id_index)
+    summary.index_seconds = time.perf_counter() - t
     summary.rows = store.table.count_rows()
     summary.seconds = time.perf_counter() - start
     return summary
@@ -294,9 +311,12 @@ def read_chunks(options: BuildOptions, fields: Fields, vector_dim: int | None, s
 
 
 class _Writer:
-    """Compresses and commits chunks in one background thread, so encoding overlaps storage.
+    """Commits chunks in one background thread, so encoding overlaps the Lance write.
 
-    The queue holds one chunk: at most two chunks' matrices are in memory at once.
+    The chunk's rows (matrices already compressed) are built by the encoding thread: zstd is CPU work,
+    and on a CPU-only machine a second busy thread stalls every parallel region of the encoder's
+    (OpenMP) threads, which cost more than compressing in line (``benchmarks/bench_build.py``). The
+    queue holds one chunk: at most two chunks' matrices are in memory at once.
     """
 
     def __init__(self, store: PassageStore, summary: BuildSummary,
@@ -304,21 +324,18 @@ class _Writer:
         self.store = store
         self.summary = summary
         self.on_commit = on_commit
-        self.queue: queue.Queue[tuple[list[Record], EncodedPassages, bool] | None] = queue.Queue(maxsize=1)
+        self.queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="kalm-store-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
+        while (rows := self.queue.get()) is not None:
             if self.error is not None:
                 continue  # drain after a failure
-            records, enc, with_vectors = item
             try:
-                rows = self.store.rows_table([r.id for r in records], [r.text for r in records], enc,
-                                             [r.vector for r in records] if with_vectors else None)
                 self.store.table.add(rows)
-                self.summary.written += len(records)
+                self.summary.written += rows.num_rows
                 self.summary.commits += 1
                 if self.on_commit is not None:
                     self.on_commit(self.summary)
@@ -328,7 +345,9 @@ class _Writer:
     def submit(self, records: list[Record], enc: EncodedPassages, with_vectors: bool) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((records, enc, with_vectors))
+        rows = self.store.rows_table([r.id for r in records], [r.text for r in records], enc,
+                                     [r.vector for r in records] if with_vectors else None)
+        self.queue.put(rows)
 
     def close(self, reraise: bool = True) -> None:
         self.queue.put(None)

@@ -200,15 +200,19 @@ def validate_record(raw: dict[str, Any], where: str, *, fields: Fields = Fields(
     BadRecordError
         Naming ``where``, the field and what is wrong with it.
     """
-    if fields.id not in raw or raw[fields.id] is None:
+    if fields.id not in raw:
         raise BadRecordError(where, f"missing id field {fields.id!r} (fields: {sorted(raw)[:10]})")
+    if raw[fields.id] is None:
+        raise BadRecordError(where, f"id field {fields.id!r} is null")
     pid = raw[fields.id]
     if isinstance(pid, int) and not isinstance(pid, bool):
         pid = str(pid)
     if not isinstance(pid, str) or not pid:
         raise BadRecordError(where, f"id field {fields.id!r} must be a non-empty string, got {pid!r:.60}")
-    if fields.text not in raw or raw[fields.text] is None:
+    if fields.text not in raw:
         raise BadRecordError(where, f"missing text field {fields.text!r} (fields: {sorted(raw)[:10]})", pid)
+    if raw[fields.text] is None:
+        raise BadRecordError(where, f"text field {fields.text!r} is null", pid)
     text = raw[fields.text]
     if not isinstance(text, str):
         raise BadRecordError(where, f"text field {fields.text!r} must be a string, got {type(text).__name__}", pid)
@@ -220,6 +224,9 @@ def validate_record(raw: dict[str, Any], where: str, *, fields: Fields = Fields(
             e.record_id = pid
             raise
     return Record(id=pid, text=text, vector=vector, where=where)
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _check_vector(value: Any, where: str, name: str, dim: int | None) -> list[float]:
@@ -236,6 +243,8 @@ def _check_vector(value: Any, where: str, name: str, dim: int | None) -> list[fl
             raise BadRecordError(where, f"vector field {name!r}[{i}] is not a number: {x!r:.40}")
         if not math.isfinite(x):
             raise BadRecordError(where, f"vector field {name!r}[{i}] is {x} (vectors must be finite)")
+        if abs(x) > _FLOAT32_MAX:  # stored as float32: it would become inf there
+            raise BadRecordError(where, f"vector field {name!r}[{i}] is {x:g}, beyond float32 (|x| <= 3.4e38)")
     return [float(x) for x in value]
 
 

@@ -213,6 +213,7 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     vector_dim = store.metadata.get("vector_dim") if store is not None and options.vector_field else None
 
     summary = BuildSummary(max_length=model.max_length)
+    summary.setup_seconds = time.perf_counter() - start  # Ray's own start stays in the measured work
     fields = Fields(id=options.id_field, text=options.text_field, vector=options.vector_field)
     started_ray = init_ray(ray_options)
     seen: set[str] = set()
@@ -355,6 +356,11 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--workers", type=int, default=1, metavar="N", help="encoder actors, one model each (default: 1)")
     group.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
                        help="GPUs per actor (default: 0, CPU encoding)")
+    group.add_argument("--cpus-per-worker", type=float, default=RayOptions.cpus_per_worker, metavar="C",
+                       help=f"CPUs Ray reserves per actor (default: {RayOptions.cpus_per_worker:g})")
+    group.add_argument("--threads-per-worker", type=int, default=None, metavar="T",
+                       help="torch threads per actor (default: its reserved CPUs); matrices are bitwise equal to "
+                            "a local CPU build's only at the local build's thread count")
     group.add_argument("--window-rows", type=int, default=RayOptions.window_rows, metavar="N",
                        help=f"records per Ray job and commit, the resume granularity (default: {RayOptions.window_rows})")
 
@@ -362,15 +368,16 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
 def ray_options_from_args(args: argparse.Namespace) -> RayOptions:
     """Typed :class:`RayOptions` from the parsed flags of :func:`add_ray_arguments` (validated)."""
     opts = RayOptions(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                      cpus_per_worker=args.cpus_per_worker, threads_per_worker=args.threads_per_worker,
                       window_rows=args.window_rows)
     opts.validate()
     return opts
 
 
-def run_ray_build(options: BuildOptions, args: argparse.Namespace,
-                  storage_options: dict[str, str] | None = None) -> BuildSummary:
+def run_ray_build(options: BuildOptions, args: argparse.Namespace, storage_options: dict[str, str] | None = None,
+                  *, on_commit: Callable[[BuildSummary], None] | None = None) -> BuildSummary:
     """What ``kalm-store build --engine ray`` runs after parsing."""
-    return build_on_ray(options, ray_options_from_args(args), storage_options=storage_options)
+    return build_on_ray(options, ray_options_from_args(args), storage_options=storage_options, on_commit=on_commit)
 
 
 __all__ = ["RayOptions", "EncodeActor", "build_on_ray", "repool_on_ray", "add_ray_arguments",

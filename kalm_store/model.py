@@ -224,6 +224,8 @@ class KaLMModel:
         _check_lengths(max_length, query_max_length)
         name = str(name_or_path)
         folder, resolved_revision = _resolve_folder(name, revision, local_files_only)
+        if resolved_revision is None:  # a local folder: tables record where it is, not how it was typed
+            name = str(folder.resolve())
         if not list(folder.glob("*.safetensors")):
             raise ModelLoadError(f"{folder} holds no *.safetensors weights; KaLM loads safetensors only")
         if not (folder / "config.json").is_file():

@@ -52,6 +52,9 @@ def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vect
         if meta.get("vector_dim") is None:
             raise ValueError(f"table {tbl.name!r} has no vector column, so mode={mode!r} cannot run; use mode='fts' "
                              "or build the table with vectors")
+        if query_vector is not None and len(query_vector) != meta["vector_dim"]:
+            raise ValueError(f"query_vector has {len(query_vector)} values; table {tbl.name!r} holds "
+                             f"{meta['vector_dim']}-d vectors")
         if query_vector is None and not meta.get("embedder"):
             raise ValueError(f"table {tbl.name!r} holds brought vectors (no embedding function recorded): pass "
                              f"query_vector= (CLI: --query-vector) for mode={mode!r}, or use mode='fts'")
@@ -87,6 +90,7 @@ def search(
     query_vector: Sequence[float] | None = None,
     batch_size: int = 32,
     storage_options: dict[str, str] | None = None,
+    device: str | None = None,
 ) -> list[dict[str, Any]]:
     """Search a kalm-store table and rerank the candidates with KaLM from their stored matrices.
 
@@ -103,7 +107,9 @@ def search(
     k : int, default 10
         Hits returned (fewer when the first stage finds fewer).
     candidates : int, default 100
-        Rows the first stage hands to the reranker.
+        Rows the first stage hands to the reranker. In "hybrid" mode each leg (vector and FTS) fetches
+        this many and the reranker scores their union (up to twice as many rows), as LanceDB's hybrid
+        query does for every reranker.
     mode : {"vector", "fts", "hybrid"}, default "hybrid"
         First stage. "fts" needs a full-text index on ``text``; "vector"/"hybrid" need the table's
         embedding function or ``query_vector``.
@@ -117,6 +123,8 @@ def search(
         Candidates per decoder pass.
     storage_options : dict, optional
         Object-store options for ``lancedb.connect``.
+    device : str, optional
+        Device of a model loaded here from a hub id or folder; default ``None`` picks CUDA when available.
 
     Returns
     -------
@@ -131,15 +139,13 @@ def search(
     [{'rank': 1, 'id': 'json.loads', 'score': 0.97, 'text': '...'}, ...]
     """
     check_search_args(query, k, candidates, mode, ratio, query_vector)
-    import lancedb
-
     from .model import KaLMModel
     from .plugins.lancedb import KaLMReranker
+    from .store import PassageStore
 
-    db = lancedb.connect(db_uri, storage_options=storage_options)
-    tbl = db.open_table(table)
+    tbl = PassageStore.open(db_uri, table, storage_options=storage_options).table  # before loading a model
     if not isinstance(model, KaLMModel):
-        model = KaLMModel.from_pretrained(model)
+        model = KaLMModel.from_pretrained(model, device=device)
     rr = KaLMReranker(model, table=tbl, ratio=ratio, instruction=instruction, batch_size=batch_size)
     return run_search(tbl, rr, query, k=k, candidates=candidates, mode=mode, query_vector=query_vector)
 

@@ -8,8 +8,8 @@ stay as they are, and the column becomes visible in one commit (an interrupted r
 half-written). A concurrent append makes that commit fail with Lance's retryable
 ``CommitConflictError``; the column is then derived again from the latest version (appended rows
 included), up to ``CONFLICT_RETRIES`` times. Rows appended after the winning commit by a writer that
-does not know the new ratio hold null in it; ``kalm-store build`` resumed on the table writes every
-ratio its metadata lists. The table metadata ``ratios`` is updated in a second commit; a run interrupted
+does not know the new ratio hold null in it; ``kalm-store build`` resumes on such a table only when given
+every ratio its metadata lists (and then writes them all). The table metadata ``ratios`` is updated in a second commit; a run interrupted
 between the two is finished by running the same command again.
 
 A finer ratio can never be recovered from a coarser one: that is refused, with the reason.
@@ -48,6 +48,7 @@ class RepoolResult:
     ratios: list[int]  # ratios the table stores afterwards
     dropped: int | None  # the dropped source ratio, if any
     version: int  # table version afterwards
+    conflicts: int = 0  # commit races lost to concurrent writers (each one re-derived from the latest version)
 
 
 def check_repool(stored: list[int], from_ratio: object, to_ratio: object, *, columns: list[str] | None = None,
@@ -75,7 +76,8 @@ def check_direction(from_ratio: int, to_ratio: int) -> None:
         raise RepoolError(
             f"cannot re-pool from r={from_ratio} to the finer r={to_ratio}: each stored row is already a mean "
             f"of {from_ratio} tokens and the individual token states are gone, so a finer ratio can never be "
-            f"recovered; re-encode the passages at r={to_ratio} instead (kalm-store build)")
+            f"recovered; encode the passages again into a new table with `kalm-store build ... --table NEW "
+            f"--ratio {to_ratio}` (a table keeps the ratio set it was built with)")
     if to_ratio == from_ratio:
         raise RepoolError(f"from and to are both r={from_ratio}; nothing to do")
     if to_ratio % from_ratio:
@@ -168,6 +170,7 @@ def repool_store(
             bar.update(batch.num_rows)
         return out
 
+    attempt = 0
     try:
         for attempt in range(CONFLICT_RETRIES + 1):
             try:
@@ -190,15 +193,15 @@ def repool_store(
             bar.close()
     table.checkout_latest()
     set_ratios(table, stored + [t])
-    return _finish(store, f, t, rows, drop_source)
+    return _finish(store, f, t, rows, drop_source, conflicts=attempt)
 
 
-def _finish(store: PassageStore, f: int, t: int, rows: int, drop_source: bool) -> RepoolResult:
+def _finish(store: PassageStore, f: int, t: int, rows: int, drop_source: bool, conflicts: int = 0) -> RepoolResult:
     dropped = None
     if drop_source:
         dropped = drop_ratio(store, f)
     return RepoolResult(from_ratio=f, to_ratio=t, rows=rows, ratios=store.ratios, dropped=dropped,
-                        version=store.table.version)
+                        version=store.table.version, conflicts=conflicts)
 
 
 def drop_ratio(store: PassageStore, ratio: int) -> int:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 OBJECT_STORE_SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss")
 
@@ -59,6 +61,22 @@ def scheme(uri: str) -> str | None:
 def is_object_store(uri: str) -> bool:
     """True for ``s3://``, ``gs://``, ``az://``... URIs."""
     return scheme(uri) is not None
+
+
+def connect_existing(db_uri: str, storage_options: dict[str, str] | None = None) -> Any:
+    """``lancedb.connect`` to a database that must already exist.
+
+    LanceDB creates a missing local folder on connect; commands that only read (search, info, plan,
+    repool) refuse it instead, so a mistyped ``--db`` is an error rather than a new empty folder.
+    """
+    import lancedb
+
+    if not is_object_store(db_uri):
+        path = Path(db_uri[len("file://"):] if db_uri.startswith("file://") else db_uri).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"database {db_uri!r} does not exist (no such folder); build a store there "
+                                    "first with `kalm-store build`")
+    return lancedb.connect(db_uri, storage_options=storage_options)
 
 
 def parse_storage_option(item: str) -> tuple[str, str]:

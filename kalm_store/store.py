@@ -203,9 +203,9 @@ class PassageStore:
     def open(cls, db_uri: str, table: str, *, model: KaLMModel | None = None,
              storage_options: dict[str, str] | None = None) -> PassageStore:
         """Open an existing passage store; with ``model``, check that it built the table."""
-        import lancedb
+        from .storage import connect_existing
 
-        db = lancedb.connect(db_uri, storage_options=storage_options)
+        db = connect_existing(db_uri, storage_options)
         if table not in _table_names(db):
             raise ValueError(f"no table {table!r} in {db_uri} (tables: {_table_names(db)})")
         tbl = db.open_table(table)
@@ -298,7 +298,9 @@ class PassageStore:
         table_vectors = "embedder" if meta.get("embedder") else ("brought" if meta.get("vector_dim") else "none")
         diffs = []
         if ratios != self.ratios:
-            diffs.append(f"ratios: table has {self.ratios}, build asks for {ratios}")
+            flags = " ".join(f"--ratio {r}" for r in self.ratios)
+            diffs.append(f"ratios: table has {self.ratios}, build asks for {ratios} (to add rows, pass {flags}; "
+                         "`kalm-store repool` adds coarser ratios to a table)")
         if table_vectors != vectors:
             diffs.append(f"vectors: table's are {table_vectors!r}, build's are {vectors!r}")
         elif vectors == "embedder" and meta.get("embedder") != embedder:
@@ -377,7 +379,13 @@ class PassageStore:
 
     # ------------------------------------------------------------------ read
     def matrices(self, ids: Sequence[str], ratio: int) -> list[np.ndarray]:
-        """The stored float16 matrices of ``ids`` at ``ratio``, in the order of ``ids``."""
+        """The stored float16 matrices of ``ids`` at ``ratio``, in the order of ``ids``.
+
+        They are bitwise what :meth:`KaLMModel.encode` returned when the rows were added. Encoding the
+        same passages again reproduces them bitwise in the same batches (same passages together, same
+        batch size, device, dtype and thread count); other batches change the matrix-product shapes and
+        with them the float summation order, which can move a value by one float16 step.
+        """
         ratio = check_ratio_stored(self.metadata, ratio, what=f"table {self.table.name!r}")
         ids = list(ids)
         if not ids:

@@ -178,6 +178,24 @@ def test_cli_plan_json(tmp_path, tiny_model_dir, capsys) -> None:
     assert out["recommended"] == 1 and out["budget_bytes"] == 500 * 2**20 and out["lengths"]["passages"] == 30
 
 
+def test_cli_plan_plot_writes_a_png(tmp_path, tiny_model_dir, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    from kalm_store.cli import main
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in make_corpus(20, seed=6)))
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"id": "q", "text": "json data"}\n')
+    png = tmp_path / "plan.png"
+    assert main(["plan", str(corpus), "--model", str(tiny_model_dir), "--sample", "6", "--queries", str(queries),
+                 "--plot", str(png)]) == 0
+    assert str(png) in capsys.readouterr().out
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    assert width >= 400 and height >= 300  # a real figure, not an empty canvas
+
+
 @pytest.mark.parametrize("argv, message", [
     (["plan"], "either INPUT"),
     (["plan", "x.jsonl"], "--model is required"),

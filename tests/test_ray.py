@@ -162,3 +162,22 @@ def test_repool_on_ray_matches_local_repool(built, ray_local):
     ids = sorted(a.all_ids())
     assert all((x == y).all() for x, y in zip(a.matrices(ids, 16), b.matrices(ids, 16)))
     assert {tuple(ix.columns) for ix in a.table.list_indices()} == {("id",), ("text",)}
+
+
+def test_cli_build_with_engine_ray_equals_the_local_build(built, tiny_model_dir, capsys):
+    """`kalm-store build --engine ray` (the module's Ray is reused) writes the local build's table."""
+    import torch
+
+    from kalm_store.cli import main
+
+    db = built["tmp"] / "cli-ray"
+    argv = ["build", str(built["corpus"]), "--db", str(db), "--table", "docs", "--model", str(tiny_model_dir),
+            "--vector-field", "vec", "--ratio", "2", "--ratio", "4", "--chunk-size", "16", "--batch-size", "4",
+            "--engine", "ray", "--workers", "2", "--threads-per-worker", str(torch.get_num_threads()),
+            "--no-progress"]
+    assert main(argv) == 0
+    assert f"wrote {built['local'].written} " in capsys.readouterr().out
+    a, b = _snapshot(built["tmp"] / "local"), _snapshot(db)
+    assert a["rows"] == b["rows"] and a["schema"].metadata == b["schema"].metadata
+    assert main(argv[:-5] + ["--workers", "0"]) == 1  # validated before any work
+    assert "workers must be a positive int, got 0" in capsys.readouterr().err

@@ -120,7 +120,7 @@ def test_cli_repool(model, tmp_path, capsys) -> None:
     # the refusal comes before any table is opened (the db does not even exist)
     assert main(["repool", "--db", str(tmp_path / "nope"), "--table", "t", "--from", "8", "--to", "4"]) == 1
     err = capsys.readouterr().err
-    assert "finer r=4" in err and "re-encode" in err
+    assert "finer r=4" in err and "encode the passages again into a new table" in err
 
 
 def test_null_values_stay_null(model, tmp_path) -> None:
@@ -135,3 +135,29 @@ def test_null_values_stay_null(model, tmp_path) -> None:
     got = lance.dataset(ds.uri).to_table(columns=["id", "kalm_r2"], filter="id = 'p3'")
     assert got.column("kalm_r2").null_count == 1
     assert isinstance(got.column("kalm_r2").type, type(pa.large_binary()))
+
+
+def test_a_lost_commit_race_derives_again_from_the_latest_version(model, tmp_path, monkeypatch):
+    """Deterministic form of the concurrent-append case: the first add_columns commit loses to a writer
+    whose rows landed meanwhile; the retry re-derives from the latest version, appended rows included."""
+    import lance
+    from lance.commit import CommitConflictError
+
+    store = make_store(model, tmp_path / "db", [4])
+    real = lance.LanceDataset.add_columns
+    calls = []
+
+    def racing(self, *args, **kwargs):
+        calls.append(self.version)
+        if len(calls) == 1:  # a concurrent build commits its chunk first
+            store.add([dict(r, id="late" + r["id"]) for r in corpus(6, seed=2)])
+            raise CommitConflictError("Retryable commit conflict for version 4: a concurrent append won")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(lance.LanceDataset, "add_columns", racing)
+    result = repool_store(store, 4, 8, batch_size=16)
+    assert result.conflicts == 1 and len(calls) == 2 and calls[1] > calls[0]
+    assert result.rows == 56 and result.ratios == [4, 8]
+    ids = store.table.to_arrow().column("id").to_pylist()
+    assert sum(i.startswith("late") for i in ids) == 6
+    assert_close_fp16(store.matrices(ids, 8), model.encode(store.table.to_arrow().column("text").to_pylist(), 8))

@@ -73,6 +73,15 @@ def test_search_brought_vectors_need_query_vector(db, model):
 
     with pytest.raises(ValueError, match="query_vector"):
         search(db, "docs", "json", model=model, mode="hybrid")
+    with pytest.raises(ValueError, match=r"query_vector has 2 values; table 'docs' holds 8-d vectors"):
+        search(db, "docs", "json", model=model, mode="vector", query_vector=[1.0, 2.0])
+
+
+def test_search_opens_the_table_before_loading_the_model(db):
+    from kalm_store import search
+
+    with pytest.raises(ValueError, match="no table 'nosuch'"):  # the model folder does not even exist
+        search(db, "nosuch", "json", model="/nonexistent/model", mode="fts")
 
 
 def test_cli_search_json(db, tiny_model_dir, capsys):

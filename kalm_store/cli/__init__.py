@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
+    except BrokenPipeError:  # `kalm-store info ... | head`: the reader left; not an error of ours
+        # Python would report the pipe again while flushing stdout at exit: point stdout at devnull first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, TypeError, OSError) as e:  # user-facing errors: one line, no traceback
         print(f"kalm-store {args.command}: error: {e}", file=sys.stderr)
         return 1

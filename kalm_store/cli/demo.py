@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--passages", type=int, default=300, help="passages to build (default: 300)")
     p.add_argument("--ratio", type=int, default=4, help="MEP ratio to store and score with (default: 4)")
     p.add_argument("-k", type=int, default=5, help="hits printed per query (default: 5)")
-    p.add_argument("--candidates", type=int, default=50, help="first-stage rows reranked (default: 50)")
+    p.add_argument("--candidates", type=int, default=50, help="first-stage rows reranked; hybrid: per leg, their union is reranked (default: 50)")
     p.add_argument("--no-embedder", action="store_true",
                    help="skip the sentence-transformers embedder even if installed (FTS-only first stage)")
     p.add_argument("--device", default=None, help="cpu, cuda... (default: CUDA when available)")
@@ -125,8 +125,9 @@ def run(args: argparse.Namespace) -> int:
         hits = run_search(tbl, rr, q, k=args.k, candidates=args.candidates, mode=mode)
         print()
         print(format_hits(q, hits))
-        print(f"  ({mode} first stage, {args.candidates} candidates reranked from stored matrices in "
-              f"{(time.perf_counter() - ts) * 1000:.0f} ms)")
+        legs = " per leg (vector, FTS), their union" if mode == "hybrid" else ""
+        print(f"  ({mode} first stage: {args.candidates} candidates{legs} reranked from stored matrices, "
+              f"{(time.perf_counter() - ts) * 1000:.0f} ms in all)")
     if not real:
         print("\nreminder: these scores come from the random TEST model and mean nothing.")
     print(f"\ndemo done in {time.perf_counter() - t0:.1f} s. Try: kalm-store search --db {args.db} --table {args.table} "

@@ -28,9 +28,8 @@ def _size(n: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kalm_store.store import PassageStore
-
     from kalm_store.storage import options_from_args
+    from kalm_store.store import PassageStore
 
     info = PassageStore.open(args.db, args.table, storage_options=options_from_args(args)).info()
     if args.json:
@@ -42,8 +41,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"model        {meta.get('model_id')} rev {meta.get('model_revision')}, d={info['dim']}, "
           f"max_length={meta.get('max_length')}, template {meta.get('template_version')}")
     print(f"fingerprint  {info['fingerprint']}")
-    print(f"ratios       {info['ratios']}   vectors: "
-          f"{meta.get('embedder') or (meta.get('vector_dim') and 'brought') or 'none'} (dim {meta.get('vector_dim')})")
+    emb, dim = meta.get("embedder"), meta.get("vector_dim")
+    if dim is None:
+        vectors = "none"
+    elif emb:
+        vectors = f"{dim}-d, computed by {emb.get('name')} ({emb.get('model')})"
+    else:
+        vectors = f"{dim}-d, brought with the input"
+    print(f"ratios       {info['ratios']}   vectors: {vectors}")
     print(f"stored       {_size(info['stored_bytes'])} on disk, {_size(info['bytes_per_passage'])} per passage")
     print(f"{'column':<10} {'on disk':>12} {'per passage':>12} {'raw fp16/psg':>13} {'vs raw':>7}")
     for col, c in info["columns"].items():

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--table", required=True, help="table name")
     p.add_argument("--model", required=True, help="hub id or folder of the model that built the table")
     p.add_argument("-k", type=int, default=10, help="hits to print (default: 10)")
-    p.add_argument("--candidates", type=int, default=100, help="first-stage rows to rerank (default: 100)")
+    p.add_argument("--candidates", type=int, default=100, help="first-stage rows to rerank; in hybrid mode each leg (vector, FTS) fetches this many and "
+                        "their union, up to twice as many, is reranked (default: 100)")
     p.add_argument("--mode", choices=MODES, default="hybrid", help="first stage (default: hybrid)")
     p.add_argument("--instruction", default=None, help="task instruction (default: the model's)")
     p.add_argument("--ratio", type=int, default=None,
@@ -68,14 +69,13 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
 
-    from kalm_store import KaLMModel
     from kalm_store.query import search
     from kalm_store.storage import options_from_args
 
-    model = KaLMModel.from_pretrained(args.model, device=args.device)
-    hits = search(args.db, args.table, args.query, model=model, k=args.k, candidates=args.candidates,
-                  mode=args.mode, instruction=args.instruction, ratio=args.ratio, query_vector=vector,
-                  batch_size=args.batch_size, storage_options=options_from_args(args))
+    # search() opens the table before it loads the model: a wrong --db/--table fails in a second
+    hits = search(args.db, args.table, args.query, model=args.model, device=args.device, k=args.k,
+                  candidates=args.candidates, mode=args.mode, instruction=args.instruction, ratio=args.ratio,
+                  query_vector=vector, batch_size=args.batch_size, storage_options=options_from_args(args))
     if args.json:
         json.dump({"query": args.query, "results": hits}, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")

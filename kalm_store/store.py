@@ -68,6 +68,30 @@ def check_compatible(table_meta: dict[str, Any], model: KaLMModel, *, what: str 
                                  "use the model it was built with, or build a new table")
 
 
+def check_layout_file(table_schema: pa.Schema, *, what: str = "table") -> None:
+    """Refuse a table whose schema version, or whose columns for its recorded ratios and vector width,
+    differ from what ``schemas/passage_store.v1.json`` declares (names and Arrow types, not nullability).
+
+    Columns the metadata does not list are allowed: an interrupted ``repool`` leaves its new column
+    unlisted until the run is finished.
+    """
+    meta = schema.decode_metadata(table_schema.metadata)
+    want_version = schema.spec()["schema_version"]
+    if meta.get("schema_version") != want_version:
+        raise StoreMismatchError(f"{what} has kalm-store schema version {meta.get('schema_version')!r} (written by "
+                                 f"kalm-store {meta.get('kalm_store_version')!r}); this kalm-store ({__version__}) "
+                                 f"reads version {want_version}")
+    expected = schema.arrow_schema(list(meta.get("ratios") or []), meta.get("vector_dim"), {})
+    problems = []
+    for f in expected:
+        if f.name not in table_schema.names:
+            problems.append(f"column {f.name!r} is missing")
+        elif table_schema.field(f.name).type != f.type:
+            problems.append(f"column {f.name!r} is {table_schema.field(f.name).type}, the schema declares {f.type}")
+    if problems:
+        raise StoreMismatchError(f"{what} does not have the layout its metadata declares ({'; '.join(problems)})")
+
+
 def check_ratio_stored(table_meta: dict[str, Any], ratio: int, *, what: str = "table") -> int:
     """Return ``ratio`` if the table stores it, else raise naming the stored ratios."""
     ratio = check_ratio(ratio)
@@ -125,6 +149,7 @@ class PassageStore:
         self.model = model
         if model is not None:
             check_compatible(self.metadata, model, what=f"table {table.name!r}")
+        check_layout_file(table.schema, what=f"table {table.name!r}")
 
     # ------------------------------------------------------------------ create / open
     @classmethod

@@ -22,7 +22,8 @@ from lancedb.rerankers import Reranker
 
 from kalm_store import schema
 from kalm_store.pooling import check_ratio
-from kalm_store.store import MissingRowError, StoreMismatchError, check_compatible, check_ratio_stored, decode_rows, sql_in
+from kalm_store.store import (MissingRowError, StoreMismatchError, check_compatible, check_layout_file,
+                              check_ratio_stored, decode_rows, sql_in)
 
 if TYPE_CHECKING:  # pragma: no cover
     from kalm_store.model import KaLMModel
@@ -93,9 +94,8 @@ class _Handle:
     def name(self) -> str:
         return str(self.table.name)
 
-    def metadata(self) -> dict[str, Any]:
-        sch = self._run(self.table.schema()) if self.is_async else self.table.schema
-        return schema.decode_metadata(sch.metadata)
+    def schema(self) -> pa.Schema:
+        return self._run(self.table.schema()) if self.is_async else self.table.schema
 
     def version(self) -> int:
         return int(self._run(self.table.version()) if self.is_async else self.table.version)
@@ -196,9 +196,11 @@ class KaLMReranker(Reranker):
         version = self._handle.version()
         if version == self._version:
             return
-        meta = self._handle.metadata()
+        table_schema = self._handle.schema()
+        meta = schema.decode_metadata(table_schema.metadata)
         what = f"table {self._handle.name!r}"
         check_compatible(meta, self.model, what=what)
+        check_layout_file(table_schema, what=what)
         stored = sorted(meta.get("ratios") or [])
         if self._requested_ratio is None:
             if not stored:

@@ -107,3 +107,37 @@ def test_decode_rows_and_ratio_check(store):
     with pytest.raises(ValueError, match="lack the column 'kalm_r8'"):
         decode_rows(rows, 8, store.dim)
     assert check_ratio_stored(store.metadata, 8) == 8
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ("schema_version", ["schema version 2", "reads version 1"]),
+    ("listed_ratio_without_column", ["column 'kalm_r16' is missing"]),
+    ("n_tokens_type", ["column 'n_tokens' is int64, the schema declares int32"]),
+])
+def test_open_refuses_a_layout_other_than_the_schema_file(tmp_path, model, change, words):
+    """A table whose metadata claims kalm-store but whose layout differs is refused on open, by name."""
+    import json
+
+    import lancedb
+    import pyarrow as pa
+
+    from kalm_store.plugins.lancedb import KaLMReranker
+
+    good = PassageStore.create(str(tmp_path / "db"), "good", model, ratios=[4])
+    meta = dict(good.table.schema.metadata)
+    fields = list(good.table.schema)
+    if change == "schema_version":
+        meta[b"kalm_store.schema_version"] = b"2"
+    elif change == "listed_ratio_without_column":
+        meta[b"kalm_store.ratios"] = json.dumps([4, 16]).encode()
+    else:
+        fields = [pa.field("n_tokens", pa.int64(), nullable=False) if f.name == "n_tokens" else f for f in fields]
+    db = lancedb.connect(str(tmp_path / "db"))
+    bad = db.create_table("bad", schema=pa.schema(fields, metadata=meta))
+    with pytest.raises(StoreMismatchError) as info:
+        PassageStore.open(str(tmp_path / "db"), "bad")
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+    with pytest.raises(StoreMismatchError, match="table 'bad'"):  # the reranker checks it before any scoring
+        KaLMReranker(model, table=bad)
+    assert PassageStore.open(str(tmp_path / "db"), "good").ratios == [4]  # the real layout passes

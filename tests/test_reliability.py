@@ -282,13 +282,14 @@ def test_plain_lancedb_table_says_how_to_build(tmp_path, model):
 
 
 # ====================================================================== 4. concurrency, real processes
-def _reader(db: str, model_dir: str, chunk: int, n: int, stop_at: float, out) -> None:
+def _reader(db: str, model_dir: str, chunk: int, n: int, stop_at: float, out, ready) -> None:
     """Query a table while another process builds it; report what each query saw."""
     from kalm_store import KaLMModel
     from kalm_store.plugins.lancedb import KaLMReranker
     from kalm_store.store import PassageStore, decode_rows
 
     model = KaLMModel.from_pretrained(model_dir)
+    ready.set()  # the build starts only now: a slow start must not let it finish unobserved
     seen = []
     store = rr = None
     while time.monotonic() < stop_at:
@@ -326,9 +327,11 @@ def test_queries_during_a_build_see_whole_commits(tmp_path, tiny_model_dir, monk
     inp = write_jsonl(tmp_path / "c.jsonl", make_corpus(n, seed=3))
     db = tmp_path / "db"
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    reader = ctx.Process(target=_reader, args=(str(db), str(tiny_model_dir), chunk, n, time.monotonic() + 90, out))
+    out, ready = ctx.Queue(), ctx.Event()
+    reader = ctx.Process(target=_reader, args=(str(db), str(tiny_model_dir), chunk, n, time.monotonic() + 150, out,
+                                               ready))
     reader.start()
+    assert ready.wait(60), "the reader process did not start"
     build_proc = subprocess.run(CLI + ["build", str(inp), "--db", str(db), "--table", "docs", "--model",
                                        str(tiny_model_dir), "--chunk-size", str(chunk), "--no-progress"],
                                 capture_output=True, text=True, timeout=120)

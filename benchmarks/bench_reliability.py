@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -60,19 +61,34 @@ def run_fuzz(profile: str) -> dict:
                  "test_wrong_shape_is_refused", "test_arbitrary_bytes_never_crash"):
         print(f"  {name} ...", flush=True)
         getattr(fuzz, name)()  # raises on the first counterexample
-    for case in ("declares_4GiB", "declares_shape_but_holds_64MiB", "no_content_size_64MiB", "second_frame_64MiB"):
-        fuzz.test_crafted_bombs_are_refused_without_allocating(case)
+    bombs = fuzz.test_crafted_bombs_are_refused_without_allocating
+    (cases,) = [m.args[1] for m in bombs.pytestmark if m.name == "parametrize"]  # the test's own case list
+    for case in cases:
+        bombs(case)  # raises unless refused with < 1 MiB allocated
     return {"profile": profile, "cases": dict(fuzz.CASES), "total_cases": sum(fuzz.CASES.values()),
-            "damaged_outcomes": dict(sorted(fuzz.OUTCOMES.items())), "bombs_refused_under_1MiB": 4,
+            "damaged_outcomes": dict(sorted(fuzz.OUTCOMES.items())), "bombs_refused_under_1MiB": list(cases),
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+HOSTILE = "bad_input_names_file_and_line"  # the parametrized hostile-input cases of tests/test_reliability.py
+
+
+def _pytest(selection: str) -> tuple[str, int, int]:
+    """(pytest's summary line, its return code, tests passed) for ``-k selection`` of test_reliability."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_reliability.py", "-k", selection],
+                          cwd=ROOT, capture_output=True, text=True)
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
+    passed = re.search(r"(\d+) passed", tail)
+    return tail, proc.returncode, int(passed.group(1)) if passed else 0
 
 
 def run_inputs() -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_reliability.py",
-                           "-k", "not sigkill and not during"], cwd=ROOT, capture_output=True, text=True)
-    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
-    return {"pytest_summary": tail, "returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+    hostile_tail, hostile_rc, hostile = _pytest(HOSTILE)
+    rest_tail, rest_rc, _ = _pytest(f"not sigkill and not during and not {HOSTILE}")
+    return {"hostile_input_cases": hostile, "hostile_pytest_summary": hostile_tail,
+            "pytest_summary": rest_tail, "returncode": hostile_rc or rest_rc,
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,9 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     if "fuzz" in result:
         f = result["fuzz"]
         lines += [f"- Codec fuzz cases: **{f['total_cases']}** ({f['cases']}), 0 failures; outcomes of damaged "
-                  f"values: {f['damaged_outcomes']}; 4 crafted bombs refused with < 1 MiB allocated ({f['seconds']} s)"]
+                  f"values: {f['damaged_outcomes']}; {len(f['bombs_refused_under_1MiB'])} crafted bombs "
+                  f"({', '.join(f['bombs_refused_under_1MiB'])}) refused with < 1 MiB allocated ({f['seconds']} s)"]
     if "inputs" in result:
-        lines += [f"- Hostile input / corruption / mismatch / security tests: {result['inputs']['pytest_summary']}"]
+        i = result["inputs"]
+        lines += [f"- Hostile inputs through the CLI: **{i['hostile_input_cases']}** cases, each refused with a "
+                  f"one-line error naming file and line ({i['hostile_pytest_summary']})",
+                  f"- Corruption / mismatch / security / --skip-bad / truncation tests: {i['pytest_summary']}"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     ok = result.get("inputs", {}).get("returncode", 0) == 0

@@ -3,8 +3,8 @@
 The pipeline, one chunk at a time::
 
     read records (streaming) -> validate -> drop ids seen earlier in the input or already stored
-      -> encode (batches sorted by length) -> compress + commit (one Lance commit per chunk,
-         in a writer thread while the next chunk encodes) -> ... -> update FTS / id indices
+      -> encode (batches sorted by length) -> compress -> commit (one Lance commit per chunk, in a
+         writer thread while the next chunk encodes) -> ... -> update FTS / id indices
 
 Every commit is atomic, so a build killed at any point leaves whole chunks; re-running the same
 command stores only what is missing (resume) and adds nothing to a finished build (idempotence).

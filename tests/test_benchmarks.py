@@ -12,15 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADER = "| r | FBNL ms | joint ms | measured speed-up | FLOP-model speed-up |"
 
 
+def run_bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/<script>`` with one torch thread; fail with its stderr when it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
 def test_bench_scoring_quick_writes_the_table(tmp_path):
     prefix = tmp_path / "scoring_quick"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_scoring.py"), "--quick", "--threads", "1",
-         "--output", str(prefix)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_bench("bench_scoring.py", "--quick", "--threads", "1", "--output", str(prefix))
     md = Path(f"{prefix}.md").read_text()
     assert HEADER in md and HEADER in proc.stdout
     assert "--quick" in md  # the exact command is recorded
@@ -49,13 +52,7 @@ def test_flop_model_reproduces_the_nano_trend():
 
 def test_bench_kv_cache_quick_cached_scores_equal_uncached(tmp_path):
     prefix = tmp_path / "kv_quick"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_kv_cache.py"), "--quick", "--threads", "1",
-         "--output", str(prefix)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_bench("bench_kv_cache.py", "--quick", "--threads", "1", "--output", str(prefix))
     res = json.loads(Path(f"{prefix}.json").read_text())
     assert "| cache | passages held | hit rate |" in Path(f"{prefix}.md").read_text()
     # margins from cached keys/values are the uncached margins: the cache changes time, never scores
@@ -69,13 +66,7 @@ def test_bench_kv_cache_quick_cached_scores_equal_uncached(tmp_path):
 def test_bench_gpu_quick_on_the_cpu_writes_the_table(tmp_path):
     """The GPU benchmark is prepared for a lent GPU; here it runs its CPU smoke path end to end."""
     prefix = tmp_path / "gpu_quick"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--quick", "--device", "cpu",
-         "--output", str(prefix)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_bench("bench_gpu.py", "--quick", "--device", "cpu", "--output", str(prefix))
     md = Path(f"{prefix}.md").read_text()
     assert "| n | r | rows | FBNL ms (p90) |" in md and "--device cpu" in md
     res = json.loads(Path(f"{prefix}.json").read_text())

@@ -366,6 +366,16 @@ def test_help_states_every_default(capsys):
     assert out.count("(default") >= 15 and "first" in out and "occurrence" in out
 
 
+def test_python_dash_m_runs_the_cli_without_loading_torch():
+    code = ("import runpy, sys; sys.argv = ['kalm_store', '--version']\n"
+            "try:\n    runpy.run_module('kalm_store', run_name='__main__')\n"
+            "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    from kalm_store import __version__
+
+    assert proc.stdout.split() == ["kalm-store", __version__, "exit", "0", "False"], proc.stdout + proc.stderr
+
+
 # ---------------------------------------------------------------------- records unit tests
 def test_validate_record_rules():
     f = Fields(vector="v")

@@ -245,11 +245,10 @@ def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[s
     the LanceDB embedding function of ``--embedder`` (``None`` without one). Refuses another model,
     other ratios or another vector setup, naming the difference.
     """
-    import lancedb
-
+    from .storage import connect
     from .store import PassageStore, StoreMismatchError, _table_names, embedder_metadata
 
-    db = lancedb.connect(options.db, storage_options=storage_options)
+    db = connect(options.db, storage_options)
     store: PassageStore | None = None
     stored: set[str] = set()
     if options.table in _table_names(db):

@@ -63,20 +63,36 @@ def is_object_store(uri: str) -> bool:
     return scheme(uri) is not None
 
 
-def connect_existing(db_uri: str, storage_options: dict[str, str] | None = None) -> Any:
-    """``lancedb.connect`` to a database that must already exist.
+def connect(db_uri: str, storage_options: dict[str, str] | None = None, *, must_exist: bool = False) -> Any:
+    """``lancedb.connect``, with one clear ``OSError`` when an object store cannot be reached.
 
-    LanceDB creates a missing local folder on connect; commands that only read (search, info, plan,
-    repool) refuse it instead, so a mistyped ``--db`` is an error rather than a new empty folder.
+    ``must_exist``: LanceDB creates a missing local folder on connect; commands that only read (search,
+    info, plan, repool) refuse it instead, so a mistyped ``--db`` is an error, not a new empty folder.
     """
     import lancedb
 
     if not is_object_store(db_uri):
         path = Path(db_uri[len("file://"):] if db_uri.startswith("file://") else db_uri).expanduser()
-        if not path.is_dir():
+        if must_exist and not path.is_dir():
             raise FileNotFoundError(f"database {db_uri!r} does not exist (no such folder); build a store there "
                                     "first with `kalm-store build`")
-    return lancedb.connect(db_uri, storage_options=storage_options)
+        return lancedb.connect(db_uri, storage_options=storage_options)
+    try:
+        return lancedb.connect(db_uri, storage_options=storage_options)
+    except (OSError, ValueError) as e:  # LanceDB reports object-store failures as ValueError("Invalid input, ...")
+        raise object_store_error(db_uri, e) from e
+
+
+def object_store_error(db_uri: str, error: BaseException) -> OSError:
+    """One readable error for an object store that failed, from Lance's nested Rust debug output."""
+    import re
+
+    message = str(error)
+    causes = re.findall(r'message: "([^"]+)"', message) or re.findall(r"source: (\w+) \}", message)
+    where = re.search(r"uri: Some\(([^)\s]+)\)", message)
+    cause = (causes[-1] + (f" at {where.group(1)}" if where else "")) if causes else message.splitlines()[0][:300]
+    return OSError(f"could not reach {db_uri}: {cause}. Check the endpoint, region and credentials "
+                   "(AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, or --storage-option)")
 
 
 def parse_storage_option(item: str) -> tuple[str, str]:

@@ -187,7 +187,7 @@ class PassageStore:
         exist_ok : bool, default False
             Open an existing table instead of failing, if it is compatible.
         """
-        import lancedb
+        from .storage import connect
 
         ratios = sorted({check_ratio(r) for r in ratios})
         if not ratios:
@@ -209,7 +209,7 @@ class PassageStore:
             "vector_dim": vector_dim,
             "embedder": embedder_meta,
         }
-        db = lancedb.connect(db_uri, storage_options=storage_options)
+        db = connect(db_uri, storage_options)
         if table in _table_names(db):
             if not exist_ok:
                 raise ValueError(f"table {table!r} already exists in {db_uri}; open it or pass exist_ok=True")
@@ -228,9 +228,9 @@ class PassageStore:
     def open(cls, db_uri: str, table: str, *, model: KaLMModel | None = None,
              storage_options: dict[str, str] | None = None) -> PassageStore:
         """Open an existing passage store; with ``model``, check that it built the table."""
-        from .storage import connect_existing
+        from .storage import connect
 
-        db = connect_existing(db_uri, storage_options)
+        db = connect(db_uri, storage_options, must_exist=True)
         if table not in _table_names(db):
             raise ValueError(f"no table {table!r} in {db_uri} (tables: {_table_names(db)})")
         tbl = db.open_table(table)
@@ -468,6 +468,15 @@ def _bytes_on_disk(ds: Any) -> dict[str, int]:
 
 
 def _table_names(db: Any) -> list[str]:
-    res = db.list_tables() if hasattr(db, "list_tables") else db.table_names()
+    """The database's tables; an object store that cannot be reached is one ``OSError`` naming the cause."""
+    from .storage import is_object_store, object_store_error
+
+    try:
+        res = db.list_tables() if hasattr(db, "list_tables") else db.table_names()
+    except (OSError, ValueError) as e:  # LanceDB reports object-store failures as ValueError("Invalid input, ...")
+        uri = str(getattr(db, "uri", ""))
+        if not uri or not is_object_store(uri):
+            raise
+        raise object_store_error(uri, e) from e
     names = getattr(res, "tables", res)
     return list(names)

@@ -93,7 +93,7 @@ def test_cli_build_info_plan_search_repool_on_s3(aws_env, tmp_path, tiny_model_d
     assert any(k.endswith(".lance") and "/data/" in k for k in keys)
 
 
-def test_s3_without_endpoint_names_the_problem(monkeypatch, tmp_path, tiny_model_dir):
+def test_s3_without_endpoint_names_the_problem(monkeypatch, tmp_path, tiny_model_dir, capsys):
     """A bad endpoint fails with a one-line error from the CLI, not a hang or a traceback."""
     from kalm_store.cli import main
 
@@ -103,4 +103,7 @@ def test_s3_without_endpoint_names_the_problem(monkeypatch, tmp_path, tiny_model
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     code = main(["info", "--db", f"s3://{BUCKET}/nothing", "--table", "docs",
                  "--storage-option", "client_max_retries=0", "--storage-option", "connect_timeout=2s"])
-    assert code != 0
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err  # one line
+    assert f"kalm-store info: error: could not reach s3://{BUCKET}/nothing: Connection refused at " \
+           "http://127.0.0.1:9/" in err and "AWS_ENDPOINT_URL" in err

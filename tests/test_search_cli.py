@@ -46,7 +46,11 @@ def test_search_k_larger_than_candidates(db, model):
     from kalm_store import search
 
     hits = search(db, "docs", "parse json", model=model, k=50, candidates=100, mode="vector", query_vector=QVEC)
-    assert len(hits) == 12 and hits[-1]["rank"] == 12
+    assert len(hits) == 12 and hits[-1]["rank"] == 12  # k and candidates beyond the table's 12 rows
+    few = search(db, "docs", "parse json", model=model, k=8, candidates=5, mode="vector", query_vector=QVEC)
+    assert [h["rank"] for h in few] == [1, 2, 3, 4, 5]  # k beyond the candidates: all of them, reranked
+    assert {h["id"] for h in few} <= {h["id"] for h in hits}
+    assert [h["score"] for h in few] == sorted((h["score"] for h in few), reverse=True)
 
 
 def test_search_model_by_folder(db, tiny_model_dir):

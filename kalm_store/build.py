@@ -209,7 +209,7 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
                 summary.truncated += sum(n >= model.max_length for n in enc.token_counts)
                 writer.submit(todo, enc, fields.vector is not None)
             bar.update(len(chunk))
-            elapsed = time.perf_counter() - start - summary.setup_seconds
+            elapsed = max(time.perf_counter() - start - summary.setup_seconds, 1e-9)
             bar.set_postfix_str(f"{summary.tokens / elapsed:.0f} tok/s, {summary.written} written", refresh=False)
     except BaseException:
         if writer is not None:

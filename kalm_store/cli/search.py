@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--table", required=True, help="table name")
     p.add_argument("--model", required=True, help="hub id or folder of the model that built the table")
     p.add_argument("-k", type=int, default=10, help="hits to print (default: 10)")
-    p.add_argument("--candidates", type=int, default=100, help="first-stage rows to rerank; in hybrid mode each leg (vector, FTS) fetches this many and "
+    p.add_argument("--candidates", type=int, default=100,
+                   help="first-stage rows to rerank; in hybrid mode each leg (vector, FTS) fetches this many and "
                         "their union, up to twice as many, is reranked (default: 100)")
     p.add_argument("--mode", choices=MODES, default="hybrid", help="first stage (default: hybrid)")
     p.add_argument("--instruction", default=None, help="task instruction (default: the model's)")

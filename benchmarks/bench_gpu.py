@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from kalm_store import model as model_module
     from kalm_store.model import _resolve_device_dtype
+    from kalm_store.pooling import mep_pool
 
     device, dtype = _resolve_device_dtype(args.device, args.dtype)
     if args.rows_per_batch is not None:  # exploration knob: the library's bound on stored rows per pass
@@ -108,8 +109,6 @@ def run(args: argparse.Namespace) -> dict:
             joint_ms, joint_peak = _time(lambda: joint(ids), device, args.repeats)
             states = hf_model.get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
             for r in args.ratios:
-                from kalm_store.pooling import mep_pool
-
                 pooled, _ = mep_pool(states, torch.ones_like(ids), r)  # (C, ceil(n/r), d) float32
                 mats = [m.to(torch.float16).cpu().numpy() for m in pooled]  # stored: float16 on the host
                 score = lambda: model.score("query", mats, batch_size=args.batch_size, return_margin=True)  # noqa: E731

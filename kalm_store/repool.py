@@ -8,8 +8,9 @@ stay as they are, and the column becomes visible in one commit (an interrupted r
 half-written). A concurrent append makes that commit fail with Lance's retryable
 ``CommitConflictError``; the column is then derived again from the latest version (appended rows
 included), up to ``CONFLICT_RETRIES`` times. Rows appended after the winning commit by a writer that
-does not know the new ratio hold null in it; ``kalm-store build`` resumes on such a table only when given
-every ratio its metadata lists (and then writes them all). The table metadata ``ratios`` is updated in a second commit; a run interrupted
+does not know the new ratio hold null in it; ``kalm-store build`` resumes on such a table only when
+given every ratio its metadata lists (and then writes them all). The table metadata ``ratios`` is
+updated in a second commit; a run interrupted
 between the two is finished by running the same command again.
 
 A finer ratio can never be recovered from a coarser one: that is refused, with the reason.

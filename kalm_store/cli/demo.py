@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--passages", type=int, default=300, help="passages to build (default: 300)")
     p.add_argument("--ratio", type=int, default=4, help="MEP ratio to store and score with (default: 4)")
     p.add_argument("-k", type=int, default=5, help="hits printed per query (default: 5)")
-    p.add_argument("--candidates", type=int, default=50, help="first-stage rows reranked; hybrid: per leg, their union is reranked (default: 50)")
+    p.add_argument("--candidates", type=int, default=50,
+                   help="first-stage rows reranked; hybrid: per leg, their union is reranked (default: 50)")
     p.add_argument("--no-embedder", action="store_true",
                    help="skip the sentence-transformers embedder even if installed (FTS-only first stage)")
     p.add_argument("--device", default=None, help="cpu, cuda... (default: CUDA when available)")

@@ -233,7 +233,13 @@ class PassageStore:
         db = connect(db_uri, storage_options, must_exist=True)
         if table not in _table_names(db):
             raise ValueError(f"no table {table!r} in {db_uri} (tables: {_table_names(db)})")
-        tbl = db.open_table(table)
+        try:
+            tbl = db.open_table(table)
+        except ValueError as e:  # listed but no committed version yet: another process is creating it
+            if "was not found" not in str(e):  # LanceDB's own test for a missing table (lancedb.namespace)
+                raise
+            raise ValueError(f"no table {table!r} in {db_uri} yet: its folder holds no committed version "
+                             "(a build creating it has not made its first commit)") from e
         if not schema.decode_metadata(tbl.schema.metadata):
             raise StoreMismatchError(
                 f"table {table!r} in {db_uri} has no kalm-store metadata: it is a plain LanceDB table. Build a "

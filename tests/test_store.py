@@ -70,6 +70,9 @@ def test_open_refuses_another_model_and_plain_tables(tmp_path, store, model):
         PassageStore.open(str(tmp_path / "db"), "plain")
     with pytest.raises(ValueError, match="no table 'zzz'"):
         PassageStore.open(str(tmp_path / "db"), "zzz")
+    (tmp_path / "db" / "half.lance" / "_versions").mkdir(parents=True)  # listed, as while being created
+    with pytest.raises(ValueError, match="no table 'half' .* yet: its folder holds no committed version"):
+        PassageStore.open(str(tmp_path / "db"), "half")
     with pytest.raises(ValueError, match="already exists"):
         PassageStore.create(str(tmp_path / "db"), "docs", model)
     with pytest.raises(StoreMismatchError, match="ratios"):

@@ -10,8 +10,9 @@ Every commit is atomic, so a build killed at any point leaves whole chunks; re-r
 command stores only what is missing (resume) and adds nothing to a finished build (idempotence).
 
 Duplicate ids: the FIRST occurrence of an id wins. A later record with an id already seen in this
-input, or already stored in the table, is skipped and counted (``duplicates`` / ``already_stored``),
-never updated. Memory grows with the number of distinct ids only (a set of id strings, about 100
+input is skipped and counted (``duplicates``). A record whose id is already stored is skipped
+(``already_stored``), unless ``update=True`` and its text (or brought vector) differs from the stored
+row's: then it is re-encoded and replaces that row in the chunk's commit (``updated``). Memory grows with the number of distinct ids only (a set of id strings, about 100
 bytes each); texts and matrices stream in chunks of ``chunk_size`` records.
 """
 
@@ -65,6 +66,7 @@ class BuildOptions:
     id_index: bool = True  # BTREE index on `id`
     progress: bool = True  # tqdm bar on stderr
     storage_options: dict[str, str] | None = None  # object-store options for db (kalm_store.storage)
+    update: bool = False  # re-encode and replace stored rows whose text (or brought vector) changed
 
     def validate(self) -> None:
         """Check the options without touching disk or loading anything."""
@@ -102,7 +104,8 @@ class BuildSummary:
 
     read: int = 0  # records read from the input
     written: int = 0  # rows committed by this run
-    already_stored: int = 0  # skipped: id stored before this run (resume / idempotence)
+    already_stored: int = 0  # skipped: id stored before this run (resume / idempotence), unchanged
+    updated: int = 0  # of the written rows: replaced a stored row whose text or vector changed (update=True)
     duplicates: int = 0  # skipped: id repeated later in the input (first occurrence wins)
     bad: int = 0  # skipped bad records (only with an ``on_bad`` handler)
     tokens: int = 0  # encoder tokens of the written rows
@@ -122,7 +125,9 @@ class BuildSummary:
 
     def line(self) -> str:
         work = self.work_seconds
-        return (f"read {self.read}, wrote {self.written} in {self.commits} commits ({self.rate(self.written):.1f} "
+        replaced = f" ({self.updated} replacing changed rows)" if self.updated else ""
+        return (f"read {self.read}, wrote {self.written}{replaced} in {self.commits} commits "
+                f"({self.rate(self.written):.1f} "
                 f"passages/s, {self.rate(self.tokens):.0f} tokens/s over {work:.1f} s of encoding and writing; "
                 f"{self.setup_seconds:.1f} s loading and checks, {self.index_seconds:.1f} s indexing), skipped "
                 f"{self.already_stored} already stored + {self.duplicates} duplicate ids + {self.bad} bad; "
@@ -202,12 +207,15 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
                                             storage_options=options.storage_options)
             if writer is None:
                 writer = _Writer(store, summary, on_commit)
-            todo = select_new(chunk, seen, stored, summary)
+            stored_again: list[Record] | None = [] if options.update else None
+            todo = select_new(chunk, seen, stored, summary, stored_again)
+            changed = select_changed(store, stored_again, summary) if stored_again else []
+            todo += changed
             if todo:
                 enc = model.encode_ratios([r.text for r in todo], options.ratios, batch_size=options.batch_size)
                 summary.tokens += sum(enc.token_counts)
                 summary.truncated += sum(n >= model.max_length for n in enc.token_counts)
-                writer.submit(todo, enc, fields.vector is not None)
+                writer.submit(todo, enc, fields.vector is not None, replaced=len(changed))
             bar.update(len(chunk))
             elapsed = max(time.perf_counter() - start - summary.setup_seconds, 1e-9)
             bar.set_postfix_str(f"{summary.tokens / elapsed:.0f} tok/s, {summary.written} written", refresh=False)
@@ -323,30 +331,33 @@ class _Writer:
         self.store = store
         self.summary = summary
         self.on_commit = on_commit
-        self.queue: queue.Queue[pa.Table | None] = queue.Queue(maxsize=1)
+        self.queue: queue.Queue[tuple[pa.Table, int] | None] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="kalm-store-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while (rows := self.queue.get()) is not None:
+        while (item := self.queue.get()) is not None:
             if self.error is not None:
                 continue  # drain after a failure
+            rows, replaced = item
             try:
-                self.store.table.add(rows)
+                self.store.write(rows, replace=replaced > 0)
                 self.summary.written += rows.num_rows
+                self.summary.updated += replaced
                 self.summary.commits += 1
                 if self.on_commit is not None:
                     self.on_commit(self.summary)
             except BaseException as e:  # re-raised in the main thread
                 self.error = e
 
-    def submit(self, records: list[Record], enc: EncodedPassages, with_vectors: bool) -> None:
+    def submit(self, records: list[Record], enc: EncodedPassages, with_vectors: bool, replaced: int = 0) -> None:
+        """Queue one chunk's commit; ``replaced`` of the records replace stored rows of the same id."""
         if self.error is not None:
             raise self.error
         rows = self.store.rows_table([r.id for r in records], [r.text for r in records], enc,
                                      [r.vector for r in records] if with_vectors else None)
-        self.queue.put(rows)
+        self.queue.put((rows, replaced))
 
     def close(self, reraise: bool = True) -> None:
         self.queue.put(None)
@@ -365,9 +376,11 @@ def _progress(total: int | None, enabled: bool) -> Any:
 __all__ = ["BuildOptions", "BuildSummary", "build", "make_embedder", "EMBEDDERS"]
 
 
-def select_new(chunk: list[Record], seen: set[str], stored: set[str], summary: BuildSummary) -> list[Record]:
+def select_new(chunk: list[Record], seen: set[str], stored: set[str], summary: BuildSummary,
+               stored_again: list[Record] | None = None) -> list[Record]:
     """The duplicate-id policy, shared by every engine: the first occurrence of an id in the input
-    wins (later ones are counted as ``duplicates``), ids already stored are skipped (``already_stored``).
+    wins (later ones are counted as ``duplicates``), ids already stored are skipped (``already_stored``)
+    or, when ``stored_again`` is a list, collected there for :func:`select_changed`.
     ``seen`` is updated in place."""
     todo = []
     for rec in chunk:
@@ -376,7 +389,20 @@ def select_new(chunk: list[Record], seen: set[str], stored: set[str], summary: B
             continue
         seen.add(rec.id)
         if rec.id in stored:
-            summary.already_stored += 1
+            if stored_again is None:
+                summary.already_stored += 1
+            else:
+                stored_again.append(rec)
         else:
             todo.append(rec)
     return todo
+
+
+def select_changed(store: PassageStore, records: list[Record], summary: BuildSummary) -> list[Record]:
+    """``update=True``: of records whose id is stored, those whose text (or brought vector) differs from
+    the stored row; the others are counted as ``already_stored``."""
+    vectors = [r.vector for r in records] if store.brings_vectors else None
+    flags = store.changed([r.id for r in records], [r.text for r in records], vectors)
+    changed = [r for r, c in zip(records, flags) if c]
+    summary.already_stored += len(records) - len(changed)
+    return changed

@@ -261,16 +261,54 @@ class PassageStore:
         return int(self.metadata["dim"])
 
     # ------------------------------------------------------------------ write
+    def _rows_by_id(self, ids: Sequence[str], columns: list[str]) -> list[pa.Table]:
+        """The stored rows of ``ids`` (those that exist, in table order), read 1000 ids per filter."""
+        if not ids or self.table.count_rows() == 0:
+            return []
+        ids = list(ids)
+        ds = self.table.to_lance()
+        return [ds.to_table(columns=columns, filter=sql_in("id", ids[i:i + 1000])) for i in range(0, len(ids), 1000)]
+
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         """The subset of ``ids`` already stored."""
-        if not ids or self.table.count_rows() == 0:
-            return set()
-        found: set[str] = set()
-        ids = list(ids)
-        for start in range(0, len(ids), 1000):
-            chunk = ids[start:start + 1000]
-            found.update(self.table.to_lance().to_table(columns=["id"], filter=sql_in("id", chunk)).column("id").to_pylist())
-        return found
+        return {i for rows in self._rows_by_id(ids, ["id"]) for i in rows.column("id").to_pylist()}
+
+    def changed(self, ids: Sequence[str], texts: Sequence[str],
+                vectors: Sequence[Sequence[float] | None] | None = None) -> list[bool]:
+        """For ids already stored: does the given text (or brought vector) differ from the stored row's?
+
+        What an update re-encodes. Vectors are compared only in a table that brings its own (as the
+        float32 values stored); an embedding function's vectors follow from the text.
+        """
+        columns = ["id", "text"] + (["vector"] if vectors is not None and self.brings_vectors else [])
+        stored = {}
+        for rows in self._rows_by_id(ids, columns):
+            stored.update(zip(rows.column("id").to_pylist(), zip(*(rows.column(c).to_pylist() for c in columns[1:]))))
+        missing = [i for i in ids if i not in stored]
+        if missing:
+            raise MissingRowError(f"ids not in table {self.table.name!r}: {missing[:10]}")
+        out = []
+        for k, (i, text) in enumerate(zip(ids, texts)):
+            old = stored[i]
+            differs = old[0] != text
+            if not differs and len(old) > 1:
+                given = vectors[k]  # type: ignore[index]
+                # a missing vector counts as a change, so that writing the row names it
+                differs = given is None or not np.array_equal(np.asarray(old[1], np.float32),
+                                                              np.asarray(given, np.float32))
+            out.append(differs)
+        return out
+
+    def write(self, rows: pa.Table, *, replace: bool = False) -> None:
+        """Commit ``rows`` (from :meth:`rows_table`) in one atomic Lance commit.
+
+        ``replace=True`` also replaces the stored rows with the same ids (a merge-insert on ``id``:
+        old rows deleted, new ones written, in the same commit); otherwise the rows are appended.
+        """
+        if replace:
+            self.table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+        else:
+            self.table.add(rows)
 
     def encode_records(self, records: Sequence[dict[str, Any]], *, batch_size: int = 16) -> pa.Table:
         """Encode the texts of ``records`` at every stored ratio into an Arrow table of this schema."""
@@ -391,6 +429,19 @@ class PassageStore:
         Ids already in the table, and repeats of an id within ``records``, are skipped (first
         occurrence wins), so re-adding is idempotent. Returns the number of rows written.
         """
+        return self._add(records, batch_size, update=False)
+
+    def upsert(self, records: Iterable[dict[str, Any]], *, batch_size: int = 16) -> int:
+        """Like :meth:`add`, but a record whose id is stored with another text (or brought vector)
+        is re-encoded and replaces that row, in the same commit as the new rows.
+
+        Records equal to their stored row are skipped, so upserting again is idempotent. Returns the
+        number of rows written (new plus replaced). Change passages this way, not with LanceDB's
+        ``update`` on ``text``: that would leave the matrix of the old text in place.
+        """
+        return self._add(records, batch_size, update=True)
+
+    def _add(self, records: Iterable[dict[str, Any]], batch_size: int, update: bool) -> int:
         records = list(records)
         for i, r in enumerate(records):
             if not isinstance(r, dict) or not isinstance(r.get("id"), str) or not isinstance(r.get("text"), str):
@@ -402,11 +453,15 @@ class PassageStore:
                 seen.add(r["id"])
                 unique.append(r)
         stored = self.existing_ids([r["id"] for r in unique])
-        todo = [r for r in unique if r["id"] not in stored]
-        if not todo:
+        new = [r for r in unique if r["id"] not in stored]
+        old = [r for r in unique if r["id"] in stored] if update else []
+        vectors = [r.get("vector") for r in old] if self.brings_vectors else None
+        flags = self.changed([r["id"] for r in old], [r["text"] for r in old], vectors) if old else []
+        changed = [r for r, c in zip(old, flags) if c]
+        if not new and not changed:
             return 0
-        self.table.add(self.encode_records(todo, batch_size=batch_size))
-        return len(todo)
+        self.write(self.encode_records(new + changed, batch_size=batch_size), replace=bool(changed))
+        return len(new) + len(changed)
 
     # ------------------------------------------------------------------ read
     def matrices(self, ids: Sequence[str], ratio: int) -> list[np.ndarray]:

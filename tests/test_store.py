@@ -57,6 +57,37 @@ def test_add_is_idempotent_and_first_id_wins(store, passages):
         store.add([{"id": 1, "text": "x"}])
 
 
+def test_upsert_replaces_only_changed_rows(store, model, passages):
+    def column(name):
+        rows = store.table.to_arrow()
+        return dict(zip(rows.column("id").to_pylist(), rows.column(name).to_pylist()))
+
+    before = column("kalm_r4")
+    records = [{"id": f"p{i}", "text": t} for i, t in enumerate(passages)]
+    records[1] = {"id": "p1", "text": "zeppelins drift over the harbour"}
+    assert store.upsert(records + [{"id": "new", "text": "a"}, {"id": "p1", "text": "a later p1"}]) == 2
+    after = column("kalm_r4")
+    assert column("text")["p1"] == "zeppelins drift over the harbour" and len(after) == len(passages) + 1
+    assert store.matrices(["p1"], 4)[0].tobytes() == model.encode(["zeppelins drift over the harbour"], 4)[0].tobytes()
+    assert {k: v for k, v in after.items() if k not in ("p1", "new")} == {k: v for k, v in before.items() if k != "p1"}
+    version = store.table.version
+    assert store.upsert(records) == 0 and store.table.version == version  # idempotent: no commit at all
+    assert store.add([{"id": "p1", "text": "add never replaces"}]) == 0 and column("text")["p1"].startswith("zep")
+
+
+def test_changed_compares_brought_vectors_as_stored(tmp_path, model):
+    s = PassageStore.create(str(tmp_path / "db"), "v", model, ratios=[4], vector_dim=2)
+    s.add([{"id": "a", "text": "x", "vector": [0.1, 0.2]}, {"id": "b", "text": "y", "vector": [1, 2]}])
+    assert s.changed(["a", "b"], ["x", "y"], [[0.1, 0.2], [1, 2]]) == [False, False]  # float32 round trip
+    assert s.changed(["a", "b"], ["x", "y!"], [[0.1, 0.25], [1, 2]]) == [True, True]
+    assert s.changed(["a"], ["x"], [None]) == [True]  # writing it then names the missing vector
+    with pytest.raises(KeyError, match="zz"):
+        s.changed(["zz"], ["x"])
+    assert s.upsert([{"id": "a", "text": "x", "vector": [0.5, 0.5]}]) == 1
+    rows = s.table.to_arrow()
+    assert dict(zip(rows.column("id").to_pylist(), rows.column("vector").to_pylist())) == {"a": [0.5, 0.5], "b": [1, 2]}
+
+
 def test_open_refuses_another_model_and_plain_tables(tmp_path, store, model):
     import lancedb
 

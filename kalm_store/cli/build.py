@@ -14,8 +14,14 @@ from kalm_store.records import FORMATS
 _EPILOG = """\
 Resume and duplicates: every chunk is one atomic commit. Re-running the same command after an
 interruption stores only the ids not stored yet; re-running a finished build adds nothing. The first
-occurrence of an id wins: later records with an id seen earlier in the input or already in the table
-are skipped (never updated) and counted in the summary.
+occurrence of an id in the input wins: later records with that id are skipped and counted. Records
+whose id is already in the table are skipped too, unless --update is given.
+
+Changed passages (--update): a record whose id is stored with another text (or, for brought vectors,
+another vector) is re-encoded and replaces the stored row, in the same atomic commit as the chunk's
+new rows (a Lance merge-insert on id); unchanged records cost one read of their stored text. Run it
+with the input's current version of the corpus; re-running it changes nothing more. Deleting passages
+is plain LanceDB: tbl.delete("id IN ('a', 'b')") removes rows with their matrices.
 
 Refusals (before anything is encoded): an existing table built with another model fingerprint,
 template version, max_length, d, other ratios, or another vector setup. A bad record (missing field,
@@ -79,6 +85,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                    help="skip the BTREE index on id (default: create or update it)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (default: a bar on stderr with passages/s, tokens/s and ETA)")
+    p.add_argument("--update", action="store_true",
+                   help="re-encode records whose id is stored with another text (or brought vector) and replace "
+                        "those rows (default: skip every stored id)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad records (invalid JSON or UTF-8, missing or wrongly typed fields, wrong vector "
                         "width, NaN) and report them instead of stopping (default: stop at the first one)")
@@ -102,7 +111,8 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
         embedder=args.embedder, embedder_model=args.embedder_model, embedder_device=args.embedder_device,
         input_format=args.input_format, chunk_size=args.chunk_size, batch_size=args.batch_size,
         max_length=args.max_length, revision=args.revision, device=args.device, dtype=args.dtype,
-        fts_index=args.fts_index, id_index=args.id_index, progress=args.progress and sys.stderr.isatty())
+        fts_index=args.fts_index, id_index=args.id_index, progress=args.progress and sys.stderr.isatty(),
+        update=args.update)
     from kalm_store.storage import options_from_args as storage_from_args
 
     opts.storage_options = storage_from_args(args)

@@ -76,3 +76,13 @@ def test_bench_gpu_quick_on_the_cpu_writes_the_table(tmp_path):
         assert row["fbnl_ms"] > 0 and row["joint_ms"] > 0 and len(row["fbnl_ms_all"]) == 2
     # FBNL at r = 1 computes the joint model's margins (float16 storage of the states in between)
     assert res["max_abs_margin_diff_r1"]["64"] < 5e-3
+
+
+def test_bench_update_quick_checks_the_updated_table(tmp_path):
+    proc = run_bench("bench_update.py", "--quick", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "update_quick.json").read_text())
+    steps = {r["step"]: r for r in res["rows"]}
+    assert steps["fresh build"]["written"] == 40 and steps["re-run --update, unchanged"]["written"] == 0
+    assert [r["updated"] for r in res["rows"][3:]] == [2, 10]  # 5% and 25% of 40 texts, and only those
+    assert res["max_abs_diff_edited_vs_encoded_alone"] < 4e-3  # float16 steps, not another passage's matrix
+    assert "| --update, 25% of texts changed | 10 | 10 |" in proc.stdout

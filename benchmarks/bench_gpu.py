@@ -14,6 +14,10 @@ What is timed, per query of ``--candidates`` candidates (KaLM-Reranker-V1-Nano s
 * joint: encoder + decoder over each (passage, prompt) pair (what a cross-encoder must do), ids already
   on the device, in batches of the same size.
 
+Two probes at r = 4 for whoever tunes the CUDA path next: FBNL at other ``--probe-rows`` bounds of
+stored rows per decoder pass, and FBNL with sdpa's math kernel switched off (flash, memory-efficient
+and cuDNN only), which says whether the boolean mask with grouped-query heads falls back to math.
+
 Each path runs 3 times untimed (CUDA context, cuBLAS handles, allocator), then ``--repeats`` times with a
 device synchronisation before and after; the table shows the median and the 90th percentile. Peak memory is
 ``torch.cuda.max_memory_allocated`` per path. The device's dense matmul rate is measured in the compute
@@ -102,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
             margins.append(z[:, 0] - z[:, 1])
         return torch.cat(margins)  # (C,)
 
-    rows_out, checks = [], {}
+    rows_out, checks, probes = [], {}, []
     with torch.inference_mode():
         for n in args.ns:
             ids = torch.randint(10, vocab, (c, n), generator=g).to(device)  # (C, n) passage ids
@@ -115,6 +119,8 @@ def run(args: argparse.Namespace) -> dict:
                 fbnl_ms, fbnl_peak = _time(score, device, args.repeats)
                 if r == 1:
                     checks[n] = float(np.abs(score() - joint(ids).cpu().numpy()).max())
+                if r == 4:
+                    probes.extend(_probes(score, device, n, args))
                 rows_out.append({
                     "n": n, "r": r, "rows_per_candidate": math.ceil(n / r),
                     "fbnl_ms": statistics.median(fbnl_ms), "fbnl_p90_ms": float(np.percentile(fbnl_ms, 90)),
@@ -137,7 +143,32 @@ def run(args: argparse.Namespace) -> dict:
             "device": str(device), "compute_dtype": str(dtype).replace("torch.", ""), "storage_dtype": "float16",
             "shape": shape, "candidates": c, "prompt_len": args.prompt_len, "batch_size": args.batch_size,
             "rows_per_batch": model_module._ROWS_PER_BATCH, "repeats": args.repeats,
-            "matmul_tflops": matmul_tflops, "max_abs_margin_diff_r1": checks, "results": rows_out}
+            "matmul_tflops": matmul_tflops, "max_abs_margin_diff_r1": checks, "results": rows_out,
+            "probes_r4": probes}
+
+
+def _probes(score, device, n: int, args: argparse.Namespace) -> list[dict]:
+    """FBNL at r = 4 under other row bounds, and with sdpa's math kernel off (an error there is a result)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kalm_store import model as model_module
+
+    out, base = [], model_module._ROWS_PER_BATCH
+    try:
+        for rows in args.probe_rows:
+            model_module._ROWS_PER_BATCH = rows
+            ms, peak = _time(score, device, args.repeats)
+            out.append({"n": n, "probe": f"rows per pass {rows}", "fbnl_ms": statistics.median(ms), "peak_mib": peak})
+    finally:
+        model_module._ROWS_PER_BATCH = base
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    try:
+        with sdpa_kernel(fused):
+            ms, peak = _time(score, device, args.repeats)
+        out.append({"n": n, "probe": "sdpa without math", "fbnl_ms": statistics.median(ms), "peak_mib": peak})
+    except RuntimeError as e:  # no fused kernel takes these inputs: that is the finding, recorded
+        out.append({"n": n, "probe": "sdpa without math", "error": str(e).strip().splitlines()[0][:300]})
+    return out
 
 
 def to_markdown(res: dict) -> str:
@@ -165,6 +196,14 @@ def to_markdown(res: dict) -> str:
         t = target[0]["fbnl_ms"]
         lines.append(f"- issue 8 target: {res['candidates']} candidates at r = 4, n = 512 in <= {TARGET_MS:.0f} ms "
                      f"on an H100: measured {t:.2f} ms on {m['device']} ({'met' if t <= TARGET_MS else 'NOT met'}).")
+    if res.get("probes_r4"):
+        lines += ["", "Probes at r = 4 (same query, same candidates):", "",
+                  "| n | probe | FBNL ms | peak MiB |", "|---|---|---|---|"]
+        for p in res["probes_r4"]:
+            took = f"{p['fbnl_ms']:.2f}" if "fbnl_ms" in p else f"failed: {p['error']}"
+            peak = f"{p['peak_mib']:.0f}" if p.get("peak_mib") is not None else "-"
+            lines.append(f"| {p['n']} | {p['probe']} | {took} | {peak} |")
+        lines.append("")
     for n, diff in res["max_abs_margin_diff_r1"].items():
         lines.append(f"- r = 1 margins vs the joint forward at n = {n}: max |diff| {diff:.2e} ({res['compute_dtype']}).")
     return "\n".join(lines) + "\n"
@@ -182,6 +221,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="candidates per pass (default: 100; quick 4)")
     p.add_argument("--rows-per-batch", type=int, default=None,
                    help="stored rows per decoder pass (default: the library's bound)")
+    p.add_argument("--probe-rows", type=int, nargs="*", default=None,
+                   help="other row bounds tried at r = 4 (default: 32768 131072; quick 64)")
     p.add_argument("--prompt-len", type=int, default=60, help="prompt tokens (default: 60)")
     p.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke run in seconds")
     p.add_argument("--output", default=None, help="output prefix for .md/.json (default: "
@@ -190,7 +231,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     args.shape = TINY if quick else NANO
     defaults = {"candidates": (100, 8), "ns": ([512, 4096], [64]), "ratios": ([1, 2, 4, 8, 16, 32], [1, 4]),
-                "repeats": (20, 2), "batch_size": (100, 4)}
+                "repeats": (20, 2), "batch_size": (100, 4), "probe_rows": ([32768, 131072], [64])}
     for name, (full, small) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)

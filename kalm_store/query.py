@@ -155,7 +155,7 @@ def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, can
     """Like :func:`search` with an open table and a ready reranker (no re-loading between queries)."""
     check_search_args(query, k, candidates, mode, reranker.ratio, query_vector)
     q = first_stage(tbl, query, mode=mode, candidates=candidates, query_vector=query_vector,
-                    columns=["text"] + reranker.columns)
+                    columns=reranker.columns)
     if mode == "vector":
         q = q.rerank(reranker, query_string=query)
     else:

@@ -1,4 +1,4 @@
-"""The stored table's layout, read from ``schemas/passage_store.v1.json`` (package data).
+"""The stored table's layout, read from ``schemas/passage_store.v2.json`` (package data).
 
 Nothing here restates the file: the Arrow schema and the metadata keys are derived from it, so the
 JSON stays the single declaration of what a kalm-store table is.
@@ -15,8 +15,9 @@ import pyarrow as pa
 
 from .pooling import check_ratio
 
-SCHEMA_FILE = "passage_store.v1.json"
+SCHEMA_FILE = "passage_store.v2.json"
 CODEC = "zstd-frame/float16-rowmajor/v1"
+DIGEST_COLUMN = "text_digest"  # declared in the schema file; its value is computed by kalm_store.store.text_digest
 
 
 @lru_cache(maxsize=1)
@@ -47,7 +48,8 @@ def _arrow_type(type_name: str, size: int | None) -> pa.DataType:
         if not size:
             raise ValueError("a fixed_size_list column needs its size")
         return pa.list_(pa.float32(), size)
-    return {"string": pa.string(), "int32": pa.int32(), "large_binary": pa.large_binary()}[type_name]
+    return {"string": pa.string(), "int32": pa.int32(), "large_binary": pa.large_binary(),
+            "fixed_size_binary(8)": pa.binary(8)}[type_name]
 
 
 def ratio_field(ratio: int) -> pa.Field:
@@ -57,10 +59,15 @@ def ratio_field(ratio: int) -> pa.Field:
                     metadata=col.get("field_metadata"))
 
 
-def arrow_schema(ratios: list[int], vector_dim: int | None, metadata: dict[str, Any]) -> pa.Schema:
-    """The Arrow schema of a table storing ``ratios``, with (``vector_dim`` set) or without a vector."""
+def arrow_schema(ratios: list[int], vector_dim: int | None, metadata: dict[str, Any],
+                 version: int | None = None) -> pa.Schema:
+    """The Arrow schema of a table storing ``ratios``, with (``vector_dim`` set) or without a vector,
+    in the layout of schema ``version`` (default: the current one)."""
+    version = spec()["schema_version"] if version is None else version
     fields = []
     for col in spec()["columns"]:
+        if col.get("since_version", 1) > version:
+            continue
         if col.get("per_ratio"):
             fields.extend(ratio_field(r) for r in sorted(ratios))
         elif col["name"] == "vector" and vector_dim is None:

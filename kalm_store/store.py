@@ -1,12 +1,15 @@
 """PassageStore: the LanceDB table that holds pooled KaLM matrices beside vectors and text.
 
-Layout and metadata come from ``schemas/passage_store.v1.json`` (see :mod:`kalm_store.schema`).
+Layout and metadata come from ``schemas/passage_store.v2.json`` (see :mod:`kalm_store.schema`).
 A table remembers which model built it (fingerprint, template version, max_length, d): writing
-or scoring with anything else is refused, naming what differs.
+or scoring with anything else is refused, naming what differs. Each row also keeps a digest of the
+text its matrices were encoded from, so a matrix whose text was changed behind kalm-store's back is
+refused instead of scored.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,6 +27,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class StoreMismatchError(ValueError):
     """A table and a model (or a requested ratio) do not belong together."""
+
+
+class StaleMatrixError(ValueError):
+    """A row's text no longer matches the text its stored matrices were encoded from."""
 
 
 class MissingRowError(KeyError):
@@ -70,18 +77,19 @@ def check_compatible(table_meta: dict[str, Any], model: KaLMModel, *, what: str 
 
 def check_layout_file(table_schema: pa.Schema, *, what: str = "table") -> None:
     """Refuse a table whose schema version, or whose columns for its recorded ratios and vector width,
-    differ from what ``schemas/passage_store.v1.json`` declares (names and Arrow types, not nullability).
+    differ from what ``schemas/passage_store.v2.json`` declares for that version (names and Arrow
+    types, not nullability).
 
     Columns the metadata does not list are allowed: an interrupted ``repool`` leaves its new column
     unlisted until the run is finished.
     """
     meta = schema.decode_metadata(table_schema.metadata)
-    want_version = schema.spec()["schema_version"]
-    if meta.get("schema_version") != want_version:
-        raise StoreMismatchError(f"{what} has kalm-store schema version {meta.get('schema_version')!r} (written by "
+    version, readable = meta.get("schema_version"), schema.spec()["reads_versions"]
+    if isinstance(version, bool) or version not in readable:
+        raise StoreMismatchError(f"{what} has kalm-store schema version {version!r} (written by "
                                  f"kalm-store {meta.get('kalm_store_version')!r}); this kalm-store ({__version__}) "
-                                 f"reads version {want_version}")
-    expected = schema.arrow_schema(list(meta.get("ratios") or []), meta.get("vector_dim"), {})
+                                 f"reads versions {readable}")
+    expected = schema.arrow_schema(list(meta.get("ratios") or []), meta.get("vector_dim"), {}, version=version)
     problems = []
     for f in expected:
         if f.name not in table_schema.names:
@@ -110,10 +118,12 @@ def decode_rows(rows: pa.Table, ratio: int, dim: int, max_tokens: int | None = N
     (huge ``n_tokens`` and a frame declaring that size) from making us allocate without bound.
     """
     col = schema.column_name(ratio)
-    for name in ("id", "n_tokens", col):
+    for name in ("id", "n_tokens", col) + (("text",) if schema.DIGEST_COLUMN in rows.column_names else ()):
         if name not in rows.column_names:
             raise ValueError(f"fetched rows lack the column {name!r} (have {rows.column_names})")
     ids = rows.column("id").to_pylist()
+    if schema.DIGEST_COLUMN in rows.column_names:
+        check_digests(ids, rows.column("text").to_pylist(), rows.column(schema.DIGEST_COLUMN).to_pylist(), col)
     counts = rows.column("n_tokens").to_pylist()
     blobs = rows.column(col)
     out = []
@@ -123,6 +133,23 @@ def decode_rows(rows: pa.Table, ratio: int, dim: int, max_tokens: int | None = N
         blob = blobs[i].as_buffer()
         out.append(decode_matrix(blob, pooled_rows(n, ratio), dim, what=f"passage id {pid!r}, column {col}"))
     return out
+
+
+def text_digest(text: str) -> bytes:
+    """The ``text_digest`` value of a text: BLAKE2b-64 of its UTF-8 bytes."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+
+
+def check_digests(ids: Sequence[str], texts: Sequence[str | None], digests: Sequence[bytes | None],
+                  column: str = "the matrices") -> None:
+    """Raise :class:`StaleMatrixError` naming the rows whose text is not the one their matrices were
+    encoded from (changed by a write that bypassed kalm-store)."""
+    stale = [i for i, t, d in zip(ids, texts, digests) if t is None or d is None or text_digest(t) != d]
+    if stale:
+        raise StaleMatrixError(
+            f"passage id(s) {stale[:10]}{' ...' if len(stale) > 10 else ''}: the text was changed after {column} was "
+            "stored (a LanceDB update or merge_insert of `text` that bypassed kalm-store), so the stored matrix is of "
+            "another text; re-encode with `kalm-store build --update` or PassageStore.upsert")
 
 
 def sql_in(column: str, values: Sequence[str]) -> str:
@@ -278,23 +305,27 @@ class PassageStore:
         """For ids already stored: does the given text (or brought vector) differ from the stored row's?
 
         What an update re-encodes. Vectors are compared only in a table that brings its own (as the
-        float32 values stored); an embedding function's vectors follow from the text.
+        float32 values stored); an embedding function's vectors follow from the text. A stale row (its
+        text changed after its matrices were stored, see :func:`check_digests`) counts as changed even
+        when its text is the given one, so that an update repairs it.
         """
-        columns = ["id", "text"] + (["vector"] if vectors is not None and self.brings_vectors else [])
-        stored = {}
-        for rows in self._rows_by_id(ids, columns):
-            stored.update(zip(rows.column("id").to_pylist(), zip(*(rows.column(c).to_pylist() for c in columns[1:]))))
+        with_vectors = vectors is not None and self.brings_vectors
+        wanted = ["text", schema.DIGEST_COLUMN if self.has_digests else None, "vector" if with_vectors else None]
+        stored = {}  # id -> (text, digest or None, vector or None)
+        for part in self._rows_by_id(ids, ["id"] + [c for c in wanted if c]):
+            values = [part.column(c).to_pylist() if c else [None] * part.num_rows for c in wanted]
+            stored.update(zip(part.column("id").to_pylist(), zip(*values)))
         missing = [i for i in ids if i not in stored]
         if missing:
             raise MissingRowError(f"ids not in table {self.table.name!r}: {missing[:10]}")
         out = []
         for k, (i, text) in enumerate(zip(ids, texts)):
-            old = stored[i]
-            differs = old[0] != text
-            if not differs and len(old) > 1:
+            old_text, old_digest, old_vector = stored[i]
+            differs = old_text != text or (old_digest is not None and text_digest(old_text) != old_digest)
+            if not differs and with_vectors:
                 given = vectors[k]  # type: ignore[index]
                 # a missing vector counts as a change, so that writing the row names it
-                differs = given is None or not np.array_equal(np.asarray(old[1], np.float32),
+                differs = given is None or not np.array_equal(np.asarray(old_vector, np.float32),
                                                               np.asarray(given, np.float32))
             out.append(differs)
         return out
@@ -320,6 +351,11 @@ class PassageStore:
         return self.rows_table([r["id"] for r in records], texts, enc, vectors)
 
     @property
+    def has_digests(self) -> bool:
+        """True when rows carry ``text_digest`` (schema version 2 on): reads check their text against it."""
+        return schema.DIGEST_COLUMN in self.table.schema.names
+
+    @property
     def brings_vectors(self) -> bool:
         """True when rows must carry their own ``vector`` (a vector column and no embedding function)."""
         return self.metadata.get("vector_dim") is not None and not self.metadata.get("embedder")
@@ -337,6 +373,7 @@ class PassageStore:
             "id": pa.array(list(ids), pa.string()),
             "text": pa.array(list(texts), pa.string()),
             "n_tokens": pa.array(encoded.token_counts, pa.int32()),
+            schema.DIGEST_COLUMN: pa.array([text_digest(t) for t in texts], pa.binary(8)),  # dropped in version 1
         }
         if self.brings_vectors or (embeds and vectors is not None):
             dim = int(self.metadata["vector_dim"])
@@ -436,8 +473,9 @@ class PassageStore:
         is re-encoded and replaces that row, in the same commit as the new rows.
 
         Records equal to their stored row are skipped, so upserting again is idempotent. Returns the
-        number of rows written (new plus replaced). Change passages this way, not with LanceDB's
-        ``update`` on ``text``: that would leave the matrix of the old text in place.
+        number of rows written (new plus replaced). Change passages this way: LanceDB's own ``update``
+        of ``text`` keeps the old text's matrices, which reads then refuse (:class:`StaleMatrixError`)
+        until an upsert re-encodes the row.
         """
         return self._add(records, batch_size, update=True)
 
@@ -477,7 +515,9 @@ class PassageStore:
         if not ids:
             return []
         where = sql_in("id", ids)
-        rows = self.table.to_lance().to_table(columns=["id", "n_tokens", schema.column_name(ratio)], filter=where)
+        checked = ["text", schema.DIGEST_COLUMN] if self.has_digests else []
+        rows = self.table.to_lance().to_table(columns=["id", "n_tokens", *checked, schema.column_name(ratio)],
+                                              filter=where)
         mats = dict(zip(rows.column("id").to_pylist(), decode_rows(rows, ratio, self.dim, self.metadata.get("max_length"))))
         missing = [i for i in ids if i not in mats]
         if missing:

@@ -38,7 +38,7 @@ def finish_results(results: pa.Table, scores: np.ndarray, *, return_score: Retur
                    keep_matrices: bool = False) -> pa.Table:
     """The one output contract of every rerank path.
 
-    Drops the stored ``kalm_r*`` columns (unless ``keep_matrices``) and, for ``return_score="relevance"``,
+    Drops the stored ``kalm_r*`` and ``text_digest`` columns (unless ``keep_matrices``) and, for ``return_score="relevance"``,
     the first-stage ``_distance``/``_score``; appends ``scores`` as float32 ``_relevance_score``;
     sorts by it, descending (ties keep first-stage order).
 
@@ -51,7 +51,7 @@ def finish_results(results: pa.Table, scores: np.ndarray, *, return_score: Retur
     return_score : {"relevance", "all"}
         "all" keeps the first-stage score columns.
     keep_matrices : bool, default False
-        Keep the stored matrix columns in the output.
+        Keep the stored matrix (and text digest) columns in the output.
 
     Returns
     -------
@@ -60,7 +60,7 @@ def finish_results(results: pa.Table, scores: np.ndarray, *, return_score: Retur
     if len(scores) != results.num_rows:
         raise AssertionError(f"{len(scores)} scores for {results.num_rows} rows")  # internal invariant
     drop = [c for c in results.column_names
-            if (not keep_matrices and schema.ratio_of_column(c) is not None)
+            if (not keep_matrices and (schema.ratio_of_column(c) is not None or c == schema.DIGEST_COLUMN))
             or (return_score == "relevance" and c in _FIRST_STAGE_SCORES)
             or c == SCORE_COLUMN]
     out = results.drop_columns(drop).append_column(SCORE_COLUMN, pa.array(scores, type=pa.float32()))
@@ -135,7 +135,8 @@ class KaLMReranker(Reranker):
 
     Notes
     -----
-    Fastest usage: select the stored columns in the search itself (``select(rr.columns + [...])``);
+    Fastest usage: select the stored columns in the search itself (``select(rr.columns + [...])``,
+    ``text`` included);
     the reranker then reads the matrices from the results. Without them it fetches the rows by
     ``_rowid``, which needs ``.with_row_id(True)`` on vector and FTS searches (hybrid searches always
     carry it); with neither it falls back to a filter on ``id``.
@@ -147,7 +148,7 @@ class KaLMReranker(Reranker):
     >>> from kalm_store.plugins.lancedb import KaLMReranker
     >>> tbl = lancedb.connect("./db").open_table("docs")  # doctest: +SKIP
     >>> rr = KaLMReranker(KaLMModel.from_pretrained("KaLM-Embedding/KaLM-Reranker-V1-Nano"), table=tbl)  # doctest: +SKIP
-    >>> hits = (tbl.search("how do I parse json?", query_type="hybrid").select(["text"] + rr.columns)
+    >>> hits = (tbl.search("how do I parse json?", query_type="hybrid").select(rr.columns)
     ...         .limit(100).rerank(rr).limit(10).to_list())  # doctest: +SKIP
     """
 
@@ -188,6 +189,7 @@ class KaLMReranker(Reranker):
         self._requested_ratio = ratio
         self._version = -1
         self.ratio: int = 0
+        self._digests = False  # does the table keep text_digest (schema version 2 on)?
         self._check_table()
 
     # ------------------------------------------------------------------ table checks
@@ -208,6 +210,7 @@ class KaLMReranker(Reranker):
             self.ratio = stored[0]
         else:
             self.ratio = check_ratio_stored(meta, self._requested_ratio, what=what)
+        self._digests = schema.DIGEST_COLUMN in table_schema.names
         self._version = version
 
     @property
@@ -217,8 +220,13 @@ class KaLMReranker(Reranker):
 
     @property
     def columns(self) -> list[str]:
-        """Columns to ``select`` in a search so the reranker reads matrices from the results (fastest)."""
-        return ["id", "n_tokens", self.column]
+        """Columns to ``select`` in a search so the reranker reads matrices from the results (fastest).
+
+        ``id``, ``text``, ``n_tokens``, ``text_digest`` (tables of schema version 2 on: the text is checked
+        against it, so a matrix whose text was changed behind kalm-store's back is refused) and
+        ``kalm_r{ratio}``. Add other columns to them; ``text`` is already there.
+        """
+        return ["id", "text", "n_tokens"] + ([schema.DIGEST_COLUMN] if self._digests else []) + [self.column]
 
     def __str__(self) -> str:
         return f"KaLMReranker(model={self.model.name_or_path}, ratio={self.ratio})"

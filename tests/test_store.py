@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from kalm_store import schema
-from kalm_store.store import PassageStore, StoreMismatchError, check_ratio_stored, decode_rows
+from kalm_store.store import (PassageStore, StaleMatrixError, StoreMismatchError, check_ratio_stored, decode_rows,
+                              text_digest)
 
 
 @pytest.fixture
@@ -21,7 +24,11 @@ def store(tmp_path, model, passages):
 def test_schema_and_metadata_come_from_the_file(store, model):
     spec = schema.spec()
     names = [f.name for f in store.table.schema]
-    assert names == ["id", "text", "n_tokens", "kalm_r4", "kalm_r8"]  # no vector: text-only store
+    assert names == ["id", "text", "n_tokens", "text_digest", "kalm_r4", "kalm_r8"]  # no vector: text-only store
+    rows = store.table.to_arrow()
+    assert rows.column("text_digest").type == pa.binary(8)
+    assert rows.column("text_digest").to_pylist() == [text_digest(t) for t in rows.column("text").to_pylist()]
+    assert text_digest("yes") == hashlib.blake2b(b"yes", digest_size=8).digest()
     field = store.table.schema.field("kalm_r4")
     assert {k.decode(): v.decode() for k, v in field.metadata.items()} == spec["columns"][-1]["field_metadata"]
     meta = store.metadata
@@ -88,6 +95,53 @@ def test_changed_compares_brought_vectors_as_stored(tmp_path, model):
     assert dict(zip(rows.column("id").to_pylist(), rows.column("vector").to_pylist())) == {"a": [0.5, 0.5], "b": [1, 2]}
 
 
+def test_a_text_changed_behind_kalm_stores_back_is_refused_then_repaired_by_upsert(store, model, passages):
+    """LanceDB's own update (or a partial merge_insert) of `text` keeps the old matrices: every read
+    path refuses them by id, and an upsert with the new text re-encodes the row."""
+    from kalm_store.plugins.lancedb import KaLMReranker
+
+    store.table.update(where="id = 'p2'", values={"text": "zeppelins drift over the harbour"})
+    with pytest.raises(StaleMatrixError, match=r"passage id\(s\) \['p2'\]: the text was changed after kalm_r4"):
+        store.matrices(["p0", "p2"], 4)
+    assert store.matrices(["p0", "p1"], 4)[0].dtype == np.float16  # other rows still read
+    rr = KaLMReranker(model, table=store.table, ratio=4)
+    assert "text" in rr.columns and "text_digest" in rr.columns
+    for query in (store.table.search().select(rr.columns),  # the select path
+                  store.table.search().select(["id"]).with_row_id(True)):  # the _rowid path
+        with pytest.raises(StaleMatrixError, match="p2"):
+            rr.rerank_table("q", query.limit(10).to_arrow())
+    records = [{"id": f"p{i}", "text": t} for i, t in enumerate(passages)]
+    records[2]["text"] = "zeppelins drift over the harbour"  # the table's (new) text: only the digest differs
+    assert store.changed(["p1", "p2"], [records[1]["text"], records[2]["text"]]) == [False, True]
+    assert store.upsert(records) == 1
+    got = store.matrices(["p2"], 4)[0]
+    assert got.tobytes() == model.encode(["zeppelins drift over the harbour"], 4)[0].tobytes()
+    out = rr.rerank_table("q", store.table.search().select(rr.columns).limit(10).to_arrow())
+    assert out.num_rows == len(passages) and "text_digest" not in out.column_names and "text" in out.column_names
+
+
+def test_version_1_tables_without_digests_are_read_and_appended_to(tmp_path, model, passages):
+    """Tables built before text_digest (schema version 1) open, take new rows and rerank, unchecked."""
+    import lancedb
+
+    from kalm_store.plugins.lancedb import KaLMReranker
+    from kalm_store.store import model_metadata
+
+    meta = model_metadata(model) | {"schema_version": 1, "kalm_store_version": "0.1.0", "ratios": [4],
+                                    "vector_dim": None, "embedder": None}
+    db = lancedb.connect(str(tmp_path / "db"))
+    db.create_table("old", schema=schema.arrow_schema([4], None, meta, version=1))
+    old = PassageStore.open(str(tmp_path / "db"), "old", model=model)
+    assert not old.has_digests and old.add([{"id": f"p{i}", "text": t} for i, t in enumerate(passages)]) == 6
+    assert "text_digest" not in old.table.schema.names
+    want = model.encode(passages, 4)
+    assert [m.tobytes() for m in old.matrices([f"p{i}" for i in range(6)], 4)] == [m.tobytes() for m in want]
+    rr = KaLMReranker(model, table=old.table)
+    assert rr.columns == ["id", "text", "n_tokens", "kalm_r4"]
+    assert rr.rerank_table("q", old.table.search().select(rr.columns).limit(10).to_arrow()).num_rows == 6
+    assert old.upsert([{"id": "p0", "text": "new text"}]) == 1
+
+
 def test_open_refuses_another_model_and_plain_tables(tmp_path, store, model):
     import lancedb
 
@@ -144,7 +198,8 @@ def test_decode_rows_and_ratio_check(store):
 
 
 @pytest.mark.parametrize(("change", "words"), [
-    ("schema_version", ["schema version 2", "reads version 1"]),
+    ("schema_version", ["schema version 3", "reads versions [1, 2]"]),
+    ("text_digest_type", ["column 'text_digest' is binary, the schema declares fixed_size_binary[8]"]),
     ("listed_ratio_without_column", ["column 'kalm_r16' is missing"]),
     ("n_tokens_type", ["column 'n_tokens' is int64, the schema declares int32"]),
 ])
@@ -161,7 +216,9 @@ def test_open_refuses_a_layout_other_than_the_schema_file(tmp_path, model, chang
     meta = dict(good.table.schema.metadata)
     fields = list(good.table.schema)
     if change == "schema_version":
-        meta[b"kalm_store.schema_version"] = b"2"
+        meta[b"kalm_store.schema_version"] = b"3"
+    elif change == "text_digest_type":
+        fields = [pa.field("text_digest", pa.binary(), nullable=False) if f.name == "text_digest" else f for f in fields]
     elif change == "listed_ratio_without_column":
         meta[b"kalm_store.ratios"] = json.dumps([4, 16]).encode()
     else:

@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     meta = info["metadata"]
-    print(f"table        {info['table']} ({args.db}), version {info['version']}")
+    checked = "text digests checked on read" if "text_digest" in info["columns"] else "no text digests (version 1)"
+    print(f"table        {info['table']} ({args.db}), version {info['version']}, kalm-store schema "
+          f"v{meta.get('schema_version')} ({checked})")
     print(f"rows         {info['rows']}  ({info['tokens']} encoder tokens)")
     print(f"model        {meta.get('model_id')} rev {meta.get('model_revision')}, d={info['dim']}, "
           f"max_length={meta.get('max_length')}, template {meta.get('template_version')}")
@@ -50,11 +52,11 @@ def run(args: argparse.Namespace) -> int:
         vectors = f"{dim}-d, brought with the input"
     print(f"ratios       {info['ratios']}   vectors: {vectors}")
     print(f"stored       {_size(info['stored_bytes'])} on disk, {_size(info['bytes_per_passage'])} per passage")
-    print(f"{'column':<10} {'on disk':>12} {'per passage':>12} {'raw fp16/psg':>13} {'vs raw':>7}")
+    print(f"{'column':<12} {'on disk':>10} {'per passage':>12} {'raw fp16/psg':>13} {'vs raw':>7}")
     for col, c in info["columns"].items():
         raw = c.get("raw_float16_bytes_per_passage")
         ratio = c.get("stored_vs_raw")
-        print(f"{col:<10} {_size(c['stored_bytes']):>12} {_size(c['bytes_per_passage']):>12} "
+        print(f"{col:<12} {_size(c['stored_bytes']):>10} {_size(c['bytes_per_passage']):>12} "
               f"{_size(raw) if raw is not None else '':>13} {f'{ratio:.3f}' if ratio else '':>7}")
     print("indices      " + (", ".join(f"{ix['name']} ({ix['type']} on {','.join(ix['columns'])})"
                                        for ix in info["indices"]) or "none"))

@@ -112,7 +112,8 @@ def main() -> None:
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                "torch_threads": torch.get_num_threads()}
     result = {"benchmark": "bench_update", "command": command, "machine": machine, "passages": n,
-              "model": {"dim": model.dim, "shape": "tiny test model" if args.quick else "nano-width random, 3 layers/stack"},
+              "model": {"dim": model.dim,
+                        "shape": "tiny test model" if args.quick else "nano-width random, 3 layers/stack"},
               "rows": rows, "max_abs_diff_edited_vs_encoded_alone": max_diff}
     md = [f"# `kalm-store build --update` vs a fresh build\n", f"Command: `{command}`  ",
           f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']} "

@@ -12,8 +12,9 @@ command stores only what is missing (resume) and adds nothing to a finished buil
 Duplicate ids: the FIRST occurrence of an id wins. A later record with an id already seen in this
 input is skipped and counted (``duplicates``). A record whose id is already stored is skipped
 (``already_stored``), unless ``update=True`` and its text (or brought vector) differs from the stored
-row's: then it is re-encoded and replaces that row in the chunk's commit (``updated``). Memory grows with the number of distinct ids only (a set of id strings, about 100
-bytes each); texts and matrices stream in chunks of ``chunk_size`` records.
+row's: then it is re-encoded and replaces that row in the chunk's commit (``updated``). Memory
+grows with the number of distinct ids only (a set of id strings, about 100 bytes each); texts and
+matrices stream in chunks of ``chunk_size`` records.
 """
 
 from __future__ import annotations

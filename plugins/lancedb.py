@@ -38,8 +38,8 @@ def finish_results(results: pa.Table, scores: np.ndarray, *, return_score: Retur
                    keep_matrices: bool = False) -> pa.Table:
     """The one output contract of every rerank path.
 
-    Drops the stored ``kalm_r*`` and ``text_digest`` columns (unless ``keep_matrices``) and, for ``return_score="relevance"``,
-    the first-stage ``_distance``/``_score``; appends ``scores`` as float32 ``_relevance_score``;
+    Drops the stored ``kalm_r*`` and ``text_digest`` columns (unless ``keep_matrices``) and, for
+    ``return_score="relevance"``, the first-stage ``_distance``/``_score``; appends ``scores`` as float32 ``_relevance_score``;
     sorts by it, descending (ties keep first-stage order).
 
     Parameters

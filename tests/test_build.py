@@ -140,13 +140,15 @@ def test_update_replaces_changed_rows_in_one_commit_per_chunk(tmp_path, model, t
     o = dict(vector_field="vec", chunk_size=8, batch_size=1)  # batch 1: references are bitwise
     build(opts(tmp_path, inp, tiny_model_dir, **o), model=model)
     store = open_store(tmp_path, model)
-    before = dict(zip(store.table.to_arrow().column("id").to_pylist(), store.table.to_arrow().column("kalm_r4").to_pylist()))
+    rows = store.table.to_arrow()
+    before = dict(zip(rows.column("id").to_pylist(), rows.column("kalm_r4").to_pylist()))
 
     edited = [dict(r) for r in records]
     edited[3]["text"] = "zeppelin harbour lighthouse"
     edited[12]["text"] = edited[12]["text"] + " lighthouse"
     edited[7]["vec"] = [9.0, 9.0, 9.0]  # a new vector alone also replaces the row
-    edited += [{"id": "p20", "text": "a new passage", "vec": [1, 2, 3]}, {"id": "p3", "text": "a later p3", "vec": [0, 0, 0]}]
+    edited += [{"id": "p20", "text": "a new passage", "vec": [1, 2, 3]},
+               {"id": "p3", "text": "a later p3", "vec": [0, 0, 0]}]  # a repeat: the first p3 wins
     inp2 = write_jsonl(tmp_path / "c2.jsonl", edited)
     # without --update nothing stored changes
     plain = build(opts(tmp_path, inp2, tiny_model_dir, **o), model=model)
@@ -164,7 +166,8 @@ def test_update_replaces_changed_rows_in_one_commit_per_chunk(tmp_path, model, t
         {k: v for k, v in before.items() if k not in ("p3", "p7", "p12")}
     fts = store.table.search("zeppelin", query_type="fts").limit(5).to_arrow().column("id").to_pylist()
     assert fts == ["p3"]  # the FTS index covers the replacing rows, and not the replaced text
-    assert set(store.table.search("lighthouse", query_type="fts").limit(5).to_arrow().column("id").to_pylist()) == {"p3", "p12"}
+    lighthouse = store.table.search("lighthouse", query_type="fts").limit(5).to_arrow().column("id").to_pylist()
+    assert set(lighthouse) == {"p3", "p12"}
     version = store.table.version
     again = build(opts(tmp_path, inp2, tiny_model_dir, update=True, **o), model=model)
     assert (again.written, again.updated, again.commits) == (0, 0, 0)
@@ -179,7 +182,8 @@ def test_update_with_an_embedder_recomputes_the_vector(tmp_path, model, tiny_mod
     o = dict(embedder="sentence-transformers", embedder_model=str(minilm.get_model_path()))
     build(opts(tmp_path, write_jsonl(tmp_path / "c.jsonl", records), tiny_model_dir, **o), model=model)
     records[2]["text"] = "zebras graze near the riverbank at dawn"
-    s = build(opts(tmp_path, write_jsonl(tmp_path / "c2.jsonl", records), tiny_model_dir, update=True, **o), model=model)
+    inp2 = write_jsonl(tmp_path / "c2.jsonl", records)
+    s = build(opts(tmp_path, inp2, tiny_model_dir, update=True, **o), model=model)
     assert (s.written, s.updated) == (1, 1)
     store = open_store(tmp_path, model)
     assert store.table.search("zebras by the river").limit(1).to_arrow().column("id").to_pylist() == ["p2"]

@@ -218,7 +218,8 @@ def test_open_refuses_a_layout_other_than_the_schema_file(tmp_path, model, chang
     if change == "schema_version":
         meta[b"kalm_store.schema_version"] = b"3"
     elif change == "text_digest_type":
-        fields = [pa.field("text_digest", pa.binary(), nullable=False) if f.name == "text_digest" else f for f in fields]
+        fields = [pa.field("text_digest", pa.binary(), nullable=False) if f.name == "text_digest" else f
+                  for f in fields]
     elif change == "listed_ratio_without_column":
         meta[b"kalm_store.ratios"] = json.dumps([4, 16]).encode()
     else:

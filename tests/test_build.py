@@ -323,6 +323,42 @@ def test_resume_after_sigkill(tmp_path, model, tiny_model_dir):
     assert_bitwise(store, expected(model, records, [4], 4))  # same chunks as a clean build
 
 
+def test_update_resumes_after_sigkill(tmp_path, model, tiny_model_dir):
+    """A killed --update leaves whole replaced chunks (each one merge-insert commit); re-running it
+    replaces the rest, and the table ends as if the update had run once."""
+    import lance
+
+    records = make_corpus(120, seed=5)
+    build(opts(tmp_path, write_jsonl(tmp_path / "c.jsonl", records), tiny_model_dir, chunk_size=4, fts_index=False),
+          model=model)
+    base = lance.dataset(str(tmp_path / "db" / "docs.lance")).version
+    edited = [dict(r, text=r["text"] + " revised") for r in records]
+    inp = write_jsonl(tmp_path / "c2.jsonl", edited)
+    cmd = [sys.executable, "-c", "import sys; from kalm_store.cli import main; sys.exit(main())",
+           "build", str(inp), "--db", str(tmp_path / "db"), "--table", "docs", "--model", str(tiny_model_dir),
+           "--chunk-size", "4", "--no-progress", "--no-fts-index", "--update"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if lance.dataset(str(tmp_path / "db" / "docs.lance")).version > base:
+                break  # at least one chunk replaced
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    summary = build(opts(tmp_path, inp, tiny_model_dir, chunk_size=4, fts_index=False, update=True), model=model)
+    assert 0 < summary.updated < 120 and summary.already_stored == 120 - summary.updated
+    assert summary.updated % 4 == 0  # whole chunks were replaced before the kill
+    store = open_store(tmp_path, model)
+    rows = store.table.to_arrow()
+    assert sorted(rows.column("id").to_pylist()) == sorted(r["id"] for r in records)  # 120, none twice
+    assert all(t.endswith(" revised") for t in rows.column("text").to_pylist())
+    assert_bitwise(store, expected(model, edited, [4], 4))  # as one clean update over the same chunks
+
+
 # ---------------------------------------------------------------------- refusals
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, model, tiny_model_dir):

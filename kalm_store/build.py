@@ -12,7 +12,9 @@ command stores only what is missing (resume) and adds nothing to a finished buil
 Duplicate ids: the FIRST occurrence of an id wins. A later record with an id already seen in this
 input is skipped and counted (``duplicates``). A record whose id is already stored is skipped
 (``already_stored``), unless ``update=True`` and its text (or brought vector) differs from the stored
-row's: then it is re-encoded and replaces that row in the chunk's commit (``updated``). Memory
+row's: then it is re-encoded and replaces that row in the chunk's commit (``updated``). With
+``delete_missing=True``, once the whole input has been read and committed, stored ids it does not
+hold are deleted (``deleted``), so that the table mirrors the input. Memory
 grows with the number of distinct ids only (a set of id strings, about 100 bytes each); texts and
 matrices stream in chunks of ``chunk_size`` records.
 """
@@ -68,6 +70,7 @@ class BuildOptions:
     progress: bool = True  # tqdm bar on stderr
     storage_options: dict[str, str] | None = None  # object-store options for db (kalm_store.storage)
     update: bool = False  # re-encode and replace stored rows whose text (or brought vector) changed
+    delete_missing: bool = False  # after the whole input: delete stored ids the input does not hold
 
     def validate(self) -> None:
         """Check the options without touching disk or loading anything."""
@@ -91,6 +94,8 @@ class BuildOptions:
             raise ValueError("--embedder-model given without --embedder")
         if self.embedder is not None and self.vector_field is not None:
             raise ValueError("give either --vector-field (bring vectors) or --embedder (compute them), not both")
+        if not isinstance(self.update, bool) or not isinstance(self.delete_missing, bool):
+            raise ValueError(f"update and delete_missing must be bools, got {self.update!r}, {self.delete_missing!r}")
         if len({self.id_field, self.text_field, self.vector_field} - {None}) < 2 + (self.vector_field is not None):
             raise ValueError("--id-field, --text-field and --vector-field must name different fields")
 
@@ -107,6 +112,7 @@ class BuildSummary:
     written: int = 0  # rows committed by this run
     already_stored: int = 0  # skipped: id stored before this run (resume / idempotence), unchanged
     updated: int = 0  # of the written rows: replaced a stored row whose text or vector changed (update=True)
+    deleted: int = 0  # stored rows whose id the input does not hold, deleted (delete_missing=True)
     duplicates: int = 0  # skipped: id repeated later in the input (first occurrence wins)
     bad: int = 0  # skipped bad records (only with an ``on_bad`` handler)
     tokens: int = 0  # encoder tokens of the written rows
@@ -127,6 +133,7 @@ class BuildSummary:
     def line(self) -> str:
         work = self.work_seconds
         replaced = f" ({self.updated} replacing changed rows)" if self.updated else ""
+        replaced += f", deleted {self.deleted} rows not in the input" if self.deleted else ""
         return (f"read {self.read}, wrote {self.written}{replaced} in {self.commits} commits "
                 f"({self.rate(self.written):.1f} "
                 f"passages/s, {self.rate(self.tokens):.0f} tokens/s over {work:.1f} s of encoding and writing; "
@@ -166,7 +173,8 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     on_bad : callable, optional
         Called with each :class:`~kalm_store.records.BadRecordError`; the record is then skipped and
         counted. Default ``None``: the first bad record stops the build (after committing the valid
-        records read before it) and its error, naming the line, is raised.
+        records read before it) and its error, naming the line, is raised. Refused with
+        ``delete_missing`` (a skipped record's id must not count as missing).
     on_commit : callable, optional
         Called (from the writer thread) with the running summary after each commit.
 
@@ -180,6 +188,9 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     >>> build(BuildOptions("corpus.jsonl", db="./db", table="docs", model="./tiny"))  # doctest: +SKIP
     """
     options.validate()
+    if options.delete_missing and on_bad is not None:
+        raise ValueError("--delete-missing cannot be combined with --skip-bad: a skipped record's id would count "
+                         "as missing and its stored row be deleted")
     start = time.perf_counter()
     if options.input != STDIN and not Path(options.input).is_file():
         raise FileNotFoundError(f"input {options.input!r} does not exist or is not a file")
@@ -229,6 +240,8 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
             writer.close()
     finally:
         bar.close()
+    if options.delete_missing and store is not None:  # only here: the whole input was read and committed
+        summary.deleted = store.delete_ids(sorted(stored - seen))
     return finish_build(store, options, summary, start)
 
 

@@ -330,6 +330,14 @@ class PassageStore:
             out.append(differs)
         return out
 
+    def delete_ids(self, ids: Sequence[str]) -> int:
+        """Delete the rows of ``ids`` (their matrices go with them), 1000 ids per Lance commit; returns
+        how many ids were asked for. Rows not stored are ignored, so an interrupted call can be repeated."""
+        ids = list(ids)
+        for i in range(0, len(ids), 1000):
+            self.table.delete(sql_in("id", ids[i:i + 1000]))
+        return len(ids)
+
     def write(self, rows: pa.Table, *, replace: bool = False) -> None:
         """Commit ``rows`` (from :meth:`rows_table`) in one atomic Lance commit.
 

@@ -199,9 +199,9 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     storage_options = storage_options if storage_options is not None else options.storage_options
     options.validate()
     ray_options.validate()
-    if options.update:
-        raise ValueError("--update (replacing changed rows) runs on the local engine only: a Ray window commits "
-                         "whole new fragments. Run the update without --engine ray; it re-encodes only the changes")
+    if options.update or options.delete_missing:
+        raise ValueError("--update and --delete-missing run on the local engine only: a Ray window commits whole "
+                         "new fragments. Run them without --engine ray; an update re-encodes only the changes")
     start = time.perf_counter()
     if options.input != STDIN and not Path(options.input).is_file():
         raise FileNotFoundError(f"input {options.input!r} does not exist or is not a file")

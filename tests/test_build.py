@@ -189,6 +189,34 @@ def test_update_with_an_embedder_recomputes_the_vector(tmp_path, model, tiny_mod
     assert store.table.search("zebras by the river").limit(1).to_arrow().column("id").to_pylist() == ["p2"]
 
 
+def test_delete_missing_mirrors_the_input_only_after_all_of_it(tmp_path, model, tiny_model_dir):
+    records = make_corpus(10)
+    build(opts(tmp_path, write_jsonl(tmp_path / "c.jsonl", records), tiny_model_dir, chunk_size=4), model=model)
+    now = records[:2] + records[5:] + [{"id": "p10", "text": "new"}]  # p2, p3, p4 are gone, p10 is new
+    now[0] = {"id": "p0", "text": "p0 edited"}
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("".join(json.dumps(r) + "\n" for r in now) + "not json\n")
+    with pytest.raises(BadRecordError, match="broken.jsonl:9"):  # stopped: nothing may be deleted
+        build(opts(tmp_path, broken, tiny_model_dir, chunk_size=4, delete_missing=True, update=True), model=model)
+    store = open_store(tmp_path, model)
+    rows = store.table.to_arrow()
+    texts = dict(zip(rows.column("id").to_pylist(), rows.column("text").to_pylist()))
+    assert {"p2", "p3", "p4", "p10"} <= set(texts) and texts["p0"] == "p0 edited"  # chunks before the error stay
+    with pytest.raises(ValueError, match="--skip-bad"):
+        build(opts(tmp_path, broken, tiny_model_dir, delete_missing=True), model=model, on_bad=lambda e: None)
+    s = build(opts(tmp_path, write_jsonl(tmp_path / "now.jsonl", now), tiny_model_dir, chunk_size=4,
+                   delete_missing=True, update=True), model=model)
+    assert (s.deleted, s.written, s.rows) == (3, 0, 8) and "deleted 3 rows not in the input" in s.line()
+    store.refresh()
+    rows = store.table.to_arrow()
+    assert dict(zip(rows.column("id").to_pylist(), rows.column("text").to_pylist())) == \
+        {r["id"]: r["text"] for r in now}
+    assert store.table.search("edited", query_type="fts").limit(3).to_arrow().column("id").to_pylist() == ["p0"]
+    again = build(opts(tmp_path, tmp_path / "now.jsonl", tiny_model_dir, delete_missing=True, update=True),
+                  model=model)
+    assert (again.deleted, again.written, again.rows) == (0, 0, 8)
+
+
 def test_cli_update_and_its_refusal_on_ray(tmp_path, tiny_model_dir, capsys):
     from kalm_store.cli import main
 
@@ -204,6 +232,12 @@ def test_cli_update_and_its_refusal_on_ray(tmp_path, tiny_model_dir, capsys):
     assert main(["build", str(inp), "--update", "--engine", "ray"] + base) == 1
     err = capsys.readouterr().err
     assert "--update" in err and "local engine" in err and "\n" not in err.strip()
+    assert main(["build", str(inp), "--delete-missing", "--skip-bad"] + base) == 1
+    assert "--delete-missing cannot be combined with --skip-bad" in capsys.readouterr().err
+    assert not (Path.cwd() / "docs.skipped.jsonl").exists()  # refused before the report was opened
+    write_jsonl(inp, records[1:])
+    assert main(["build", str(inp), "--delete-missing"] + base) == 0
+    assert "deleted 1 rows not in the input" in capsys.readouterr().out
 
 
 def test_cli_build_and_info_json(tmp_path, tiny_model_dir, capsys):

@@ -21,7 +21,10 @@ Changed passages (--update): a record whose id is stored with another text (or, 
 another vector) is re-encoded and replaces the stored row, in the same atomic commit as the chunk's
 new rows (a Lance merge-insert on id); unchanged records cost one read of their stored text. Run it
 with the input's current version of the corpus; re-running it changes nothing more. Deleting passages
-is plain LanceDB: tbl.delete("id IN ('a', 'b')") removes rows with their matrices.
+is plain LanceDB, tbl.delete("id IN ('a', 'b')"), or --delete-missing: once the whole input has been
+read and committed, stored ids it does not hold are deleted, so that the table mirrors the input
+(with --update: edits, additions and removals in one run). It refuses --skip-bad, and a build
+stopped by an error deletes nothing.
 
 Refusals (before anything is encoded): an existing table built with another model fingerprint,
 template version, max_length, d, other ratios, or another vector setup. A bad record (missing field,
@@ -88,6 +91,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--update", action="store_true",
                    help="re-encode records whose id is stored with another text (or brought vector) and replace "
                         "those rows (default: skip every stored id)")
+    p.add_argument("--delete-missing", action="store_true",
+                   help="after the whole input: delete stored rows whose id it does not hold (default: keep them)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad records (invalid JSON or UTF-8, missing or wrongly typed fields, wrong vector "
                         "width, NaN) and report them instead of stopping (default: stop at the first one)")
@@ -112,7 +117,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
         input_format=args.input_format, chunk_size=args.chunk_size, batch_size=args.batch_size,
         max_length=args.max_length, revision=args.revision, device=args.device, dtype=args.dtype,
         fts_index=args.fts_index, id_index=args.id_index, progress=args.progress and sys.stderr.isatty(),
-        update=args.update)
+        update=args.update, delete_missing=args.delete_missing)
     from kalm_store.storage import options_from_args as storage_from_args
 
     opts.storage_options = storage_from_args(args)
@@ -126,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)  # before loading anything
     if args.skip_report is not None and not args.skip_bad:
         raise ValueError("--skip-report needs --skip-bad")
+    if args.skip_bad and args.delete_missing:  # before the report file is opened
+        raise ValueError("--delete-missing cannot be combined with --skip-bad: a skipped record's id would count "
+                         "as missing and its stored row be deleted")
     if args.skip_bad and getattr(args, "engine", "local") == "ray":
         raise ValueError("--skip-bad is not supported with --engine ray yet; validate the input with the local engine")
     if not opts.progress:  # no bars at all: also silence the weight-loading bars of transformers

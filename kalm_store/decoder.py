@@ -238,6 +238,8 @@ def margins(dec: ScoringDecoder, prompt: torch.Tensor | Prompt, states: torch.Te
         :func:`project_states` of ``states``, when already computed (e.g. cached).
     """
     if cross is None:
+        if states is None:
+            raise ValueError("give the stored states, or their projected cross keys/values as cross=")
         cross = project_states(dec, states)  # (B, m, layers, 2, KV, hd)
     b, m = cross.shape[:2]
     dtype = cross.dtype

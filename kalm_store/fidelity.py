@@ -152,7 +152,7 @@ def load_queries(path: str | Path) -> list[Query]:
     [Query(id='q1', text='what is lance?'), ...]
     """
     path = Path(path)
-    queries = []
+    queries: list[Query] = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():

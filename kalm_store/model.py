@@ -102,7 +102,7 @@ def _resolve_folder(name_or_path: str, revision: str | None, local_files_only: b
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(
+        snapshot = snapshot_download(
             name_or_path,
             revision=revision,
             allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"],
@@ -115,7 +115,7 @@ def _resolve_folder(name_or_path: str, revision: str | None, local_files_only: b
             f"where it is reachable (e.g. `hf download {name_or_path} --local-dir ./{name_or_path.split('/')[-1]}`) "
             "and pass that local folder instead of the hub id."
         ) from None
-    folder = Path(folder)
+    folder = Path(snapshot)
     return folder, folder.name  # snapshot folders are named by their commit hash
 
 
@@ -327,8 +327,8 @@ class KaLMModel:
                 input_ids, mask = input_ids.to(self.device), mask.to(self.device)
                 states = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, n, d)
                 for r in ratios:
-                    pooled, _ = mep_pool(states, mask, r)  # (B, ceil(n/r), d) float32
-                    pooled = pooled.cpu().numpy()
+                    pooled_t, _ = mep_pool(states, mask, r)  # (B, ceil(n/r), d) float32
+                    pooled = pooled_t.cpu().numpy()
                     for row, i in enumerate(batch):
                         mat = pooled[row, : pooled_rows(counts[i], r)]  # (ceil(n_i/r), d)
                         if storage_dtype == "float16":

@@ -162,6 +162,12 @@ class RatioPlan:
     fits_budget: bool | None = None
     fidelity: dict[str, Any] | None = None
 
+    @property
+    def budgeted_bytes(self) -> int:
+        """What a budget is compared with: the stored bytes for ``--passages N``, else for this corpus."""
+        for_n = self.stored_bytes_for_passages
+        return for_n if for_n is not None else self.stored_bytes_total
+
 
 @dataclass
 class Plan:
@@ -257,9 +263,6 @@ def recommend(
     by_ratio = {p.ratio: p for p in ratios}
     scope = f"{passages:,} passages" if passages is not None else "this corpus"
 
-    def total(p: RatioPlan) -> int:
-        return p.stored_bytes_for_passages if p.stored_bytes_for_passages is not None else p.stored_bytes_total
-
     def measured(r: int) -> str:
         if fidelity is None:
             return ""
@@ -276,15 +279,15 @@ def recommend(
     if budget_bytes is None:
         r = DEFAULT_RATIO if DEFAULT_RATIO in by_ratio else min(by_ratio)
         return r, (f"r={r} is the paper's default (no --budget given): its column takes "
-                   f"{format_bytes(total(by_ratio[r]))} for {scope}{measured(r)}")
-    fitting = [p for p in sorted(ratios, key=lambda p: p.ratio) if total(p) <= budget_bytes]
+                   f"{format_bytes(by_ratio[r].budgeted_bytes)} for {scope}{measured(r)}")
+    fitting = [p for p in sorted(ratios, key=lambda p: p.ratio) if p.budgeted_bytes <= budget_bytes]
     if not fitting:
         coarsest = max(ratios, key=lambda p: p.ratio)
         return None, (f"no ratio fits {format_bytes(budget_bytes)}: even r={coarsest.ratio} needs "
-                      f"{format_bytes(total(coarsest))} for {scope}; raise the budget, store fewer passages or "
+                      f"{format_bytes(coarsest.budgeted_bytes)} for {scope}; raise the budget, store fewer passages or "
                       "lower max_length")
     best = fitting[0]
-    return best.ratio, (f"r={best.ratio} is the finest ratio whose column ({format_bytes(total(best))} for "
+    return best.ratio, (f"r={best.ratio} is the finest ratio whose column ({format_bytes(best.budgeted_bytes)} for "
                         f"{scope}) fits the budget of {format_bytes(budget_bytes)}{measured(best.ratio)}")
 
 
@@ -406,8 +409,7 @@ def make_plan(
         plans = [_with(p, fidelity=asdict(by_ratio[p.ratio])) for p in plans]
     recommended, reason = recommend(plans, budget_bytes, passages=passages, fidelity=fidelity)
     if budget_bytes is not None:
-        plans = [_with(p, fits_budget=(p.stored_bytes_for_passages if passages is not None else
-                                       p.stored_bytes_total) <= budget_bytes) for p in plans]
+        plans = [_with(p, fits_budget=p.budgeted_bytes <= budget_bytes) for p in plans]
     return Plan(model=model.name_or_path, dim=model.dim, max_length=model.max_length, lengths=lengths,
                 compression_source=source, ratios=plans, passages=passages, budget_bytes=budget_bytes,
                 recommended=recommended, reason=reason, size_models=size_models, fidelity=fidelity)

@@ -64,7 +64,7 @@ def arrow_schema(ratios: list[int], vector_dim: int | None, metadata: dict[str, 
     """The Arrow schema of a table storing ``ratios``, with (``vector_dim`` set) or without a vector,
     in the layout of schema ``version`` (default: the current one)."""
     version = spec()["schema_version"] if version is None else version
-    fields = []
+    fields: list[pa.Field] = []
     for col in spec()["columns"]:
         if col.get("since_version", 1) > version:
             continue

@@ -311,7 +311,7 @@ class PassageStore:
         """
         with_vectors = vectors is not None and self.brings_vectors
         wanted = ["text", schema.DIGEST_COLUMN if self.has_digests else None, "vector" if with_vectors else None]
-        stored = {}  # id -> (text, digest or None, vector or None)
+        stored: dict[str, tuple[Any, ...]] = {}  # id -> (text, digest or None, vector or None)
         for part in self._rows_by_id(ids, ["id"] + [c for c in wanted if c]):
             values = [part.column(c).to_pylist() if c else [None] * part.num_rows for c in wanted]
             stored.update(zip(part.column("id").to_pylist(), zip(*values)))
@@ -369,7 +369,7 @@ class PassageStore:
         return self.metadata.get("vector_dim") is not None and not self.metadata.get("embedder")
 
     def rows_table(self, ids: Sequence[str], texts: Sequence[str], encoded: EncodedPassages,
-                   vectors: Sequence[Sequence[float]] | None = None) -> pa.Table:
+                   vectors: Sequence[Sequence[float] | None] | None = None) -> pa.Table:
         """Arrow rows of this table's schema from encoder output (matrices compressed here).
 
         With an embedding function the ``vector`` column is left out (LanceDB computes it on ``add``)

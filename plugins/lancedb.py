@@ -14,7 +14,7 @@ plus a float32 ``_relevance_score``; sorted by it, descending.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import pyarrow as pa
@@ -39,8 +39,8 @@ def finish_results(results: pa.Table, scores: np.ndarray, *, return_score: Retur
     """The one output contract of every rerank path.
 
     Drops the stored ``kalm_r*`` and ``text_digest`` columns (unless ``keep_matrices``) and, for
-    ``return_score="relevance"``, the first-stage ``_distance``/``_score``; appends ``scores`` as float32 ``_relevance_score``;
-    sorts by it, descending (ties keep first-stage order).
+    ``return_score="relevance"``, the first-stage ``_distance``/``_score``; appends ``scores`` as
+    float32 ``_relevance_score``; sorts by it, descending (ties keep first-stage order).
 
     Parameters
     ----------
@@ -303,7 +303,8 @@ class KaLMReranker(Reranker):
         Per-call ``instruction``/``batch_size`` apply to this call only; the reranker is not changed.
         """
         scores = self.score_results(query, results, instruction=instruction, batch_size=batch_size)
-        return finish_results(results, scores, return_score=self.score, keep_matrices=self.keep_matrices)
+        return finish_results(results, scores, return_score=cast(ReturnScore, self.score),  # checked in __init__
+                              keep_matrices=self.keep_matrices)
 
     def rerank_vector(self, query: str, vector_results: pa.Table) -> pa.Table:
         """Rerank the rows of a vector search."""

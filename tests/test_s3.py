@@ -91,6 +91,22 @@ def test_cli_build_info_plan_search_repool_on_s3(aws_env, tmp_path, tiny_model_d
     s3 = boto3.client("s3", endpoint_url=aws_env, region_name="us-east-1")
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="stores/docs.lance/")["Contents"]]
     assert any(k.endswith(".lance") and "/data/" in k for k in keys)
+    # last, as updates leave replaced rows on disk until compaction (which info counts): the corpus
+    # changes, p1 edited and p4 gone; --update --delete-missing mirrors it (merge-insert and delete on S3)
+    edited = [{"id": f"p{i}", "text": t + (" (edited)" if i == 1 else "")} for i, t in enumerate(passages) if i != 4]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    assert main(["build", str(corpus), "--db", db, "--table", "docs", "--model", str(tiny_model_dir),
+                 "--ratio", "2", "--ratio", "8", "--no-progress", "--update", "--delete-missing"]) == 0
+    assert "wrote 1 (1 replacing changed rows), deleted 1 rows not in the input" in capsys.readouterr().out
+    corpus.write_text("".join(json.dumps({"id": f"p{i}", "text": t}) + "\n" for i, t in enumerate(passages)))
+    assert main(["build", str(corpus), "--db", db, "--table", "docs", "--model", str(tiny_model_dir),
+                 "--ratio", "2", "--ratio", "8", "--no-progress", "--update"]) == 0  # back to the first corpus
+    assert "wrote 2 (1 replacing changed rows)" in capsys.readouterr().out
+    store.refresh()
+    rows = store.table.to_arrow()
+    assert dict(zip(rows.column("id").to_pylist(), rows.column("text").to_pylist())) == \
+        {f"p{i}": t for i, t in enumerate(passages)}
+    assert [m.shape[0] for m in store.matrices(["p1", "p4"], 8)] == [-(-counts[i] // 8) for i in ("p1", "p4")]
 
 
 def test_s3_without_endpoint_names_the_problem(monkeypatch, tmp_path, tiny_model_dir, capsys):

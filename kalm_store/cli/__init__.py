@@ -7,6 +7,10 @@ import os
 import sys
 from importlib import import_module
 
+# Lance deletes rows and drops columns in metadata, rewriting nothing: said by repool and build.
+COMPACT_HINT = ("bytes leave the disk when the data files are compacted and old versions cleaned up "
+                "(LanceDB: tbl.optimize(cleanup_older_than=timedelta(0)))")
+
 # sub-command -> module under kalm_store.cli; modules import torch/lancedb only inside ``run``.
 COMMANDS = {
     "make-test-model": "make_test_model",

@@ -7,6 +7,8 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
+from kalm_store.cli import COMPACT_HINT
+
 
 @dataclass(frozen=True)
 class RepoolOptions:
@@ -21,9 +23,6 @@ class RepoolOptions:
     json: bool
 
 
-# A Lance column drop rewrites nothing: said by --help and after every drop.
-_COMPACT_HINT = ("its bytes leave the disk when the data files are compacted and old versions cleaned up "
-                 "(LanceDB: tbl.optimize(cleanup_older_than=timedelta(0)))")
 
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
@@ -41,7 +40,7 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--to", dest="to_ratio", type=int, required=True, help="new ratio, a multiple of --from")
     p.add_argument("--drop-source", action="store_true",
                    help="drop the source column afterwards; like every Lance column drop this only changes the "
-                        f"table's metadata: {_COMPACT_HINT}")
+                        f"table's metadata: its {COMPACT_HINT}")
     p.add_argument("--batch-size", type=int, default=256, help="rows re-pooled at a time (default: 256)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     from kalm_store.plugins.ray import add_ray_arguments  # --engine ray: one add_columns task per fragment
@@ -90,6 +89,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     done = (f"re-pooled {result.rows:,} rows from r={result.from_ratio} to r={result.to_ratio}" if result.rows
             else f"completed an interrupted re-pool: r={result.to_ratio} recorded in the table metadata")
-    dropped = f"; dropped r={result.dropped} ({_COMPACT_HINT})" if result.dropped is not None else ""
+    dropped = f"; dropped r={result.dropped} (its {COMPACT_HINT})" if result.dropped is not None else ""
     print(f"{done}{dropped}; table {opts.table!r} stores ratios {result.ratios} (version {result.version})")
     return 0

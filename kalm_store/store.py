@@ -374,7 +374,8 @@ class PassageStore:
 
         With an embedding function the ``vector`` column is left out (LanceDB computes it on ``add``)
         unless ``vectors`` are given: Ray actors compute them with the table's own function, because
-        fragments written straight to Lance bypass LanceDB's ``add``.
+        fragments written straight to Lance bypass LanceDB's ``add``. Columns a user added to the table
+        are left out too: appended rows hold null there, and a replacing merge-insert keeps their values.
         """
         embeds = self.metadata.get("vector_dim") is not None and bool(self.metadata.get("embedder"))
         columns: dict[str, Any] = {
@@ -394,9 +395,8 @@ class PassageStore:
         for r in self.ratios:
             columns[schema.column_name(r)] = pa.array([encode_matrix(m) for m in encoded.matrices[r]],
                                                       pa.large_binary())
-        target = self.table.schema
-        if embeds and vectors is None:
-            target = pa.schema([f for f in target if f.name != "vector"], metadata=target.metadata)
+        table_schema = self.table.schema
+        target = pa.schema([f for f in table_schema if f.name in columns], metadata=table_schema.metadata)
         return pa.table({f.name: columns[f.name] for f in target}, schema=target)
 
     def check_layout(self, ratios: Sequence[int], *, vectors: Literal["brought", "embedder", "none"],

@@ -135,7 +135,11 @@ def write_block(batch: Any, *, uri: str, schema: Any, storage_options: dict[str,
     chunk = int(pc.min(batch.column("_chunk")).as_py())
     tokens = int(pc.sum(batch.column("_tokens")).as_py())
     truncated = int(pc.sum(pc.greater_equal(batch.column("_tokens"), max_length)).as_py())
-    rows = batch.drop_columns(["_chunk", "_tokens"]).select(schema.names).cast(schema)
+    rows = batch.drop_columns(["_chunk", "_tokens"])
+    for f in schema:  # columns a user added to the table: null in new rows, as LanceDB's add leaves them
+        if f.name not in rows.column_names:
+            rows = rows.append_column(f, pa.nulls(rows.num_rows, f.type))
+    rows = rows.select(schema.names).cast(schema)
     frags = lance.fragment.write_fragments(rows, uri, schema=schema, storage_options=storage_options,
                                            data_storage_version=data_storage_version,
                                            max_rows_per_file=rows_per_file)

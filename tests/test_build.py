@@ -217,6 +217,24 @@ def test_delete_missing_mirrors_the_input_only_after_all_of_it(tmp_path, model, 
     assert (again.deleted, again.written, again.rows) == (0, 0, 8)
 
 
+def test_columns_a_user_added_survive_appends_and_updates(tmp_path, model, tiny_model_dir):
+    """A column added with LanceDB (e.g. a URL for display or filters) is null in appended rows, keeps its
+    values in rows an update replaces, and never stops a build."""
+    records = make_corpus(6)
+    build(opts(tmp_path, write_jsonl(tmp_path / "c.jsonl", records), tiny_model_dir), model=model)
+    store = open_store(tmp_path, model)
+    store.table.add_columns({"url": "concat('https://docs/', id)"})
+    records[1]["text"] = "an edited passage"
+    more = records + [{"id": "p6", "text": "appended later"}]
+    s = build(opts(tmp_path, write_jsonl(tmp_path / "c2.jsonl", more), tiny_model_dir, update=True), model=model)
+    assert (s.written, s.updated, s.rows) == (2, 1, 7)
+    store.refresh()
+    rows = {r["id"]: r for r in store.table.to_arrow().to_pylist()}
+    assert rows["p6"]["url"] is None and rows["p0"]["url"] == "https://docs/p0"
+    assert rows["p1"]["url"] == "https://docs/p1" and rows["p1"]["text"] == "an edited passage"
+    assert store.matrices(["p1", "p6"], 4)[1].shape[0] == -(-rows["p6"]["n_tokens"] // 4)
+
+
 def test_cli_update_and_its_refusal_on_ray(tmp_path, tiny_model_dir, capsys):
     from kalm_store.cli import main
 

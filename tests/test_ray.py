@@ -181,3 +181,27 @@ def test_cli_build_with_engine_ray_equals_the_local_build(built, tiny_model_dir,
     assert a["rows"] == b["rows"] and a["schema"].metadata == b["schema"].metadata
     assert main(argv[:-5] + ["--workers", "0"]) == 1  # validated before any work
     assert "workers must be a positive int, got 0" in capsys.readouterr().err
+
+
+def test_ray_appends_to_a_table_with_a_column_a_user_added(built, tiny_model_dir, model, tmp_path):
+    """Fragments written by actors carry every table column: a user's own column is null in new rows."""
+    import shutil
+
+    import lancedb
+    import torch
+
+    from kalm_store.plugins.ray import RayOptions, build_on_ray
+
+    shutil.copytree(built["tmp"] / "local", tmp_path / "db")
+    tbl = lancedb.connect(str(tmp_path / "db")).open_table("docs")
+    tbl.add_columns({"url": "concat('https://docs/', id)"})
+    before = tbl.count_rows()
+    corpus = tmp_path / "more.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"new{i}", "text": f"an appended passage {i}", "vec": [0.5] * 4}) + "\n"
+                              for i in range(5)))
+    s = build_on_ray(_options(corpus, tmp_path / "db", tiny_model_dir),
+                     RayOptions(workers=1, threads_per_worker=torch.get_num_threads()), model=model)
+    assert (s.written, s.rows) == (5, before + 5)
+    rows = {r["id"]: r for r in lancedb.connect(str(tmp_path / "db")).open_table("docs").to_arrow().to_pylist()}
+    assert rows["new3"]["url"] is None and rows["p0"]["url"] == "https://docs/p0"
+    assert rows["new3"]["text_digest"] is not None and rows["new3"]["kalm_r4"] is not None

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .pooling import check_ratio
+from .schema import DIGEST_COLUMN, ratio_of_column
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import KaLMModel
@@ -22,8 +23,12 @@ MODES: tuple[str, ...] = ("vector", "fts", "hybrid")
 
 
 def check_search_args(query: object, k: object, candidates: object, mode: object, ratio: object,
-                      query_vector: object = None) -> None:
+                      query_vector: object = None, where: object = None, fields: object = ()) -> None:
     """Validate search arguments (``ValueError``/``TypeError`` naming the bad value and the allowed ones)."""
+    if where is not None and (not isinstance(where, str) or not where.strip()):
+        raise ValueError(f"where must be a non-empty SQL filter string or None, got {where!r}")
+    if isinstance(fields, str) or not isinstance(fields, Sequence) or not all(isinstance(f, str) for f in fields):
+        raise TypeError(f"fields must be a list of column names, got {fields!r}")
     if not isinstance(query, str) or not query.strip():
         raise ValueError(f"query must be a non-empty string, got {query!r}")
     for name, value in (("k", k), ("candidates", candidates)):
@@ -39,8 +44,9 @@ def check_search_args(query: object, k: object, candidates: object, mode: object
 
 
 def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vector: Sequence[float] | None = None,
-                columns: list[str] | None = None) -> Any:
-    """The LanceDB query builder of the first stage (not executed), with ``columns`` selected.
+                columns: list[str] | None = None, where: str | None = None) -> Any:
+    """The LanceDB query builder of the first stage (not executed), with ``columns`` selected and the
+    SQL filter ``where`` applied before the ``candidates`` limit (LanceDB's prefilter).
 
     Vectors are computed from ``query`` by the table's registered embedding function when it has one;
     tables with brought vectors need ``query_vector`` for "vector" and "hybrid" modes.
@@ -73,6 +79,8 @@ def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vect
         if score is not None and score not in columns:
             columns = [*columns, score]
         q = q.select(columns)
+    if where is not None:
+        q = q.where(where)  # prefilter: the candidates are the best rows that match, not a filtered top-N
     return q.limit(candidates)
 
 
@@ -88,6 +96,8 @@ def search(
     instruction: str | None = None,
     ratio: int | None = None,
     query_vector: Sequence[float] | None = None,
+    where: str | None = None,
+    fields: Sequence[str] = (),
     batch_size: int = 32,
     storage_options: dict[str, str] | None = None,
     device: str | None = None,
@@ -119,6 +129,11 @@ def search(
         Stored MEP ratio to score with; default ``None`` uses the smallest (most faithful) stored ratio.
     query_vector : sequence of float, optional
         Query embedding for tables with brought vectors.
+    where : str, optional
+        SQL filter on the table's columns (e.g. ``"url LIKE 'https://docs/%'"``), applied in the first
+        stage before its limit; default ``None`` filters nothing.
+    fields : sequence of str, default ()
+        Other columns of the table to return in each hit (e.g. ones added with ``tbl.add_columns``).
     batch_size : int, default 32
         Candidates per decoder pass.
     storage_options : dict, optional
@@ -129,7 +144,7 @@ def search(
     Returns
     -------
     list of dict
-        ``{"rank": 1.., "id": ..., "score": P(yes), "text": ...}``, best first.
+        ``{"rank": 1.., "id": ..., "score": P(yes), "text": ..., **fields}``, best first.
 
     Examples
     --------
@@ -138,7 +153,7 @@ def search(
     ...        k=5, mode="fts")  # doctest: +SKIP
     [{'rank': 1, 'id': 'json.loads', 'score': 0.97, 'text': '...'}, ...]
     """
-    check_search_args(query, k, candidates, mode, ratio, query_vector)
+    check_search_args(query, k, candidates, mode, ratio, query_vector, where, fields)
     from .model import KaLMModel
     from .plugins.lancedb import KaLMReranker
     from .store import PassageStore
@@ -147,15 +162,25 @@ def search(
     if not isinstance(model, KaLMModel):
         model = KaLMModel.from_pretrained(model, device=device)
     rr = KaLMReranker(model, table=tbl, ratio=ratio, instruction=instruction, batch_size=batch_size)
-    return run_search(tbl, rr, query, k=k, candidates=candidates, mode=mode, query_vector=query_vector)
+    return run_search(tbl, rr, query, k=k, candidates=candidates, mode=mode, query_vector=query_vector,
+                      where=where, fields=fields)
 
 
 def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, candidates: int = 100,
-               mode: Mode = "hybrid", query_vector: Sequence[float] | None = None) -> list[dict[str, Any]]:
+               mode: Mode = "hybrid", query_vector: Sequence[float] | None = None, where: str | None = None,
+               fields: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Like :func:`search` with an open table and a ready reranker (no re-loading between queries)."""
-    check_search_args(query, k, candidates, mode, reranker.ratio, query_vector)
+    check_search_args(query, k, candidates, mode, reranker.ratio, query_vector, where, fields)
+    missing = [f for f in fields if f not in tbl.schema.names]
+    if missing:
+        raise ValueError(f"fields {missing} are not columns of table {tbl.name!r} (it has {tbl.schema.names})")
+    internal = [f for f in fields if f in ("rank", "score", DIGEST_COLUMN) or ratio_of_column(f) is not None]
+    if internal:
+        raise ValueError(f"fields {internal} cannot be returned: rank and score are the hit's own keys, and the "
+                         "stored matrices and text digests stay in the table")
+    extra = [f for f in fields if f not in reranker.columns]
     q = first_stage(tbl, query, mode=mode, candidates=candidates, query_vector=query_vector,
-                    columns=reranker.columns)
+                    columns=reranker.columns + extra, where=where)
     if mode == "vector":
         q = q.rerank(reranker, query_string=query)
     else:
@@ -167,11 +192,9 @@ def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, can
             raise ValueError(f"mode={mode!r} needs a full-text index on 'text' of table {tbl.name!r}: create it "
                              f"with `tbl.create_index('text', config=lancedb.index.FTS())` ({type(e).__name__}: {e})") from e
         raise
-    hits = hits.slice(0, k)
-    ids, texts = hits.column("id").to_pylist(), hits.column("text").to_pylist()
-    scores = hits.column("_relevance_score").to_pylist()
-    return [{"rank": i + 1, "id": pid, "score": float(s), "text": t}
-            for i, (pid, s, t) in enumerate(zip(ids, scores, texts))]
+    rows = hits.slice(0, k).to_pylist()
+    return [{"rank": i + 1, "id": r["id"], "score": float(r["_relevance_score"]), "text": r["text"]}
+            | {f: r[f] for f in fields} for i, r in enumerate(rows)]
 
 
 __all__ = ["search", "run_search", "first_stage", "MODES", "Mode"]

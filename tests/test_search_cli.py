@@ -72,6 +72,34 @@ def test_search_refuses_bad_arguments_before_loading(kwargs, match):
         search("/nonexistent/db", "docs", "q", model="/nonexistent/model", **kwargs)
 
 
+@pytest.mark.parametrize("mode", ["vector", "fts", "hybrid"])
+def test_search_where_filters_before_the_limit_and_fields_come_back(db, model, mode):
+    """Prefiltering: the candidates are the best rows that match, so a filter never empties the list."""
+    from kalm_store import PassageStore, search
+
+    allowed = {"d2", "d6", "d10"}  # the zebra passages, far from the query
+    hits = search(db, "docs", "parse json zebras", model=model, k=5, candidates=2, mode=mode, query_vector=QVEC,
+                  where="id IN ('d2', 'd6', 'd10')", fields=["n_tokens"])
+    assert 2 <= len(hits) <= (4 if mode == "hybrid" else 2) and {h["id"] for h in hits} <= allowed
+    tokens = dict(zip(*PassageStore.open(db, "docs").table.to_arrow().select(["id", "n_tokens"]).to_pydict().values()))
+    assert all(set(h) == {"rank", "id", "score", "text", "n_tokens"} and h["n_tokens"] == tokens[h["id"]]
+               for h in hits)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"fields": ["nope"]}, r"fields \['nope'\] are not columns of table 'docs'"),
+    ({"fields": ["kalm_r4"]}, "stored matrices and text digests stay in the table"),
+    ({"fields": "n_tokens"}, "fields must be a list of column names"),
+    ({"where": " "}, "where must be a non-empty SQL filter"),
+    ({"where": "nosuch = 1"}, "No field named nosuch"),
+])
+def test_search_refuses_bad_where_and_fields_by_name(db, model, kwargs, match):
+    from kalm_store import search
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        search(db, "docs", "json", model=model, mode="fts", **kwargs)
+
+
 def test_search_brought_vectors_need_query_vector(db, model):
     from kalm_store import search
 
@@ -96,6 +124,17 @@ def test_cli_search_json(db, tiny_model_dir, capsys):
     assert out["query"] == "parse json"
     assert [r["rank"] for r in out["results"]] == [1, 2, 3, 4]
     assert all(set(r) == {"rank", "id", "score", "text"} for r in out["results"])
+
+
+def test_cli_search_where_and_field(db, tiny_model_dir, capsys):
+    rc = main(["search", "parse json", "--db", db, "--table", "docs", "--model", str(tiny_model_dir),
+               "--mode", "fts", "--where", "id IN ('d1', 'd5')", "--field", "n_tokens", "--json"])
+    assert rc == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert {r["id"] for r in results} == {"d1", "d5"} and all(r["n_tokens"] > 0 for r in results)
+    assert main(["search", "parse json", "--db", db, "--table", "docs", "--model", str(tiny_model_dir),
+                 "--mode", "fts", "--where", "id = 'd1'", "--field", "n_tokens"]) == 0
+    assert "[n_tokens=" in capsys.readouterr().out.splitlines()[2]
 
 
 def test_cli_search_readable(db, tiny_model_dir, capsys):

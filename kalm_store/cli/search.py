@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                    help="stored MEP ratio to score with (default: the smallest the table stores)")
     p.add_argument("--query-vector", default=None,
                    help="query embedding as comma-separated floats, for tables with brought vectors")
+    p.add_argument("--where", default=None, metavar="SQL",
+                   help="filter on the table's columns before the first stage's limit, e.g. "
+                        "\"url LIKE 'https://docs/%%'\" (default: none)")
+    p.add_argument("--field", action="append", dest="fields", default=[], metavar="COLUMN",
+                   help="another column of the table to print with each hit; repeat for several (default: none)")
     p.add_argument("--batch-size", type=int, default=32, help="candidates per decoder pass (default: 32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -56,7 +61,8 @@ def format_hits(query: str, hits: list[dict[str, Any]], width: int = 100) -> str
     for h in hits:
         snippet = " ".join(str(h["text"]).split())
         snippet = snippet if len(snippet) <= width else snippet[: width - 3] + "..."
-        lines.append(f"{h['rank']:>4}  {h['score']:>8.4f}  {str(h['id']):<28.28}  {snippet}")
+        extra = "".join(f"[{k}={v}] " for k, v in h.items() if k not in ("rank", "score", "id", "text"))
+        lines.append(f"{h['rank']:>4}  {h['score']:>8.4f}  {str(h['id']):<28.28}  {extra}{snippet}")
     if not hits:
         lines.append("  (no results)")
     return "\n".join(lines)
@@ -66,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from kalm_store.query import check_search_args
 
     vector = _parse_vector(args.query_vector)
-    check_search_args(args.query, args.k, args.candidates, args.mode, args.ratio, vector)  # before any loading
+    check_search_args(args.query, args.k, args.candidates, args.mode, args.ratio, vector, args.where,
+                      args.fields)  # before any loading
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
 
@@ -76,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     # search() opens the table before it loads the model: a wrong --db/--table fails in a second
     hits = search(args.db, args.table, args.query, model=args.model, device=args.device, k=args.k,
                   candidates=args.candidates, mode=args.mode, instruction=args.instruction, ratio=args.ratio,
-                  query_vector=vector, batch_size=args.batch_size, storage_options=options_from_args(args))
+                  query_vector=vector, where=args.where, fields=args.fields, batch_size=args.batch_size,
+                  storage_options=options_from_args(args))
     if args.json:
         json.dump({"query": args.query, "results": hits}, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")

@@ -114,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(3):
             t = time.perf_counter()
             sel = first_stage(tbl, query, mode="hybrid", candidates=args.candidates, query_vector=qvec,
-                              columns=rr.columns).to_arrow()
+                              columns=["text"] + rr.columns).to_arrow()
             first_sel_ms = min(first_sel_ms, _ms(t))
         t = time.perf_counter()
-        mats_sel = decode_rows(sel.select(rr.columns), args.ratio, model.dim)
+        mats_sel = decode_rows(sel.select(["text"] + rr.columns), args.ratio, model.dim)
         decode_ms = _ms(t)
         # 3. decoder scoring of all candidates
         t = time.perf_counter()
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         rr.score_results = lambda q_, res, **kw: (scored.append(res.num_rows), bare_score(q_, res, **kw))[1]
         t = time.perf_counter()
         q = first_stage(tbl, query, mode="hybrid", candidates=args.candidates, query_vector=qvec,
-                        columns=rr.columns).rerank(rr)
+                        columns=["text"] + rr.columns).rerank(rr)
         hits = q.to_arrow()
         total_ms = _ms(t)
         del rr.score_results  # the instance attribute above; the class method again

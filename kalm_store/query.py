@@ -178,9 +178,9 @@ def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, can
     if internal:
         raise ValueError(f"fields {internal} cannot be returned: rank and score are the hit's own keys, and the "
                          "stored matrices and text digests stay in the table")
-    extra = [f for f in fields if f not in reranker.columns]
+    extra = [f for f in fields if f not in ["text"] + reranker.columns]
     q = first_stage(tbl, query, mode=mode, candidates=candidates, query_vector=query_vector,
-                    columns=reranker.columns + extra, where=where)
+                    columns=["text"] + reranker.columns + extra, where=where)
     if mode == "vector":
         q = q.rerank(reranker, query_string=query)
     else:

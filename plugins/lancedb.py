@@ -135,8 +135,7 @@ class KaLMReranker(Reranker):
 
     Notes
     -----
-    Fastest usage: select the stored columns in the search itself (``select(rr.columns + [...])``,
-    ``text`` included);
+    Fastest usage: select the stored columns in the search itself (``select(["text"] + rr.columns)``);
     the reranker then reads the matrices from the results. Without them it fetches the rows by
     ``_rowid``, which needs ``.with_row_id(True)`` on vector and FTS searches (hybrid searches always
     carry it); with neither it falls back to a filter on ``id``.
@@ -148,7 +147,7 @@ class KaLMReranker(Reranker):
     >>> from kalm_store.plugins.lancedb import KaLMReranker
     >>> tbl = lancedb.connect("./db").open_table("docs")  # doctest: +SKIP
     >>> rr = KaLMReranker(KaLMModel.from_pretrained("KaLM-Embedding/KaLM-Reranker-V1-Nano"), table=tbl)  # doctest: +SKIP
-    >>> hits = (tbl.search("how do I parse json?", query_type="hybrid").select(rr.columns)
+    >>> hits = (tbl.search("how do I parse json?", query_type="hybrid").select(["text"] + rr.columns)
     ...         .limit(100).rerank(rr).limit(10).to_list())  # doctest: +SKIP
     """
 
@@ -220,13 +219,20 @@ class KaLMReranker(Reranker):
 
     @property
     def columns(self) -> list[str]:
-        """Columns to ``select`` in a search so the reranker reads matrices from the results (fastest).
+        """Stored columns to ``select`` in a search, beside ``text``, so the reranker reads the matrices
+        from the results (fastest): ``id``, ``n_tokens``, ``text_digest`` (tables of schema version 2 on)
+        and ``kalm_r{ratio}``, as in ``.select(["text"] + rr.columns)``.
 
-        ``id``, ``text``, ``n_tokens``, ``text_digest`` (tables of schema version 2 on: the text is checked
-        against it, so a matrix whose text was changed behind kalm-store's back is refused) and
-        ``kalm_r{ratio}``. Add other columns to them; ``text`` is already there.
+        ``text`` is not in the list because searches select it anyway; the reranker reads it too, to
+        check it against ``text_digest`` (a matrix whose text was changed behind kalm-store's back is
+        refused), and fetches it with the matrices when the results lack it.
         """
-        return ["id", "text", "n_tokens"] + ([schema.DIGEST_COLUMN] if self._digests else []) + [self.column]
+        return ["id", "n_tokens"] + ([schema.DIGEST_COLUMN] if self._digests else []) + [self.column]
+
+    @property
+    def _read(self) -> list[str]:
+        """What the reranker reads per candidate: :attr:`columns`, plus ``text`` for the digest check."""
+        return self.columns + (["text"] if self._digests else [])
 
     def __str__(self) -> str:
         return f"KaLMReranker(model={self.model.name_or_path}, ratio={self.ratio})"
@@ -234,8 +240,8 @@ class KaLMReranker(Reranker):
     # ------------------------------------------------------------------ matrices of the candidates
     def _matrices(self, results: pa.Table) -> list[np.ndarray]:
         """Stored matrices of the result rows, in row order."""
-        if all(c in results.column_names for c in self.columns):
-            rows = results.select(self.columns)
+        if all(c in results.column_names for c in self._read):
+            rows = results.select(self._read)
         elif "_rowid" in results.column_names:
             rows = self._fetch(results, "_rowid")
         elif "id" in results.column_names:
@@ -252,9 +258,9 @@ class KaLMReranker(Reranker):
         """The stored columns of the result rows, fetched through the table by ``key``, in row order."""
         keys = results.column(key).to_pylist()
         if key == "_rowid":
-            fetched = self._handle.take_row_ids(keys, self.columns)
+            fetched = self._handle.take_row_ids(keys, self._read)
         else:
-            fetched = self._handle.take_ids(keys, self.columns)
+            fetched = self._handle.take_ids(keys, self._read)
         pos = {k: i for i, k in enumerate(fetched.column(key).to_pylist())}
         missing = [i for i, k in enumerate(keys) if k not in pos]
         if missing:

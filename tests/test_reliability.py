@@ -214,7 +214,7 @@ def test_corrupt_value_named_by_store_and_reranker(corrupt_store, model, pid, mo
     monkeypatch.setattr(model, "score", lambda *a, **k: pytest.fail("scored a corrupt candidate"))
     rr = KaLMReranker(model, table=corrupt_store.table, ratio=4)
     tbl = corrupt_store.table
-    for query in (tbl.search().where(f"id IN ('p0', '{pid}')").select(rr.columns),  # select path
+    for query in (tbl.search().where(f"id IN ('p0', '{pid}')").select(["text"] + rr.columns),  # select path
                   tbl.search().where(f"id IN ('p0', '{pid}')").select(["id", "text"]).with_row_id(True)):  # _rowid
         with pytest.raises(CorruptMatrixError, match=where):
             rr.rerank_table("q", query.to_arrow())
@@ -300,7 +300,7 @@ def _reader(db: str, model_dir: str, chunk: int, n: int, stop_at: float, out, re
             store.refresh()
             version = store.table.version
             count = store.table.count_rows()
-            rows = store.table.search().select(rr.columns).limit(n + 10).to_arrow()
+            rows = store.table.search().select(["text"] + rr.columns).limit(n + 10).to_arrow()
             mats = decode_rows(rows, 4, model.dim)  # every fetched value decodes
             reranked = rr.rerank_table("json file", rows.slice(0, 16))
             ids = rows.column("id").to_pylist()

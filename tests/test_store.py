@@ -105,8 +105,9 @@ def test_a_text_changed_behind_kalm_stores_back_is_refused_then_repaired_by_upse
         store.matrices(["p0", "p2"], 4)
     assert store.matrices(["p0", "p1"], 4)[0].dtype == np.float16  # other rows still read
     rr = KaLMReranker(model, table=store.table, ratio=4)
-    assert "text" in rr.columns and "text_digest" in rr.columns
-    for query in (store.table.search().select(rr.columns),  # the select path
+    assert rr.columns == ["id", "n_tokens", "text_digest", "kalm_r4"]
+    for query in (store.table.search().select(["text"] + rr.columns),  # the select path
+                  store.table.search().select(rr.columns),  # no text selected: fetched by id with it
                   store.table.search().select(["id"]).with_row_id(True)):  # the _rowid path
         with pytest.raises(StaleMatrixError, match="p2"):
             rr.rerank_table("q", query.limit(10).to_arrow())
@@ -116,7 +117,7 @@ def test_a_text_changed_behind_kalm_stores_back_is_refused_then_repaired_by_upse
     assert store.upsert(records) == 1
     got = store.matrices(["p2"], 4)[0]
     assert got.tobytes() == model.encode(["zeppelins drift over the harbour"], 4)[0].tobytes()
-    out = rr.rerank_table("q", store.table.search().select(rr.columns).limit(10).to_arrow())
+    out = rr.rerank_table("q", store.table.search().select(["text"] + rr.columns).limit(10).to_arrow())
     assert out.num_rows == len(passages) and "text_digest" not in out.column_names and "text" in out.column_names
 
 
@@ -137,8 +138,8 @@ def test_version_1_tables_without_digests_are_read_and_appended_to(tmp_path, mod
     want = model.encode(passages, 4)
     assert [m.tobytes() for m in old.matrices([f"p{i}" for i in range(6)], 4)] == [m.tobytes() for m in want]
     rr = KaLMReranker(model, table=old.table)
-    assert rr.columns == ["id", "text", "n_tokens", "kalm_r4"]
-    assert rr.rerank_table("q", old.table.search().select(rr.columns).limit(10).to_arrow()).num_rows == 6
+    assert rr.columns == ["id", "n_tokens", "kalm_r4"]
+    assert rr.rerank_table("q", old.table.search().select(["text"] + rr.columns).limit(10).to_arrow()).num_rows == 6
     assert old.upsert([{"id": "p0", "text": "new text"}]) == 1
 
 

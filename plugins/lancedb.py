@@ -240,27 +240,31 @@ class KaLMReranker(Reranker):
     # ------------------------------------------------------------------ matrices of the candidates
     def _matrices(self, results: pa.Table) -> list[np.ndarray]:
         """Stored matrices of the result rows, in row order."""
-        if all(c in results.column_names for c in self._read):
+        names = results.column_names
+        if all(c in names for c in self._read):
             rows = results.select(self._read)
-        elif "_rowid" in results.column_names:
-            rows = self._fetch(results, "_rowid")
-        elif "id" in results.column_names:
-            rows = self._fetch(results, "id")
+        elif "_rowid" in names or "id" in names:
+            key: Literal["_rowid", "id"] = "_rowid" if "_rowid" in names else "id"
+            if all(c in names for c in self.columns):  # matrices selected, text not: fetch the text alone
+                rows = results.select(self.columns).append_column("text", self._fetch(results, key, ["id", "text"])
+                                                                  .column("text"))
+            else:
+                rows = self._fetch(results, key, self._read)
         else:
             raise ValueError(
                 f"the search results carry neither the stored matrices {self.columns}, nor '_rowid', nor 'id' "
-                f"(columns: {results.column_names}); select the stored columns in the search "
-                f"(`.select([..., {', '.join(repr(c) for c in self.columns)}])`, fastest) or add "
+                f"(columns: {names}); select the stored columns in the search "
+                f"(`.select([..., {', '.join(repr(c) for c in ['text', *self.columns])}])`, fastest) or add "
                 "`.with_row_id(True)` to the search")
         return decode_rows(rows, self.ratio, self.model.dim, self.model.max_length)
 
-    def _fetch(self, results: pa.Table, key: Literal["_rowid", "id"]) -> pa.Table:
-        """The stored columns of the result rows, fetched through the table by ``key``, in row order."""
+    def _fetch(self, results: pa.Table, key: Literal["_rowid", "id"], columns: list[str]) -> pa.Table:
+        """``columns`` of the result rows, fetched through the table by ``key``, in row order."""
         keys = results.column(key).to_pylist()
         if key == "_rowid":
-            fetched = self._handle.take_row_ids(keys, self._read)
+            fetched = self._handle.take_row_ids(keys, columns)
         else:
-            fetched = self._handle.take_ids(keys, self._read)
+            fetched = self._handle.take_ids(keys, columns)
         pos = {k: i for i, k in enumerate(fetched.column(key).to_pylist())}
         missing = [i for i, k in enumerate(keys) if k not in pos]
         if missing:

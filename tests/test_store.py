@@ -119,6 +119,8 @@ def test_a_text_changed_behind_kalm_stores_back_is_refused_then_repaired_by_upse
     assert got.tobytes() == model.encode(["zeppelins drift over the harbour"], 4)[0].tobytes()
     out = rr.rerank_table("q", store.table.search().select(["text"] + rr.columns).limit(10).to_arrow())
     assert out.num_rows == len(passages) and "text_digest" not in out.column_names and "text" in out.column_names
+    fetched_text = rr.rerank_table("q", store.table.search().select(rr.columns).limit(10).to_arrow())
+    assert fetched_text.column("_relevance_score").to_pylist() == out.column("_relevance_score").to_pylist()
 
 
 def test_version_1_tables_without_digests_are_read_and_appended_to(tmp_path, model, passages):

@@ -140,11 +140,16 @@ def text_digest(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
 
 
+def stale_ids(ids: Sequence[str], texts: Sequence[str | None], digests: Sequence[bytes | None]) -> list[str]:
+    """The ids whose text is not the one their matrices were encoded from (its digest differs)."""
+    return [i for i, t, d in zip(ids, texts, digests) if t is None or d is None or text_digest(t) != d]
+
+
 def check_digests(ids: Sequence[str], texts: Sequence[str | None], digests: Sequence[bytes | None],
                   column: str = "the matrices") -> None:
     """Raise :class:`StaleMatrixError` naming the rows whose text is not the one their matrices were
     encoded from (changed by a write that bypassed kalm-store)."""
-    stale = [i for i, t, d in zip(ids, texts, digests) if t is None or d is None or text_digest(t) != d]
+    stale = stale_ids(ids, texts, digests)
     if stale:
         raise StaleMatrixError(
             f"passage id(s) {stale[:10]}{' ...' if len(stale) > 10 else ''}: the text was changed after {column} was "

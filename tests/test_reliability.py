@@ -220,6 +220,39 @@ def test_corrupt_value_named_by_store_and_reranker(corrupt_store, model, pid, mo
             rr.rerank_table("q", query.to_arrow())
 
 
+def test_verify_finds_every_damaged_and_stale_row(corrupt_store, capsys):
+    """The whole-table check finds what each read would refuse, all of it, in batches smaller than the table."""
+    from kalm_store.cli import main
+    from kalm_store.verify import verify_store
+
+    report = verify_store(corrupt_store, batch_rows=5, examples=2)
+    assert report.rows == 12 and not report.ok and report.digests
+    r4, r8, text = report.columns["kalm_r4"], report.columns["kalm_r8"], report.columns["text"]
+    assert (r4.ok, r4.bad, r8.ok, r8.bad, text.ok, text.bad) == (8, 4, 11, 1, 12, 0)
+    assert [pid for pid, _ in r4.examples] == ["p3", "p5"] and "n_tokens 1073741824" in r8.examples[0][1]
+    corrupt_store.table.update(where="id = 'p0'", values={"text": "changed behind kalm-store's back"})
+    text = verify_store(corrupt_store, ratios=[8]).columns["text"]
+    assert (text.bad, text.examples[0][0]) == (1, "p0")
+    db = str(Path(corrupt_store.table.uri).parent)
+    assert main(["verify", "--db", db, "--table", "docs", "--json", "--no-progress"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is False and out["columns"]["kalm_r4"]["bad"] == 4 and out["columns"]["text"]["bad"] == 1
+    assert main(["verify", "--db", db, "--table", "docs", "--ratio", "16"]) == 1
+    assert "stores ratios [4, 8], not r=16" in capsys.readouterr().err
+
+
+def test_verify_passes_a_clean_table(model, tmp_path, capsys):
+    from kalm_store.cli import main
+    from kalm_store.store import PassageStore
+
+    store = PassageStore.create(str(tmp_path / "db"), "docs", model, ratios=[4])
+    store.add(make_corpus(7, seed=3))
+    assert main(["verify", "--db", str(tmp_path / "db"), "--table", "docs", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "7 rows" in out and "kalm_r4    ok 7, damaged 0" in out and "text       ok 7, stale 0" in out
+    assert out.strip().endswith("all rows pass")
+
+
 def test_corrupt_value_named_by_repool(corrupt_store):
     from kalm_store.repool import repool_store
 

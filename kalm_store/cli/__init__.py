@@ -18,6 +18,7 @@ COMMANDS = {
     "repool": "repool",
     "build": "build",
     "info": "info",
+    "verify": "verify",
     "search": "search",
     "demo": "demo",
 }

@@ -341,32 +341,40 @@ def test_embedder_vectors_and_search_round_trip(tmp_path, model, tiny_model_dir)
 
 
 # ---------------------------------------------------------------------- resume after a real SIGKILL
-def test_resume_after_sigkill(tmp_path, model, tiny_model_dir):
-    import lance
-
-    records = make_corpus(120, seed=4)
-    inp = write_jsonl(tmp_path / "c.jsonl", records)
-    db = tmp_path / "db"
+def kill_build_when(ready, inp: Path, db: Path, model_dir: Path, *flags: str) -> None:
+    """Run `kalm-store build` (chunks of 4) in a subprocess and SIGKILL it as soon as ``ready()`` holds."""
     cmd = [sys.executable, "-c", "import sys; from kalm_store.cli import main; sys.exit(main())",
-           "build", str(inp), "--db", str(db), "--table", "docs", "--model", str(tiny_model_dir),
-           "--chunk-size", "4", "--no-progress", "--no-fts-index"]
+           "build", str(inp), "--db", str(db), "--table", "docs", "--model", str(model_dir),
+           "--chunk-size", "4", "--no-progress", "--no-fts-index", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    rows_at_kill = 0
     deadline = time.monotonic() + 60
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                rows_at_kill = lance.dataset(str(db / "docs.lance")).count_rows()
-            except Exception:  # not created yet
-                rows_at_kill = 0
-            if rows_at_kill > 0:
-                break
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
             time.sleep(0.05)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+
+
+def test_resume_after_sigkill(tmp_path, model, tiny_model_dir):
+    import lance
+
+    records = make_corpus(120, seed=4)
+    inp = write_jsonl(tmp_path / "c.jsonl", records)
+    db = tmp_path / "db"
+    rows_at_kill = 0
+
+    def some_rows() -> bool:
+        nonlocal rows_at_kill
+        try:
+            rows_at_kill = lance.dataset(str(db / "docs.lance")).count_rows()
+        except Exception:  # not created yet
+            rows_at_kill = 0
+        return rows_at_kill > 0
+
+    kill_build_when(some_rows, inp, db, tiny_model_dir)
     assert 0 < rows_at_kill < 120
     summary = build(opts(tmp_path, inp, tiny_model_dir, chunk_size=4, fts_index=False), model=model)
     assert summary.already_stored >= rows_at_kill and summary.written == 120 - summary.already_stored
@@ -387,21 +395,10 @@ def test_update_resumes_after_sigkill(tmp_path, model, tiny_model_dir):
     base = lance.dataset(str(tmp_path / "db" / "docs.lance")).version
     edited = [dict(r, text=r["text"] + " revised") for r in records]
     inp = write_jsonl(tmp_path / "c2.jsonl", edited)
-    cmd = [sys.executable, "-c", "import sys; from kalm_store.cli import main; sys.exit(main())",
-           "build", str(inp), "--db", str(tmp_path / "db"), "--table", "docs", "--model", str(tiny_model_dir),
-           "--chunk-size", "4", "--no-progress", "--no-fts-index", "--update"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if lance.dataset(str(tmp_path / "db" / "docs.lance")).version > base:
-                break  # at least one chunk replaced
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    def replaced_a_chunk() -> bool:
+        return lance.dataset(str(tmp_path / "db" / "docs.lance")).version > base
+
+    kill_build_when(replaced_a_chunk, inp, tmp_path / "db", tiny_model_dir, "--update")
     summary = build(opts(tmp_path, inp, tiny_model_dir, chunk_size=4, fts_index=False, update=True), model=model)
     assert 0 < summary.updated < 120 and summary.already_stored == 120 - summary.updated
     assert summary.updated % 4 == 0  # whole chunks were replaced before the kill

@@ -14,7 +14,8 @@ input is skipped and counted (``duplicates``). A record whose id is already stor
 (``already_stored``), unless ``update=True`` and its text (or brought vector) differs from the stored
 row's: then it is re-encoded and replaces that row in the chunk's commit (``updated``). With
 ``delete_missing=True``, once the whole input has been read and committed, stored ids it does not
-hold are deleted (``deleted``), so that the table mirrors the input. Memory
+hold are deleted (``deleted``); with ``update=True`` as well, the table then mirrors the input. An
+input with no valid record never deletes anything: it is refused. Memory
 grows with the number of distinct ids only (a set of id strings, about 100 bytes each); texts and
 matrices stream in chunks of ``chunk_size`` records.
 """
@@ -122,18 +123,20 @@ class BuildSummary:
     seconds: float = 0.0  # wall time of the whole run
     setup_seconds: float = 0.0  # of which: loading the model and checking the table, before the first record
     index_seconds: float = 0.0  # of which: creating or updating the indices after the last commit
+    delete_seconds: float = 0.0  # of which: deleting the ids missing from the input (delete_missing=True)
     rows: int = 0  # rows in the table afterwards
     indices: list[str] = field(default_factory=list)  # indices created or updated
 
     @property
     def work_seconds(self) -> float:
         """Reading, encoding, compressing and committing: the time the rates are measured over."""
-        return max(self.seconds - self.setup_seconds - self.index_seconds, 0.0)
+        return max(self.seconds - self.setup_seconds - self.index_seconds - self.delete_seconds, 0.0)
 
     def line(self) -> str:
         work = self.work_seconds
         replaced = f" ({self.updated} replacing changed rows)" if self.updated else ""
-        replaced += f", deleted {self.deleted} rows not in the input" if self.deleted else ""
+        replaced += f", deleted {self.deleted} rows not in the input ({self.delete_seconds:.1f} s)" \
+            if self.deleted else ""
         return (f"read {self.read}, wrote {self.written}{replaced} in {self.commits} commits "
                 f"({self.rate(self.written):.1f} "
                 f"passages/s, {self.rate(self.tokens):.0f} tokens/s over {work:.1f} s of encoding and writing; "
@@ -241,7 +244,13 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     finally:
         bar.close()
     if options.delete_missing and store is not None:  # only here: the whole input was read and committed
-        summary.deleted = store.delete_ids(sorted(stored - seen))
+        if not seen:  # an empty file or a failed producer piped in must not read as "delete everything"
+            raise ValueError(f"input {options.input!r} holds no valid record: --delete-missing would delete all "
+                             f"{len(stored)} stored rows, so nothing was deleted")
+        t = time.perf_counter()
+        summary.deleted, commits = store.delete_ids(sorted(stored - seen))
+        summary.commits += commits
+        summary.delete_seconds = time.perf_counter() - t
     return finish_build(store, options, summary, start)
 
 

@@ -171,6 +171,7 @@ def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, can
                fields: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Like :func:`search` with an open table and a ready reranker (no re-loading between queries)."""
     check_search_args(query, k, candidates, mode, reranker.ratio, query_vector, where, fields)
+    fields = list(dict.fromkeys(fields))  # a column asked for twice is returned once
     missing = [f for f in fields if f not in tbl.schema.names]
     if missing:
         raise ValueError(f"fields {missing} are not columns of table {tbl.name!r} (it has {tbl.schema.names})")

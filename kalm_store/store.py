@@ -335,13 +335,18 @@ class PassageStore:
             out.append(differs)
         return out
 
-    def delete_ids(self, ids: Sequence[str]) -> int:
-        """Delete the rows of ``ids`` (their matrices go with them), 1000 ids per Lance commit; returns
-        how many ids were asked for. Rows not stored are ignored, so an interrupted call can be repeated."""
+    def delete_ids(self, ids: Sequence[str]) -> tuple[int, int]:
+        """Delete the rows of ``ids`` (their matrices go with them), 1000 ids per Lance commit.
+
+        Returns (rows deleted, commits). Ids not stored are ignored, so an interrupted call can be
+        repeated.
+        """
         ids = list(ids)
+        deleted = commits = 0
         for i in range(0, len(ids), 1000):
-            self.table.delete(sql_in("id", ids[i:i + 1000]))
-        return len(ids)
+            deleted += self.table.delete(sql_in("id", ids[i:i + 1000])).num_deleted_rows
+            commits += 1
+        return deleted, commits
 
     def write(self, rows: pa.Table, *, replace: bool = False) -> None:
         """Commit ``rows`` (from :meth:`rows_table`) in one atomic Lance commit.
@@ -350,6 +355,14 @@ class PassageStore:
         old rows deleted, new ones written, in the same commit); otherwise the rows are appended.
         """
         if replace:
+            # A merge-insert keeps the old values of every column the rows lack. For a kalm_r* column this
+            # store does not list (a repool unfinished, or committed since this handle was opened) that
+            # would pair the new text, and its new digest, with the old text's matrix: write null there,
+            # which every read and `verify` report, and a repool of that ratio fills.
+            self.table.checkout_latest()
+            for f in self.table.schema:
+                if schema.ratio_of_column(f.name) is not None and f.name not in rows.column_names:
+                    rows = rows.append_column(f, pa.nulls(rows.num_rows, f.type))
             self.table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
         else:
             self.table.add(rows)
@@ -393,9 +406,11 @@ class PassageStore:
             dim = int(self.metadata["vector_dim"])
             if vectors is None:
                 raise ValueError(f"table {self.table.name!r} stores brought vectors of width {dim}: give each row's vector")
+            for pid, v in zip(ids, vectors):
+                if v is None or isinstance(v, (str, bytes)) or np.shape(v) != (dim,):
+                    got = "no vector" if v is None else f"a vector of shape {np.shape(v)}"
+                    raise ValueError(f"record id {pid!r} has {got}; table {self.table.name!r} stores {dim}-d vectors")
             flat = np.asarray(vectors, dtype=np.float32)
-            if flat.shape != (len(ids), dim):
-                raise ValueError(f"vectors have shape {flat.shape}; table {self.table.name!r} needs ({len(ids)}, {dim})")
             columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim)
         for r in self.ratios:
             columns[schema.column_name(r)] = pa.array([encode_matrix(m) for m in encoded.matrices[r]],

@@ -173,6 +173,13 @@ def test_update_replaces_changed_rows_in_one_commit_per_chunk(tmp_path, model, t
     assert (again.written, again.updated, again.commits) == (0, 0, 0)
     store.refresh()
     assert store.table.version == version
+    edited[5]["text"] = "edited again"  # a changed and a new id in one chunk: one merge-insert commit
+    edited.insert(6, {"id": "p31", "text": "new beside an edit", "vec": [3.0, 2.0, 1.0]})
+    s3 = build(opts(tmp_path, write_jsonl(tmp_path / "c3.jsonl", edited), tiny_model_dir, update=True, **o),
+               model=model)
+    assert (s3.written, s3.updated, s3.commits, s3.rows) == (2, 1, 1, 22)
+    store.refresh()
+    assert_bitwise(store, expected(model, edited[5:7], [4], 1, batch_size=1))
 
 
 def test_update_with_an_embedder_recomputes_the_vector(tmp_path, model, tiny_model_dir):
@@ -204,9 +211,14 @@ def test_delete_missing_mirrors_the_input_only_after_all_of_it(tmp_path, model, 
     assert {"p2", "p3", "p4", "p10"} <= set(texts) and texts["p0"] == "p0 edited"  # chunks before the error stay
     with pytest.raises(ValueError, match="--skip-bad"):
         build(opts(tmp_path, broken, tiny_model_dir, delete_missing=True), model=model, on_bad=lambda e: None)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="holds no valid record: --delete-missing would delete all 11 stored rows"):
+        build(opts(tmp_path, empty, tiny_model_dir, delete_missing=True), model=model)
+    assert store.table.count_rows() == 11  # an empty input (a failed export, say) deleted nothing
     s = build(opts(tmp_path, write_jsonl(tmp_path / "now.jsonl", now), tiny_model_dir, chunk_size=4,
                    delete_missing=True, update=True), model=model)
-    assert (s.deleted, s.written, s.rows) == (3, 0, 8) and "deleted 3 rows not in the input" in s.line()
+    assert (s.deleted, s.written, s.rows, s.commits) == (3, 0, 8, 1) and "deleted 3 rows not in the input" in s.line()
     store.refresh()
     rows = store.table.to_arrow()
     assert dict(zip(rows.column("id").to_pylist(), rows.column("text").to_pylist())) == \

@@ -234,7 +234,7 @@ def test_verify_finds_every_damaged_and_stale_row(corrupt_store, capsys):
     text = verify_store(corrupt_store, ratios=[8]).columns["text"]
     assert (text.bad, text.examples[0][0]) == (1, "p0")
     db = str(Path(corrupt_store.table.uri).parent)
-    assert main(["verify", "--db", db, "--table", "docs", "--json", "--no-progress"]) == 1
+    assert main(["verify", "--db", db, "--table", "docs", "--json", "--no-progress"]) == 3
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False and out["columns"]["kalm_r4"]["bad"] == 4 and out["columns"]["text"]["bad"] == 1
     assert main(["verify", "--db", db, "--table", "docs", "--ratio", "16"]) == 1

@@ -110,6 +110,27 @@ def test_interrupted_run_is_finished_by_running_again(model, tmp_path) -> None:
     assert again.rows == 0 and store.ratios == [2, 4]
 
 
+def test_an_update_during_an_unfinished_repool_leaves_null_not_the_old_matrix(model, tmp_path) -> None:
+    """A replaced row must not keep the old text's matrix in a ratio column its writer does not list:
+    it holds null there, which reads and `verify` name, until a repool of that ratio runs again."""
+    from kalm_store.codec import CorruptMatrixError
+    from kalm_store.verify import verify_store
+
+    store = make_store(model, tmp_path, [2])
+    repool_store(store, 2, 4)
+    set_ratios(store.table, [2])  # kalm_r4 written, not listed: the writer below encodes r=2 only
+    old = corpus()[1]
+    assert store.upsert([dict(old, text="an edited passage about json files")]) == 1
+    assert store.table.to_lance().to_table(columns=["kalm_r4"], filter="id = 'p1'").column(0)[0].as_py() is None
+    repool_store(store, 2, 4)  # finishes the interrupted run: lists r=4
+    assert store.ratios == [2, 4]
+    with pytest.raises(CorruptMatrixError, match=r"passage id 'p1', column kalm_r4: no stored matrix \(null value\)"):
+        store.matrices(["p1"], 4)
+    report = verify_store(store)
+    assert (report.columns["kalm_r4"].bad, report.columns["kalm_r4"].examples[0][0]) == (1, "p1")
+    assert report.columns["kalm_r2"].bad == 0 and report.columns["text"].bad == 0
+
+
 def test_cli_repool(model, tmp_path, capsys) -> None:
     from kalm_store.cli import main
 

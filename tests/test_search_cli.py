@@ -79,7 +79,7 @@ def test_search_where_filters_before_the_limit_and_fields_come_back(db, model, m
 
     allowed = {"d2", "d6", "d10"}  # the zebra passages, far from the query
     hits = search(db, "docs", "parse json zebras", model=model, k=5, candidates=2, mode=mode, query_vector=QVEC,
-                  where="id IN ('d2', 'd6', 'd10')", fields=["n_tokens"])
+                  where="id IN ('d2', 'd6', 'd10')", fields=["n_tokens", "n_tokens"])  # asked twice, returned once
     assert 2 <= len(hits) <= (4 if mode == "hybrid" else 2) and {h["id"] for h in hits} <= allowed
     tokens = dict(zip(*PassageStore.open(db, "docs").table.to_arrow().select(["id", "n_tokens"]).to_pydict().values()))
     assert all(set(h) == {"rank", "id", "score", "text", "n_tokens"} and h["n_tokens"] == tokens[h["id"]]

@@ -91,6 +91,10 @@ def test_changed_compares_brought_vectors_as_stored(tmp_path, model):
     with pytest.raises(KeyError, match="zz"):
         s.changed(["zz"], ["x"])
     assert s.upsert([{"id": "a", "text": "x", "vector": [0.5, 0.5]}]) == 1
+    with pytest.raises(ValueError, match=r"record id 'c' has a vector of shape \(1,\); table 'v' stores 2-d vectors"):
+        s.upsert([{"id": "c", "text": "z", "vector": [1.0]}])
+    with pytest.raises(ValueError, match="record id 'd' has no vector"):
+        s.add([{"id": "d", "text": "z"}])
     rows = s.table.to_arrow()
     assert dict(zip(rows.column("id").to_pylist(), rows.column("vector").to_pylist())) == {"a": [0.5, 0.5], "b": [1, 2]}
 
@@ -107,7 +111,8 @@ def test_a_text_changed_behind_kalm_stores_back_is_refused_then_repaired_by_upse
     rr = KaLMReranker(model, table=store.table, ratio=4)
     assert rr.columns == ["id", "n_tokens", "text_digest", "kalm_r4"]
     for query in (store.table.search().select(["text"] + rr.columns),  # the select path
-                  store.table.search().select(rr.columns),  # no text selected: fetched by id with it
+                  store.table.search().select(rr.columns),  # no text selected: the text fetched by id
+                  store.table.search().select(rr.columns).with_row_id(True),  # ... or by _rowid
                   store.table.search().select(["id"]).with_row_id(True)):  # the _rowid path
         with pytest.raises(StaleMatrixError, match="p2"):
             rr.rerank_table("q", query.limit(10).to_arrow())

@@ -7,17 +7,22 @@ import json
 import sys
 from dataclasses import asdict
 
+PROBLEMS_FOUND = 3  # exit status when rows fail; 1 stays "could not run", as for every command
+
 _EPILOG = """\
 What is checked, row by row, without a model: every kalm_r* value decodes (n_tokens within
 1..max_length, zstd frame of the declared size, checksum, finite float16 values, not null), and every
 text still has the digest written with its matrices (tables of schema version 2 on). These are the
 checks each query makes for its own candidates; verify runs them over the whole table, reading only.
 
-Exit status: 0 when every row passes, 1 when any fails (the report names them), so a cron job or CI
-can alert. Repairs: a stale text is re-encoded by `kalm-store build INPUT --update` with the current
-corpus; a damaged value is not (its text is unchanged), so delete those rows
-(tbl.delete("id IN (...)")) and run the build again, which stores them anew. A null value at a
-repooled ratio comes from an appender unaware of it: once writers stop, drop and repool that ratio.
+Exit status: 0 when every row passes, 3 when any fails (the report names them), 1 when the check could
+not run (a wrong --db, --table or --ratio, as for every command), so a cron job can tell them apart.
+
+Repairs: a stale text is re-encoded by `kalm-store build INPUT --update` with the current corpus. A
+damaged value is not (its text is unchanged): delete those rows (tbl.delete("id IN (...)")) and run
+the build again, which stores them anew. A null value at a repooled ratio comes from a writer unaware
+of that ratio (an append, or an update during an unfinished repool): once writers stop, drop and
+repool that ratio.
 """
 
 
@@ -52,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                           progress=args.progress and sys.stderr.isatty())
     if args.json:
         print(json.dumps(asdict(report) | {"ok": report.ok}))
-        return 0 if report.ok else 1
+        return 0 if report.ok else PROBLEMS_FOUND
     print(f"verify {report.table} ({args.db}): {report.rows} rows, ratios {report.ratios}"
           + ("" if report.digests else "; no text digests (schema version 1): texts not checked"))
     for name, col in report.columns.items():
@@ -61,4 +66,4 @@ def run(args: argparse.Namespace) -> int:
         for pid, reason in col.examples:
             print(f"      {pid}: {reason}")
     print("all rows pass" if report.ok else "problems found: see `kalm-store verify --help` for repairs")
-    return 0 if report.ok else 1
+    return 0 if report.ok else PROBLEMS_FOUND

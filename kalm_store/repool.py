@@ -8,10 +8,11 @@ stay as they are, and the column becomes visible in one commit (an interrupted r
 half-written). A concurrent append makes that commit fail with Lance's retryable
 ``CommitConflictError``; the column is then derived again from the latest version (appended rows
 included), up to ``CONFLICT_RETRIES`` times. Rows appended after the winning commit by a writer that
-does not know the new ratio hold null in it; ``kalm-store build`` resumes on such a table only when
-given every ratio its metadata lists (and then writes them all). The table metadata ``ratios`` is
-updated in a second commit; a run interrupted
-between the two is finished by running the same command again.
+does not know the new ratio hold null in it (so do rows such a writer replaces); running the same
+command again re-derives exactly those rows (:func:`fill_nulls`). ``kalm-store build`` resumes on
+such a table only when given every ratio its metadata lists (and then writes them all). The table
+metadata ``ratios`` is updated in a second commit; a run interrupted between the two is finished by
+running the same command again.
 
 A finer ratio can never be recovered from a coarser one: that is refused, with the reason.
 """
@@ -50,6 +51,7 @@ class RepoolResult:
     dropped: int | None  # the dropped source ratio, if any
     version: int  # table version afterwards
     conflicts: int = 0  # commit races lost to concurrent writers (each one re-derived from the latest version)
+    filled: int = 0  # rows that held null at the target ratio, re-derived (see fill_nulls)
 
 
 def check_repool(stored: list[int], from_ratio: object, to_ratio: object, *, columns: list[str] | None = None,
@@ -146,10 +148,12 @@ def repool_store(
     columns = ds.schema.names
     stored = store.ratios
     src, dst = schema.column_name(f), schema.column_name(t)
-    if dst in columns and t not in stored and f in stored:
-        # add_columns committed but the metadata update did not: finish the interrupted run
-        set_ratios(table, stored + [t])
-        return _finish(store, f, t, 0, drop_source)
+    if dst in columns and f in stored and src in columns:
+        if t not in stored:  # add_columns committed but the metadata update did not: finish the interrupted run
+            set_ratios(table, stored + [t])
+        elif not _has_nulls(store, f, t):
+            check_repool(stored, f, t, columns=columns)  # "already stores r=t; nothing to do"
+        return _finish(store, f, t, 0, drop_source, filled=fill_nulls(store, f, t, batch_size=batch_size))
     check_repool(stored, f, t, columns=columns)
     if dst in columns:
         raise RepoolError(f"column {dst} exists although the metadata does not list r={t}; "
@@ -197,12 +201,51 @@ def repool_store(
     return _finish(store, f, t, rows, drop_source, conflicts=attempt)
 
 
-def _finish(store: PassageStore, f: int, t: int, rows: int, drop_source: bool, conflicts: int = 0) -> RepoolResult:
+def _finish(store: PassageStore, f: int, t: int, rows: int, drop_source: bool, conflicts: int = 0,
+            filled: int = 0) -> RepoolResult:
     dropped = None
     if drop_source:
         dropped = drop_ratio(store, f)
     return RepoolResult(from_ratio=f, to_ratio=t, rows=rows, ratios=store.ratios, dropped=dropped,
-                        version=store.table.version, conflicts=conflicts)
+                        version=store.table.version, conflicts=conflicts, filled=filled)
+
+
+def _missing_filter(from_ratio: int, to_ratio: int) -> str:
+    return f"{schema.column_name(to_ratio)} IS NULL AND {schema.column_name(from_ratio)} IS NOT NULL"
+
+
+def _has_nulls(store: PassageStore, from_ratio: int, to_ratio: int) -> bool:
+    return store.table.count_rows(_missing_filter(from_ratio, to_ratio)) > 0
+
+
+def fill_nulls(store: PassageStore, from_ratio: int, to_ratio: int, *, batch_size: int = 256) -> int:
+    """Re-derive the rows that hold null at ``kalm_r{to}`` but a value at ``kalm_r{from}``; returns how many.
+
+    Such rows come from writers unaware of ``to``: an append, or an update during an unfinished
+    repool. A conditional merge-insert writes that one column, and only where the row's text digest
+    is still the one read: a row replaced meanwhile keeps its null, and the next run derives it from
+    its new matrix. (Version-1 tables keep no digest: there the write is unconditional.)
+    """
+    src, dst = schema.column_name(from_ratio), schema.column_name(to_ratio)
+    store.table.checkout_latest()
+    keys = ["id"] + ([schema.DIGEST_COLUMN] if store.has_digests else [])
+    missing = store.table.to_lance().to_table(columns=keys + ["n_tokens", src],
+                                              filter=_missing_filter(from_ratio, to_ratio))
+    if missing.num_rows == 0:
+        return 0
+    derived = [repool_batch(b, from_ratio, to_ratio, store.dim).column(0)
+               for b in missing.to_batches(max_chunksize=batch_size)]
+    rows = missing.select(keys).append_column(schema.ratio_field(to_ratio), pa.chunked_array(derived))
+    merge = store.table.merge_insert("id")
+    if store.has_digests:
+        # use_index(False): with a scalar index on `id`, a conditional merge-insert of some columns panics in
+        # Lance (pylance 14.0.2: "Incorrect number of arrays for StructArray fields"); a join scan of the id
+        # column is fine for a repair of a few rows
+        merge = merge.use_index(False).when_matched_update_all(
+            where=f"target.{schema.DIGEST_COLUMN} = source.{schema.DIGEST_COLUMN}")
+    else:
+        merge = merge.when_matched_update_all()
+    return int(merge.execute(rows).num_updated_rows)
 
 
 def drop_ratio(store: PassageStore, ratio: int) -> int:

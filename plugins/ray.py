@@ -301,7 +301,9 @@ def repool_on_ray(store: PassageStore, from_ratio: int, to_ratio: int, ray_optio
     """Derive ``kalm_r{to_ratio}`` from ``kalm_r{from_ratio}`` with ``lance_ray.add_columns``: one task per
     fragment across the cluster, one Merge commit (the vector index and other columns stay as they are).
 
-    The same checks, transform and metadata step as :func:`kalm_store.repool.repool_store`.
+    The same checks, transform and metadata step as :func:`kalm_store.repool.repool_store`. Finishing
+    an interrupted run, or re-deriving the rows that hold null at the target ratio, is little work and
+    runs locally, through :func:`~kalm_store.repool.repool_store`.
     """
     from kalm_store import schema
     from kalm_store.repool import RepoolResult, check_direction, check_repool, set_ratios
@@ -317,20 +319,22 @@ def repool_on_ray(store: PassageStore, from_ratio: int, to_ratio: int, ray_optio
     ds = table.to_lance()
     stored = store.ratios
     dst = schema.column_name(t)
-    rows = 0
-    if not (dst in ds.schema.names and t not in stored and f in stored):  # else: finish an interrupted run
-        check_repool(stored, f, t, columns=ds.schema.names)
-        transform = _repool_transform(f, t, store.dim)
-        started = init_ray(ray_options)
-        try:
-            lance_ray.add_columns(ds.uri, transform=transform, read_columns=["id", "n_tokens", schema.column_name(f)],
-                                  storage_options=storage_options, batch_size=batch_size,
-                                  concurrency=ray_options.workers)
-        finally:
-            if started:
-                require("ray", "ray").shutdown()
-        rows = ds.count_rows()
-        table.checkout_latest()
+    if dst in ds.schema.names and f in stored:  # nothing to derive in bulk: finish a run or fill its nulls
+        from kalm_store.repool import repool_store
+
+        return repool_store(store, f, t, batch_size=batch_size)
+    check_repool(stored, f, t, columns=ds.schema.names)
+    transform = _repool_transform(f, t, store.dim)
+    started = init_ray(ray_options)
+    try:
+        lance_ray.add_columns(ds.uri, transform=transform, read_columns=["id", "n_tokens", schema.column_name(f)],
+                              storage_options=storage_options, batch_size=batch_size,
+                              concurrency=ray_options.workers)
+    finally:
+        if started:
+            require("ray", "ray").shutdown()
+    rows = ds.count_rows()
+    table.checkout_latest()
     set_ratios(table, stored + [t])
     return RepoolResult(from_ratio=f, to_ratio=t, rows=rows, ratios=store.ratios, dropped=None,
                         version=table.version)

@@ -110,25 +110,64 @@ def test_interrupted_run_is_finished_by_running_again(model, tmp_path) -> None:
     assert again.rows == 0 and store.ratios == [2, 4]
 
 
-def test_an_update_during_an_unfinished_repool_leaves_null_not_the_old_matrix(model, tmp_path) -> None:
+def test_an_update_during_an_unfinished_repool_leaves_null_which_repool_fills(model, tmp_path, capsys) -> None:
     """A replaced row must not keep the old text's matrix in a ratio column its writer does not list:
-    it holds null there, which reads and `verify` name, until a repool of that ratio runs again."""
-    from kalm_store.codec import CorruptMatrixError
+    it holds null there (reads and `verify` name it), and running the repool again re-derives it, as
+    it does for rows appended by writers unaware of the ratio."""
+    from kalm_store.cli import main
+    from kalm_store.codec import CorruptMatrixError, encode_matrix, to_float16
+    from kalm_store.pooling import repool
     from kalm_store.verify import verify_store
 
     store = make_store(model, tmp_path, [2])
     repool_store(store, 2, 4)
+    old_r4 = store.table.to_lance().to_table(columns=["kalm_r4"], filter="id = 'p1'").column(0)[0].as_py()
     set_ratios(store.table, [2])  # kalm_r4 written, not listed: the writer below encodes r=2 only
-    old = corpus()[1]
-    assert store.upsert([dict(old, text="an edited passage about json files")]) == 1
-    assert store.table.to_lance().to_table(columns=["kalm_r4"], filter="id = 'p1'").column(0)[0].as_py() is None
-    repool_store(store, 2, 4)  # finishes the interrupted run: lists r=4
-    assert store.ratios == [2, 4]
+    assert store.upsert([dict(corpus()[1], text="an edited passage about json files")]) == 1
+    assert store.add([{"id": "late", "text": "appended by a writer unaware of r=4", "vector": [0.0] * 8}]) == 1
+    nulls = store.table.to_lance().to_table(columns=["id"], filter="kalm_r4 IS NULL").column(0).to_pylist()
+    assert sorted(nulls) == ["late", "p1"]
+    set_ratios(store.table, [2, 4])  # as another process's repool would list it
     with pytest.raises(CorruptMatrixError, match=r"passage id 'p1', column kalm_r4: no stored matrix \(null value\)"):
         store.matrices(["p1"], 4)
     report = verify_store(store)
-    assert (report.columns["kalm_r4"].bad, report.columns["kalm_r4"].examples[0][0]) == (1, "p1")
-    assert report.columns["kalm_r2"].bad == 0 and report.columns["text"].bad == 0
+    assert report.columns["kalm_r4"].bad == 2 and report.columns["text"].bad == 0
+
+    assert main(["repool", "--db", str(tmp_path), "--table", "docs", "--from", "2", "--to", "4"]) == 0
+    assert "re-derived 2 rows that held null at r=4" in capsys.readouterr().out
+    store.refresh()
+    assert verify_store(store).ok
+    got = store.table.to_lance().to_table(columns=["id", "n_tokens", "kalm_r4"], filter="id = 'p1'").to_pylist()[0]
+    want = repool(store.matrices(["p1"], 2)[0], got["n_tokens"], 2, 4)  # from the edited text's own r=2 matrix
+    assert got["kalm_r4"] == encode_matrix(to_float16(want)) and got["kalm_r4"] != old_r4
+    with pytest.raises(RepoolError, match="already stores r=4"):  # nothing left to fill
+        repool_store(store, 2, 4)
+
+
+def test_fill_skips_a_row_replaced_since_it_was_read(model, tmp_path) -> None:
+    """The fill writes only where the text digest is still the one it read."""
+    from kalm_store.repool import fill_nulls
+
+    store = make_store(model, tmp_path, [2])
+    repool_store(store, 2, 4)
+    set_ratios(store.table, [2])
+    store.upsert([dict(corpus()[3], text="edited once")])
+    set_ratios(store.table, [2, 4])
+    real = store.table.merge_insert
+
+    def replaced_meanwhile(on):  # another writer replaces p3 between the fill's read and its write
+        del store.table.merge_insert  # once
+        set_ratios(store.table, [2])
+        store.upsert([dict(corpus()[3], text="edited twice")])
+        set_ratios(store.table, [2, 4])
+        return real(on)
+
+    store.table.merge_insert = replaced_meanwhile
+    assert fill_nulls(store, 2, 4) == 0
+    assert "merge_insert" not in vars(store.table)  # the race really ran
+    row = store.table.to_lance().to_table(columns=["text", "kalm_r4"], filter="id = 'p3'").to_pylist()[0]
+    assert row == {"text": "edited twice", "kalm_r4": None}  # not the matrix derived from "edited once"
+    assert fill_nulls(store, 2, 4) == 1
 
 
 def test_cli_repool(model, tmp_path, capsys) -> None:

@@ -21,8 +21,8 @@ not run (a wrong --db, --table or --ratio, as for every command), so a cron job 
 Repairs: a stale text is re-encoded by `kalm-store build INPUT --update` with the current corpus. A
 damaged value is not (its text is unchanged): delete those rows (tbl.delete("id IN (...)")) and run
 the build again, which stores them anew. A null value at a repooled ratio comes from a writer unaware
-of that ratio (an append, or an update during an unfinished repool): once writers stop, drop and
-repool that ratio.
+of that ratio (an append, or an update during an unfinished repool): run the same
+`kalm-store repool --from R --to R2` again, which re-derives exactly those rows.
 """
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .pooling import check_ratio
-from .schema import DIGEST_COLUMN, ratio_of_column
+from .schema import DIGEST_COLUMN, decode_metadata, ratio_of_column
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import KaLMModel
@@ -51,8 +51,6 @@ def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vect
     Vectors are computed from ``query`` by the table's registered embedding function when it has one;
     tables with brought vectors need ``query_vector`` for "vector" and "hybrid" modes.
     """
-    from .schema import decode_metadata
-
     meta = decode_metadata(tbl.schema.metadata)
     if mode != "fts":
         if meta.get("vector_dim") is None:

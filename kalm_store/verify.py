@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
 
 from . import schema
 from .codec import CorruptMatrixError
 from .store import check_ratio_stored, decode_rows, stale_ids
 
 if TYPE_CHECKING:  # pragma: no cover
-    import pyarrow as pa
-
     from .store import PassageStore
 
 
@@ -84,7 +84,7 @@ def verify_store(store: PassageStore, *, ratios: Sequence[int] | None = None, ba
     ds = store.table.to_lance()
     with tqdm(total=ds.count_rows(), unit="row", desc="verify", disable=not progress) as bar:
         for batch in ds.to_batches(columns=cols, batch_size=batch_rows):
-            rows = _table(batch)
+            rows = pa.Table.from_batches([batch])
             report.rows += rows.num_rows
             if digests:
                 stale = stale_ids(rows.column("id").to_pylist(), rows.column("text").to_pylist(),
@@ -96,12 +96,6 @@ def verify_store(store: PassageStore, *, ratios: Sequence[int] | None = None, ba
                        _damaged(rows.select(["id", "n_tokens", schema.column_name(r)]), r, store), examples)
             bar.update(rows.num_rows)
     return report
-
-
-def _table(batch: Any) -> pa.Table:
-    import pyarrow as pa
-
-    return pa.Table.from_batches([batch])
 
 
 def _damaged(rows: pa.Table, ratio: int, store: PassageStore) -> list[tuple[str, str]]:

@@ -4,8 +4,8 @@ Files written into the output folder:
 
 * ``per_query.tsv``: ``query-id, system, ndcg@10, mrr@10, recall@10, recall@100, retrieved`` per
   judged query and system (``first_stage``, ``r1``, ``r4``, ..., ``joint``);
-* ``runs/{system}.trec``: each system's ranking in TREC run format (``trec_eval -c -m ndcg_cut.10
-  qrels run`` reproduces the numbers);
+* ``runs/{system}.trec`` and ``qrels.trec``: each system's ranking and the judgments in TREC format
+  (``trec_eval -c -m ndcg_cut.10 qrels.trec runs/r4.trec`` reproduces nDCG@10);
 * ``report.json``: everything, settings and counts included (:meth:`EvalReport.to_dict`);
 * ``eval.png``: quality (nDCG@10, MRR@10, Recall@10) and bytes per passage against r.
 """
@@ -57,6 +57,7 @@ class EvalReport:
     systems: dict[str, SystemResult]
     joint_sample: dict[str, Any] | None = None
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)  # system -> query -> P(yes)
+    qrels: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)  # the evaluated queries' judgments
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` object: ``{"first_stage": {measure: mean}, "r4": {...}, ...}`` (plus
@@ -160,6 +161,12 @@ def write_outputs(rep: EvalReport, folder: Path, *, plot: bool = True) -> list[P
                 for i, pid in enumerate(ids):
                     f.write(f"{q} Q0 {pid} {i + 1} {len(ids) - i} {name}\n")  # scores mirror the ranks
         written.append(path)
+    path = folder / "qrels.trec"  # the judgments of the evaluated queries, in the format trec_eval reads
+    with open(path, "w", encoding="utf-8") as f:
+        for q, judged in rep.qrels.items():
+            for pid, grade in judged.items():
+                f.write(f"{q} 0 {pid} {grade}\n")
+    written.append(path)
     path = folder / "report.json"
     path.write_text(json.dumps(rep.to_dict(), indent=2) + "\n", encoding="utf-8")
     written.append(path)
@@ -189,9 +196,9 @@ def plot_report(rep: EvalReport, path: Path) -> Path:
     ax.set_ylabel("mean over judged queries")
     ax.set_ylim(0.0, 1.02)
     ax2 = ax.twinx()
-    ax2.plot(rs, [rep.bytes_per_passage[r]["raw_float16"] for r in rs], "s:", color="tab:blue",
+    ax2.plot(rs, [float(rep.bytes_per_passage[r]["raw_float16"] or 0.0) for r in rs], "s:", color="tab:blue",
              label="float16 bytes / passage")
-    stored = [(r, rep.bytes_per_passage[r]["stored"]) for r in rs if rep.bytes_per_passage[r]["stored"] is not None]
+    stored = [(r, float(b)) for r in rs if (b := rep.bytes_per_passage[r]["stored"]) is not None]
     if stored:
         ax2.plot([r for r, _ in stored], [b for _, b in stored], "D", color="tab:blue", label="stored bytes / passage")
     ax2.set_yscale("log")

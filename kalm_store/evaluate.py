@@ -317,15 +317,15 @@ def evaluate(
             ids = hits.column("id").to_pylist()
             rankings["first_stage"][qid] = ids
             if not ids:  # nothing retrieved: every system scores 0 on this query
-                for s in rankings:
-                    if s != "first_stage":
-                        rankings[s][qid] = []
+                for name in rankings:
+                    if name != "first_stage":
+                        rankings[name][qid] = []
                 continue
             counts = hits.column("n_tokens").to_pylist()
             decoded = {s: decode_rows(hits, s, store.dim, meta.get("max_length")) for s in stored_needed}
             for r in rs:
-                s = source[r]
-                mats = decoded[s] if s == r else [repool(m, n, s, r) for m, n in zip(decoded[s], counts)]
+                src = source[r]
+                mats = decoded[src] if src == r else [repool(m, n, src, r) for m, n in zip(decoded[src], counts)]
                 with warnings.catch_warnings():  # decoded matrices are read-only views; the model only reads them
                     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                     sc = model.score(text, mats, instr, batch_size=batch_size)
@@ -336,11 +336,11 @@ def evaluate(
                 scores["joint"][qid] = sc
                 rankings["joint"][qid] = [ids[i] for i in np.argsort(-sc, kind="stable")]
         results = {}
-        for s in rankings:
-            pq = per_query({q: coll.qrels[q] for q in qids}, rankings[s])
-            over = sorted(sample, key=qids.index) if s == "joint" else qids
-            results[s] = SystemResult(name=s, mean=mean(pq, over), per_query={q: pq[q] for q in over},
-                                      rankings=rankings[s])
+        for name in rankings:
+            pq = per_query({q: coll.qrels[q] for q in qids}, rankings[name])
+            over = [q for q in qids if q in sample] if name == "joint" else qids
+            results[name] = SystemResult(name=name, mean=mean(pq, over), per_query={q: pq[q] for q in over},
+                                         rankings=rankings[name])
         fidelity = None
         if sample:
             ordered = [q for q in qids if q in sample]
@@ -361,7 +361,7 @@ def evaluate(
             skipped_no_relevant=coll.skipped_no_relevant, not_evaluated=len(coll.queries) - len(qids),
             warnings=coll.warnings.lines() + _extra_rows(store, coll), built=built,
             bytes_per_passage=_bytes_per_passage(store, rs), systems=results, joint_sample=fidelity,
-            scores=scores,
+            scores=scores, qrels={q: coll.qrels[q] for q in qids},
         )
     finally:
         if scratch is not None:

@@ -267,6 +267,14 @@ def test_cli_json_table_and_files(built, beir, tiny_model_dir, tmp_path, capsys)
     zebra = next(r.split("\t") for r in rows if r.startswith("q_zebra\tfirst_stage\t"))
     assert float(zebra[2]) == pytest.approx(rep.systems["first_stage"].per_query["q_zebra"]["ndcg@10"], abs=1e-6)
     assert (out / "runs" / "r4.trec").read_text().splitlines()[0].split()[:2] == ["q_zebra", "Q0"]
+    import pytrec_eval  # the written TREC files give the same nDCG@10 to trec_eval's own parser
+
+    with open(out / "qrels.trec") as fq, open(out / "runs" / "r4.trec") as fr:
+        judged, run = pytrec_eval.parse_qrel(fq), pytrec_eval.parse_run(fr)
+    assert sum(len(v) for v in judged.values()) == 9
+    trec = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.10"}).evaluate(run)
+    for q, values in rep.systems["r4"].per_query.items():
+        assert trec.get(q, {"ndcg_cut_10": 0.0})["ndcg_cut_10"] == pytest.approx(values["ndcg@10"], abs=1e-12)
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "report.json").read_text())["results"] == obj
     assert main(["eval", str(beir), "--model", str(tiny_model_dir), "--db", db, "--mode", "fts", "--out", str(out),
@@ -333,3 +341,40 @@ def test_ratios_the_table_cannot_give_and_modes_it_cannot_run_are_refused(beir, 
         evaluate(beir, model=model, db=db, ratios=[2, 4], plot=False)
     with pytest.raises(ValueError, match="mode='vector' needs a table with an embedding function"):
         evaluate(beir, model=model, db=db, mode="vector", ratios=[4], plot=False)
+
+
+def test_an_interrupted_build_is_resumed_and_only_the_missing_passages_are_encoded(built, beir, model, tmp_path):
+    from kalm_store import evaluate
+    from kalm_store.build import BuildOptions, build
+
+    db, rep, _ = built
+    part = tmp_path / "part.jsonl"  # what a build killed after its first chunk leaves: some of the passages
+    part.write_text("".join(json.dumps({"id": r["_id"], "text": join_passage(r["title"], r["text"])}) + "\n"
+                            for r in corpus_rows()[:7]))
+    resumed_db = str(tmp_path / "db")
+    build(BuildOptions(input=str(part), db=resumed_db, table="corpus", model=model.name_or_path, ratios=[1],
+                       progress=False), model=model)
+    again = evaluate(beir, model=model, db=resumed_db, mode="fts", ratios=[1], plot=False)
+    assert again.built is not None and "wrote 12" in again.built and "7 already stored" in again.built
+    assert again.systems["first_stage"].rankings == rep.systems["first_stage"].rankings
+    for q in again.scores["r1"]:  # encoded in other batches: equal up to a float16 step of the stored states
+        np.testing.assert_allclose(again.scores["r1"][q], rep.scores["r1"][q], atol=2e-3)
+    assert evaluate(beir, model=model, db=resumed_db, mode="fts", ratios=[1], plot=False).built is None
+
+
+def test_instructions_per_run_and_per_query(built, model, tmp_path):
+    from kalm_store import PassageStore, evaluate
+
+    db, rep, _ = built
+    queries = [dict(q, instruction="Find animals.") if q["_id"] == "q_zebra" else q for q in QUERIES]
+    root = write_beir(tmp_path / "instr", queries=queries)
+    store = PassageStore.open(db, "corpus")
+    cands = rep.systems["first_stage"].rankings["q_zebra"]
+    mats = store.matrices(cands, 1)
+    own = evaluate(root, model=model, db=db, mode="fts", ratios=[1], plot=False)
+    np.testing.assert_array_equal(own.scores["r1"]["q_zebra"], model.score("zebra", mats, "Find animals."))
+    np.testing.assert_array_equal(own.scores["r1"]["q_title"], rep.scores["r1"]["q_title"])  # default instruction
+    assert not np.array_equal(own.scores["r1"]["q_zebra"], rep.scores["r1"]["q_zebra"])
+    run = evaluate(root, model=model, db=db, mode="fts", ratios=[1], plot=False, instruction="Find glass.")
+    np.testing.assert_array_equal(run.scores["r1"]["q_zebra"], model.score("zebra", mats, "Find glass."))
+    assert run.instruction == "Find glass."

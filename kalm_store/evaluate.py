@@ -88,14 +88,16 @@ def _write_passages(coll: Collection, folder: Path) -> Path:
 
 def ensure_store(coll: Collection, model: KaLMModel, *, db: str, table: str, ratios: Sequence[int],
                  embedder: str | None, embedder_model: str | None, work_dir: Path | None,
-                 storage_options: dict[str, str] | None = None, build_batch_size: int = 16,
-                 chunk_size: int = 1024, progress: bool = False) -> tuple[PassageStore, str | None]:
+                 mode: EvalMode | None = None, storage_options: dict[str, str] | None = None,
+                 build_batch_size: int = 16, chunk_size: int = 1024,
+                 progress: bool = False) -> tuple[PassageStore, str | None]:
     """Open the table, building it (or finishing an interrupted build) from ``corpus.jsonl`` first.
 
     A new table stores the finest requested ratio only (the others are derived from it at evaluation
     time) and the vectors of ``embedder`` when given. An existing table that lacks some corpus ids is
-    resumed with its own ratios and embedder; a complete one is used as it is. Returns the store and
-    the builder's summary line (``None`` when nothing was built).
+    resumed with its own ratios and embedder; a complete one is used as it is. Before anything is
+    encoded, a table that cannot serve ``ratios`` or ``mode`` is refused. Returns the store and the
+    builder's summary line (``None`` when nothing was built).
     """
     from .build import BuildOptions, build
     from .storage import connect
@@ -113,6 +115,8 @@ def ensure_store(coll: Collection, model: KaLMModel, *, db: str, table: str, rat
             if table_emb != want:
                 raise StoreMismatchError(f"table {table!r} in {db} was embedded by {table_emb!r}, not {want!r}; "
                                          "drop --embedder to use the table's, or evaluate into another --table")
+        sources(store.ratios, ratios, what=f"table {table!r}")
+        _check_mode(mode, meta, table)
         missing = len(coll.corpus_ids - store.all_ids())
         if not missing:
             return store, None
@@ -120,6 +124,7 @@ def ensure_store(coll: Collection, model: KaLMModel, *, db: str, table: str, rat
         emb_model = table_emb.get("model") if table_emb else None
         build_ratios = store.ratios
     else:
+        _check_mode(mode, {"embedder": embedder}, table)
         emb_name, emb_model, build_ratios = embedder, embedder_model, [min(ratios)]
     folder = Path(tempfile.mkdtemp(prefix="kalm-eval-", dir=work_dir))
     try:
@@ -131,6 +136,30 @@ def ensure_store(coll: Collection, model: KaLMModel, *, db: str, table: str, rat
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return PassageStore.open(db, table, model=model, storage_options=storage_options), summary.line()
+
+
+def _precheck(db: str, table: str, ratios: Sequence[int], mode: EvalMode | None, embedder: str | None,
+              storage_options: dict[str, str] | None) -> None:
+    """What can be refused from the table's metadata alone: ratios it cannot give, modes it cannot run."""
+    from .storage import connect
+    from .store import PassageStore, _table_names
+
+    if table in _table_names(connect(db, storage_options)):
+        store = PassageStore.open(db, table, storage_options=storage_options)
+        sources(store.ratios, ratios, what=f"table {table!r}")
+        _check_mode(mode, store.metadata, table)
+    else:
+        _check_mode(mode, {"embedder": embedder}, table)
+
+
+def _check_mode(mode: EvalMode | None, meta: dict[str, Any], table: str) -> None:
+    """vector and hybrid first stages embed the query with the table's own embedding function."""
+    if mode in (None, "fts") or meta.get("embedder"):
+        return
+    why = "holds brought vectors (eval embeds queries with the table's own function)" \
+        if meta.get("vector_dim") else "has no vectors"
+    raise ValueError(f"mode={mode!r} needs a table with an embedding function, and table {table!r} {why}; "
+                     "build one with --embedder, or use mode='fts'")
 
 
 def _bytes_per_passage(store: PassageStore, ratios: Sequence[int]) -> dict[int, dict[str, float | None]]:
@@ -282,20 +311,17 @@ def evaluate(
         else:
             db = str(out_dir / "db")
     try:
+        _precheck(db, table, rs, mode, embedder, storage_options)  # before a model is loaded
         if not isinstance(model, KaLMModel):
             model = KaLMModel.from_pretrained(model, device=device)
         store, built = ensure_store(coll, model, db=db, table=table, ratios=rs, embedder=embedder,
-                                    embedder_model=embedder_model, work_dir=out_dir, storage_options=storage_options,
-                                    build_batch_size=build_batch_size, progress=progress)
+                                    embedder_model=embedder_model, work_dir=out_dir, mode=mode,
+                                    storage_options=storage_options, build_batch_size=build_batch_size,
+                                    progress=progress)
         source = sources(store.ratios, rs, what=f"table {table!r}")
         meta = store.metadata
-        has_vectors = bool(meta.get("embedder"))
-        used_mode: EvalMode = mode or ("vector" if has_vectors else "fts")  # type: ignore[assignment]
-        if used_mode != "fts" and not has_vectors:
-            why = "holds brought vectors (eval embeds queries with the table's own function)" \
-                if meta.get("vector_dim") else "has no vectors"
-            raise ValueError(f"mode={used_mode!r} needs a table with an embedding function, and table {table!r} {why}; "
-                             "build one with --embedder, or use mode='fts'")
+        used_mode: EvalMode = mode or ("vector" if meta.get("embedder") else "fts")  # type: ignore[assignment]
+        _check_mode(used_mode, meta, table)
         tbl = store.table
         digests = schema.DIGEST_COLUMN in tbl.schema.names
         stored_needed = sorted(set(source.values()))

@@ -326,6 +326,10 @@ def test_cli_errors_are_one_line_before_any_model_is_loaded(tmp_path, capsys):
     assert main(["eval", str(root), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("kalm-store eval: error: ") and "test.tsv:3: query-id 'q_nope'" in err and "\n" not in err
+    good = write_beir(tmp_path / "good")
+    assert main(["eval", str(good), "--model", str(tmp_path / "no-model"), "--mode", "vector",
+                 "--out", str(tmp_path / "o2")]) == 1  # refused from the arguments alone: no model is loaded
+    assert "mode='vector' needs a table with an embedding function" in capsys.readouterr().err
     assert main(["eval", str(root), "--model", "m", "--ratios", "3"]) == 1
     assert "ratios entry must be one of" in capsys.readouterr().err
     assert main(["eval", str(root), "--model", "m", "--embedder", "sentence-transformers"]) == 1
@@ -341,6 +345,24 @@ def test_ratios_the_table_cannot_give_and_modes_it_cannot_run_are_refused(beir, 
         evaluate(beir, model=model, db=db, ratios=[2, 4], plot=False)
     with pytest.raises(ValueError, match="mode='vector' needs a table with an embedding function"):
         evaluate(beir, model=model, db=db, mode="vector", ratios=[4], plot=False)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="mode='hybrid' needs a table with an embedding function.*has no vectors"):
+        evaluate(beir, model=model, db=str(fresh), mode="hybrid", ratios=[4], plot=False)
+    assert not fresh.exists() or not any(fresh.iterdir())  # refused before anything was built
+
+
+def test_an_incomplete_table_that_cannot_serve_the_ratios_is_refused_before_resuming(beir, model, tmp_path):
+    from kalm_store import PassageStore, evaluate
+    from kalm_store.build import BuildOptions, build
+
+    part = tmp_path / "part.jsonl"
+    part.write_text(json.dumps({"id": "a1", "text": "apple"}) + "\n")
+    db = str(tmp_path / "db")
+    build(BuildOptions(input=str(part), db=db, table="corpus", model=model.name_or_path, ratios=[8],
+                       progress=False), model=model)
+    with pytest.raises(ValueError, match=r"stores ratios \[8\]: r=4 cannot be derived"):
+        evaluate(beir, model=model, db=db, mode="fts", ratios=[4], plot=False)
+    assert PassageStore.open(db, "corpus").table.count_rows() == 1  # nothing was encoded for a doomed run
 
 
 def test_an_interrupted_build_is_resumed_and_only_the_missing_passages_are_encoded(built, beir, model, tmp_path):

@@ -88,7 +88,7 @@ def _write_passages(coll: Collection, folder: Path) -> Path:
 
 def ensure_store(coll: Collection, model: KaLMModel, *, db: str, table: str, ratios: Sequence[int],
                  embedder: str | None, embedder_model: str | None, work_dir: Path | None,
-                 mode: EvalMode | None = None, storage_options: dict[str, str] | None = None,
+                 mode: EvalMode | None = None, embedder_device: str = "cpu", storage_options: dict[str, str] | None = None,
                  build_batch_size: int = 16, chunk_size: int = 1024,
                  progress: bool = False) -> tuple[PassageStore, str | None]:
     """Open the table, building it (or finishing an interrupted build) from ``corpus.jsonl`` first.
@@ -130,6 +130,7 @@ def ensure_store(coll: Collection, model: KaLMModel, *, db: str, table: str, rat
     try:
         options = BuildOptions(input=str(_write_passages(coll, folder)), db=db, table=table, model=model.name_or_path,
                                ratios=list(build_ratios), embedder=emb_name, embedder_model=emb_model,  # type: ignore[arg-type]
+                               embedder_device=embedder_device,
                                batch_size=build_batch_size, chunk_size=chunk_size, max_length=model.max_length,
                                progress=progress, storage_options=storage_options)
         summary = build(options, model=model)
@@ -206,6 +207,7 @@ def evaluate(
     ratios: Sequence[int] = (4,),
     embedder: str | None = None,
     embedder_model: str | None = None,
+    embedder_device: str = "cpu",
     instruction: str | None = None,
     joint_sample: int = 0,
     out: str | Path | None = None,
@@ -243,6 +245,8 @@ def evaluate(
     embedder, embedder_model : str, optional
         LanceDB embedding function for a new table (``"sentence-transformers"`` and a model name or
         folder), as ``kalm-store build --embedder``; default ``None`` builds a text-only (FTS) store.
+    embedder_device : str, default "cpu"
+        Device of the embedding function of a new table (recorded in it: queries are embedded there too).
     instruction : str, optional
         Task instruction for every query; default ``None`` uses a query's own ``instruction`` field in
         ``queries.jsonl`` when present, else the model's default.
@@ -316,6 +320,7 @@ def evaluate(
             model = KaLMModel.from_pretrained(model, device=device)
         store, built = ensure_store(coll, model, db=db, table=table, ratios=rs, embedder=embedder,
                                     embedder_model=embedder_model, work_dir=out_dir, mode=mode,
+                                    embedder_device=embedder_device,
                                     storage_options=storage_options, build_batch_size=build_batch_size,
                                     progress=progress)
         source = sources(store.ratios, rs, what=f"table {table!r}")

@@ -26,6 +26,7 @@ class EvalOptions:
     ratios: list[int]
     embedder: str | None
     embedder_model: str | None
+    embedder_device: str
     instruction: str | None
     joint_sample: int
     out: Path
@@ -67,6 +68,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                    help="embedding function computing the vectors of a new table (with --embedder-model); default: "
                         "none, a text-only store searched with fts")
     p.add_argument("--embedder-model", default=None, help="model name or folder of --embedder, e.g. all-MiniLM-L6-v2")
+    p.add_argument("--embedder-device", default="cpu",
+                   help="device of --embedder, recorded in a new table: queries are embedded there too (default: cpu)")
     p.add_argument("--instruction", default=None,
                    help="task instruction for every query (default: a query's own 'instruction' field, else the "
                         "model's default)")
@@ -106,7 +109,8 @@ def parse_options(args: argparse.Namespace) -> EvalOptions:
     out = args.out if args.out is not None else Path(f"kalm-eval-{args.data_dir.resolve().name}")
     return EvalOptions(data_dir=args.data_dir, model=args.model, db=args.db, table=args.table, split=args.split,
                        mode=args.mode, candidates=args.candidates, ratios=ratios, embedder=args.embedder,
-                       embedder_model=args.embedder_model, instruction=args.instruction, joint_sample=args.joint_sample,
+                       embedder_model=args.embedder_model, embedder_device=args.embedder_device,
+                       instruction=args.instruction, joint_sample=args.joint_sample,
                        out=out, max_queries=args.max_queries, batch_size=args.batch_size,
                        build_batch_size=args.build_batch_size, device=args.device, json=args.json, plot=args.plot)
 
@@ -120,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     db = opts.db
     rep = evaluate(opts.data_dir, model=opts.model, db=db, table=opts.table, split=opts.split,
                    mode=opts.mode, candidates=opts.candidates, ratios=opts.ratios,  # type: ignore[arg-type]
-                   embedder=opts.embedder, embedder_model=opts.embedder_model, instruction=opts.instruction,
+                   embedder=opts.embedder, embedder_model=opts.embedder_model,
+                   embedder_device=opts.embedder_device, instruction=opts.instruction,
                    joint_sample=opts.joint_sample, out=opts.out, max_queries=opts.max_queries,
                    batch_size=opts.batch_size, build_batch_size=opts.build_batch_size, device=opts.device,
                    storage_options=storage_options(db, args.storage_option) if db else None, plot=opts.plot,

@@ -62,9 +62,9 @@ def check_eval_args(ratios: object, mode: object, candidates: object, joint_samp
 
 
 def sources(stored: Sequence[int], ratios: Sequence[int], what: str = "the table") -> dict[int, int]:
-    """For each requested ratio, the stored ratio it is scored from: itself, or the coarsest stored ratio
-    that divides it (re-pooled exactly, as ``kalm-store repool`` would). A ratio finer than every stored
-    divisor cannot be derived: refused, naming the stored ratios."""
+    """For each requested ratio, the stored ratio it is scored from: itself, or the finest stored ratio
+    that divides it (re-pooled exactly, as ``kalm-store repool`` would; the finest source adds the least
+    float16 rounding). A ratio no stored ratio divides cannot be derived: refused, naming the stored ratios."""
     out = {}
     for r in ratios:
         divisors = [s for s in stored if s <= r and r % s == 0]
@@ -72,7 +72,7 @@ def sources(stored: Sequence[int], ratios: Sequence[int], what: str = "the table
             raise ValueError(f"{what} stores ratios {sorted(stored)}: r={r} cannot be derived from them (a finer "
                              "ratio can never be recovered from a coarser one); drop it from the ratios or evaluate "
                              f"a table built with `--ratio {r}` or finer")
-        out[r] = max(divisors)
+        out[r] = r if r in stored else min(divisors)
     return out
 
 

@@ -400,3 +400,12 @@ def test_instructions_per_run_and_per_query(built, model, tmp_path):
     run = evaluate(root, model=model, db=db, mode="fts", ratios=[1], plot=False, instruction="Find glass.")
     np.testing.assert_array_equal(run.scores["r1"]["q_zebra"], model.score("zebra", mats, "Find glass."))
     assert run.instruction == "Find glass."
+
+
+def test_each_ratio_is_scored_from_itself_or_the_finest_stored_divisor():
+    from kalm_store.evaluate import sources
+
+    assert sources([1, 4], [2, 4, 8, 32]) == {2: 1, 4: 4, 8: 1, 32: 1}
+    assert sources([2, 8], [8, 16]) == {8: 8, 16: 2}
+    with pytest.raises(ValueError, match=r"stores ratios \[4, 8\]: r=2 cannot be derived"):
+        sources([8, 4], [2, 16])

@@ -21,8 +21,8 @@ Rules (errors are :class:`CollectionError`, one line naming ``file:line``):
 * a qrels row naming a passage not in ``corpus.jsonl``: counted warning (the judgment is kept, so
   recall counts that passage as relevant and never retrieved, as trec_eval would);
 * a qrels row repeating a (query, passage) pair: error when the scores differ, counted otherwise;
-* a query without judgments is skipped and counted, as BEIR does; so is a query whose judgments
-  hold no relevant passage (score > 0): nDCG and recall are undefined for it.
+* a query without judgments is skipped and counted, as BEIR does; a query whose judgments hold no
+  relevant passage (score > 0) is kept and counted: it scores 0 on every measure, as in ``trec_eval -c``.
 """
 
 from __future__ import annotations
@@ -89,11 +89,11 @@ class Collection:
     split: str
     corpus_path: Path
     corpus_ids: set[str]
-    queries: dict[str, str]  # judged queries only, in file order: id -> text
+    queries: dict[str, str]  # judged queries only (at least one qrels row), in file order: id -> text
     instructions: dict[str, str]  # per-query "instruction" field, when queries.jsonl carries one
     qrels: dict[str, dict[str, int]]  # query id -> passage id -> graded relevance
     skipped_unjudged: int = 0  # queries.jsonl entries without any qrels row
-    skipped_no_relevant: int = 0  # queries whose qrels rows all have score <= 0
+    no_relevant: int = 0  # of the judged queries: those whose qrels rows all have score <= 0 (they score 0)
     warnings: Warnings = field(default_factory=Warnings)
 
     @property
@@ -257,14 +257,14 @@ def load_collection(root: str | Path, split: str = "test") -> Collection:
     texts, instructions = load_queries(root / QUERIES)
     warnings = Warnings()
     qrels = load_qrels(qrels_path, set(texts), corpus_ids, warnings)
-    judged = {q: texts[q] for q in texts if q in qrels and any(s > 0 for s in qrels[q].values())}
-    no_relevant = sum(1 for q in texts if q in qrels and q not in judged)
-    if not judged:
+    judged = {q: texts[q] for q in texts if q in qrels}
+    no_relevant = sum(1 for q in judged if not any(s > 0 for s in qrels[q].values()))
+    if no_relevant == len(judged):
         raise CollectionError(f"{qrels_path}: no query has a relevant passage (score > 0)")
     return Collection(root=root, split=split, corpus_path=corpus_path, corpus_ids=corpus_ids, queries=judged,
                       instructions={q: i for q, i in instructions.items() if q in judged},
                       qrels={q: qrels[q] for q in judged}, skipped_unjudged=len(texts) - len(qrels),
-                      skipped_no_relevant=no_relevant, warnings=warnings)
+                      no_relevant=no_relevant, warnings=warnings)
 
 
 __all__ = ["Collection", "CollectionError", "Warnings", "join_passage", "iter_corpus", "load_queries", "load_qrels",

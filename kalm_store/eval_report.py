@@ -49,7 +49,7 @@ class EvalReport:
     instruction: str | None
     queries: int  # judged queries evaluated (every mean is over these)
     skipped_unjudged: int  # queries.jsonl entries without a qrels row
-    skipped_no_relevant: int  # queries whose judgments hold no relevant passage
+    no_relevant: int  # of the evaluated queries: those whose judgments hold no relevant passage (they score 0)
     not_evaluated: int  # judged queries left out by max_queries
     warnings: list[str]
     built: str | None  # the builder's summary line when this run built (or resumed) the table
@@ -74,7 +74,7 @@ class EvalReport:
             "candidates": self.candidates, "ratios": self.ratios,
             "sources": {f"r{r}": s for r, s in self.sources.items()}, "stored_ratios": self.stored_ratios,
             "model": self.model, "instruction": self.instruction, "queries": self.queries,
-            "skipped_unjudged": self.skipped_unjudged, "skipped_no_relevant": self.skipped_no_relevant,
+            "skipped_unjudged": self.skipped_unjudged, "no_relevant": self.no_relevant,
             "not_evaluated": self.not_evaluated, "warnings": self.warnings, "built": self.built,
             "bytes_per_passage": {f"r{r}": b for r, b in self.bytes_per_passage.items()},
             "results": self.to_json(),
@@ -88,12 +88,13 @@ def format_table(rep: EvalReport) -> str:
     skipped = []
     if rep.skipped_unjudged:
         skipped.append(f"{rep.skipped_unjudged} queries without judgments")
-    if rep.skipped_no_relevant:
-        skipped.append(f"{rep.skipped_no_relevant} with no relevant passage")
     if rep.not_evaluated:
         skipped.append(f"{rep.not_evaluated} beyond --max-queries")
     if skipped:
         lines.append("skipped: " + ", ".join(skipped))
+    if rep.no_relevant:
+        lines.append(f"{rep.no_relevant} judged queries have no relevant passage: they score 0 on every measure "
+                     "(as in trec_eval -c)")
     lines += [f"warning: {w}" for w in rep.warnings]
     head = ["system", *MEASURES, "raw/passage", "stored/passage", "from"]
     rows = []

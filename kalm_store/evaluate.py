@@ -389,7 +389,7 @@ def evaluate(
             data_dir=str(coll.root), split=split, db=db if scratch is None else None, table=table, mode=used_mode,
             candidates=candidates, ratios=rs, sources=source, stored_ratios=store.ratios, model=model.name_or_path,
             instruction=instruction, queries=len(qids), skipped_unjudged=coll.skipped_unjudged,
-            skipped_no_relevant=coll.skipped_no_relevant, not_evaluated=len(coll.queries) - len(qids),
+            no_relevant=sum(1 for q in qids if not any(g > 0 for g in coll.qrels[q].values())), not_evaluated=len(coll.queries) - len(qids),
             warnings=coll.warnings.lines() + _extra_rows(store, coll), built=built,
             bytes_per_passage=_bytes_per_passage(store, rs), systems=results, joint_sample=fidelity,
             scores=scores, qrels={q: coll.qrels[q] for q in qids},

@@ -126,7 +126,7 @@ def test_title_and_text_are_joined_as_mteb_does():
 def test_fts_first_stage_metrics_equal_hand_computed_values(built):
     db, rep, _ = built
     fs = rep.systems["first_stage"]
-    assert rep.queries == 6 and rep.skipped_unjudged == 1 and rep.skipped_no_relevant == 1
+    assert rep.queries == 7 and rep.skipped_unjudged == 1 and rep.no_relevant == 1
     expected = {
         # BM25: z1 (tf 3, 4 words) above z2 (tf 1, 13 words); the ghost passage is judged relevant, never found
         "q_zebra": {"ndcg@10": (1 / 1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3) + 1 / math.log2(4)),
@@ -136,15 +136,19 @@ def test_fts_first_stage_metrics_equal_hand_computed_values(built):
         "q_miss": dict.fromkeys(("ndcg@10", "mrr@10", "recall@10", "recall@100"), 0.0),  # only m1 (grade 0)
         "q_apple": {"ndcg@10": 0.0, "mrr@10": 0.0, "recall@10": 0.0, "recall@100": 1.0},  # a1 at rank 12
         "q_exact": dict.fromkeys(("ndcg@10", "mrr@10", "recall@10", "recall@100"), 1.0),
+        # judged, but only a grade-0 passage: 0 everywhere (it counts, as in trec_eval -c)
+        "q_norel": dict.fromkeys(("ndcg@10", "mrr@10", "recall@10", "recall@100"), 0.0),
     }
     assert fs.rankings["q_zebra"] == ["z1", "z2"]
     assert fs.rankings["q_title"] == ["t1"] and fs.rankings["q_none"] == [] and fs.rankings["q_miss"] == ["m1"]
     assert fs.rankings["q_apple"] == [f"a{k}" for k in range(12, 0, -1)]
     for q, values in expected.items():
         assert fs.per_query[q] == approx(values), q
-        assert hand_metrics(fs.rankings[q], qrels_of(q)) == approx(values), q
-    # every judged query counts, the empty one with 0: the means are over 6 queries, not 5
-    assert rep.to_json()["first_stage"] == approx({m: sum(v[m] for v in expected.values()) / 6
+        if q != "q_norel":
+            assert hand_metrics(fs.rankings[q], qrels_of(q)) == approx(values), q
+    assert fs.rankings["q_norel"][0] == "z1"
+    # every judged query counts, the empty one with 0: the means are over 7 queries, not 6
+    assert rep.to_json()["first_stage"] == approx({m: sum(v[m] for v in expected.values()) / 7
                                                    for m in expected["q_zebra"]})
     assert any("1 qrels rows name passages not in corpus.jsonl" in w and "test.tsv:4" in w for w in rep.warnings)
 
@@ -170,7 +174,10 @@ def test_reranked_metrics_follow_the_model_scores_of_the_same_candidates(built, 
             ranking = rep.systems[f"r{r}"].rankings[q]
             assert sorted(ranking) == sorted(cands)  # the same candidates, reordered
             assert ranking == [cands[i] for i in np.argsort(-scores, kind="stable")]
-            assert rep.systems[f"r{r}"].per_query[q] == approx(hand_metrics(ranking, qrels_of(q)))
+            if q == "q_norel":  # no relevant passage: 0 everywhere, whatever the order
+                assert set(rep.systems[f"r{r}"].per_query[q].values()) == {0.0}
+            else:
+                assert rep.systems[f"r{r}"].per_query[q] == approx(hand_metrics(ranking, qrels_of(q)))
 
 
 def test_reranking_is_reproducible_and_the_store_is_reused(built, beir, model, tmp_path):
@@ -263,7 +270,7 @@ def test_cli_json_table_and_files(built, beir, tiny_model_dir, tmp_path, capsys)
     assert obj == {k: v for k, v in rep.to_json().items() if k != "joint_sample"}
     rows = (out / "per_query.tsv").read_text().splitlines()
     assert rows[0].split("\t") == ["query-id", "system", "ndcg@10", "mrr@10", "recall@10", "recall@100", "retrieved"]
-    assert len(rows) == 1 + 4 * 6
+    assert len(rows) == 1 + 4 * 7
     zebra = next(r.split("\t") for r in rows if r.startswith("q_zebra\tfirst_stage\t"))
     assert float(zebra[2]) == pytest.approx(rep.systems["first_stage"].per_query["q_zebra"]["ndcg@10"], abs=1e-6)
     assert (out / "runs" / "r4.trec").read_text().splitlines()[0].split()[:2] == ["q_zebra", "Q0"]
@@ -271,7 +278,7 @@ def test_cli_json_table_and_files(built, beir, tiny_model_dir, tmp_path, capsys)
 
     with open(out / "qrels.trec") as fq, open(out / "runs" / "r4.trec") as fr:
         judged, run = pytrec_eval.parse_qrel(fq), pytrec_eval.parse_run(fr)
-    assert sum(len(v) for v in judged.values()) == 9
+    assert sum(len(v) for v in judged.values()) == 10
     trec = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.10"}).evaluate(run)
     for q, values in rep.systems["r4"].per_query.items():
         assert trec.get(q, {"ndcg_cut_10": 0.0})["ndcg_cut_10"] == pytest.approx(values["ndcg@10"], abs=1e-12)
@@ -280,7 +287,8 @@ def test_cli_json_table_and_files(built, beir, tiny_model_dir, tmp_path, capsys)
     assert main(["eval", str(beir), "--model", str(tiny_model_dir), "--db", db, "--mode", "fts", "--out", str(out),
                  "--no-plot"]) == 0
     text = capsys.readouterr().out
-    assert "first_stage" in text and "r4" in text and "skipped: 1 queries without judgments, 1 with no relevant" in text
+    assert "first_stage" in text and "r4" in text and "skipped: 1 queries without judgments" in text
+    assert "1 judged queries have no relevant passage: they score 0" in text
     assert "warning: 1 qrels rows name passages not in corpus.jsonl" in text
 
 
@@ -313,7 +321,7 @@ def test_bad_collections_are_refused_naming_file_and_line(tmp_path, change, matc
 def test_counted_warnings_and_skips(tmp_path):
     qrels = QRELS + [("q_title", "t1", 1), ("q_title", "nowhere", 2)]  # a repeated pair, an unknown passage
     c = load_collection(write_beir(tmp_path / "c", qrels=qrels))
-    assert (c.skipped_unjudged, c.skipped_no_relevant, len(c.queries)) == (1, 1, 6)
+    assert (c.skipped_unjudged, c.no_relevant, len(c.queries)) == (1, 1, 7)
     assert c.warnings.counts == {"qrels rows name passages not in corpus.jsonl (kept: relevant, never retrieved)": 2,
                                  "qrels rows repeat a (query-id, corpus-id) pair with the same score": 1}
     assert c.qrels["q_title"] == {"t1": 1, "nowhere": 2}

@@ -417,3 +417,14 @@ def test_each_ratio_is_scored_from_itself_or_the_finest_stored_divisor():
     assert sources([2, 8], [8, 16]) == {8: 8, 16: 2}
     with pytest.raises(ValueError, match=r"stores ratios \[4, 8\]: r=2 cannot be derived"):
         sources([8, 4], [2, 16])
+
+
+def test_kalm_store_evaluate_is_the_function_and_importing_it_stays_cheap():
+    import subprocess
+    import sys
+
+    code = ("import sys, kalm_store; f = kalm_store.evaluate; import kalm_store.evaluate as m; "
+            "assert f is m.evaluate and callable(kalm_store.evaluate) and m.EvalReport; "
+            "print(sorted(x for x in ('torch', 'lancedb', 'transformers', 'pytrec_eval') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -210,8 +210,10 @@ def test_a_repooled_ratio_equals_a_table_built_at_that_ratio(built, beir, model,
     # a table encoded at r = 4 directly (no r = 1 in between): the same numbers, scores within float16 rounding
     direct = evaluate(beir, model=model, db=str(tmp_path / "direct"), mode="fts", ratios=[4], plot=False)
     assert direct.stored_ratios == [4] and direct.sources == {4: 4}
-    for q in direct.scores["r4"]:
-        np.testing.assert_allclose(direct.scores["r4"][q], rep.scores["r4"][q], atol=2e-3)
+    for q in direct.scores["r4"]:  # measured: 6.5e-5 apart at most
+        np.testing.assert_allclose(direct.scores["r4"][q], rep.scores["r4"][q], atol=5e-4)
+    # the candidates' scores lie >= 2e-3 apart (measured), so equal rankings are no accident of rounding
+    assert min(float(np.diff(np.sort(s)).min()) for s in rep.scores["r4"].values() if len(s) > 1) > 1e-3
     assert direct.systems["r4"].rankings == rep.systems["r4"].rankings
     assert direct.to_json()["r4"] == rep.to_json()["r4"]
 

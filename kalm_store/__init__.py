@@ -19,11 +19,13 @@ _LAZY = {
     "ModelLoadError": "kalm_store.model",
     "PassageStore": "kalm_store.store",
     "search": "kalm_store.query",
+    "evaluate": "kalm_store.evaluate",  # a callable module: kalm_store.evaluate(...) is the function
     "make_test_model": "kalm_store.testing",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import EncodedPassages, KaLMModel, ModelLoadError
+    from .evaluate import evaluate
     from .query import search
     from .store import PassageStore
     from .testing import make_test_model

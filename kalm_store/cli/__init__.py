@@ -20,6 +20,7 @@ COMMANDS = {
     "info": "info",
     "verify": "verify",
     "search": "search",
+    "eval": "eval",
     "demo": "demo",
 }
 

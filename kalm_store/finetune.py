@@ -334,7 +334,7 @@ def finetune(
     import torch
     from tqdm.auto import tqdm
 
-    from .finetune_data import PassageMatrices
+    from .finetune_data import PassageMatrices, source_ratios
     from .finetune_output import save_checkpoint, write_report
     from .model import KaLMModel
     from .pair_metrics import check_metric_libraries, evaluate
@@ -364,7 +364,8 @@ def finetune(
     kalm = KaLMModel.from_pretrained(model, device=device, dtype="float32")
     store = PassageStore.open(db, table, model=kalm, storage_options=storage_options)
     train_ratios = list(config.ratios) if config.ratios is not None else store.ratios
-    stored = store.all_ids() if any(p.id is not None for p in train_pairs + (eval_pairs or [])) else set()
+    asked = list(dict.fromkeys(p.id for p in train_pairs + (eval_pairs or []) if p.id is not None))
+    stored = store.existing_ids(asked) if asked else set()  # reads only the asked ids, not the whole table
     check_ids(train_pairs, stored, train, table)
     if eval_pairs is not None:
         check_ids(eval_pairs, stored, eval, table)
@@ -377,6 +378,7 @@ def finetune(
                "db": str(db), "table": table, "train": _file_digest(Path(train)),
                "eval": _file_digest(Path(eval)) if eval is not None else None,
                "config": asdict(config) | {"ratios": train_ratios}}
+    source_ratios(store.ratios, train_ratios, table)  # refuse an underivable ratio before writing anything
     work = out / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
     source = PassageMatrices(store, kalm, train_ratios, train_pairs + eval_pairs, work / "texts",

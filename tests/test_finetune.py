@@ -273,6 +273,7 @@ def test_ratio_finer_than_stored_is_refused(task, tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"stores ratios \[4\]; r=2 cannot be derived"):
         kalm_store.finetune(task["db"], "docs", tiny_model_dir, task["train"], tmp_path / "out",
                             **(ARGS | {"ratios": [2]}))
+    assert not (tmp_path / "out").exists()  # refused before anything was written: a rerun is not "unfinished"
 
 
 # ------------------------------------------------------------------------------------------- losses

@@ -68,12 +68,18 @@ def encoder_fingerprint(folder: str | Path, max_length: int) -> str:
     """
     folder = Path(folder)
     tensors: dict[str, tuple[Path, int, dict]] = {}
+    shared: dict[str, tuple[Path, int, dict]] = {}  # token embeddings under any name (tied: stored once)
     for path in sorted(folder.glob("*.safetensors")):
         start, header = _header(path)
         for key, info in header.items():
             name = _encoder_key(key)
             if name is not None:
                 tensors[name] = (path, start, info)
+            elif key.endswith("embed_tokens.weight"):
+                shared[key] = (path, start, info)
+    if "embed_tokens.weight" not in tensors and len(shared) == 1:
+        # a checkpoint that stores the tied embedding under the decoder's name: the encoder reads it too
+        tensors["embed_tokens.weight"] = next(iter(shared.values()))
     if not tensors:
         raise ValueError(f"{folder} holds no encoder tensors ({_ENCODER_PREFIX}*) in its safetensors files")
     digest = hashlib.sha256(b"kalm-store/encoder-fingerprint/v1\0")

@@ -11,8 +11,8 @@ the machine hits them alike):
 3. ``joint, encoder trained``: the usual cross-encoder fine-tune: encoder + decoder forward with
    gradients through both, backward, AdamW over all non-embedding weights.
 
-Memory per batch: the bytes of the tensors autograd saves for backward in one step (activations; the
-device-independent part that grows with the batch), plus peak CUDA memory when run on a GPU.
+Memory per batch: the bytes of the activations autograd saves for backward in one step (each tensor once,
+weights left out: the device-independent part that grows with the batch), plus peak CUDA memory on a GPU.
 
 Usage: python benchmarks/bench_finetune.py [--passages 96] [--steps 8] [--batch-size 8] [--out benchmarks/results]
 ``--quick`` runs the tiny test model for a few steps (the smoke run in the tests).
@@ -39,15 +39,23 @@ from bench_build import corpus, nano_width_model  # noqa: E402
 
 
 class SavedBytes:
-    """Sum of the bytes of every tensor autograd saves for backward inside the context."""
+    """Bytes of the activations autograd saves for backward inside the context: each saved tensor counted
+    once (by storage), weights left out (they are not per-batch memory)."""
+
+    def __init__(self, params=()):
+        self.weights = {p.untyped_storage().data_ptr() for p in params}
 
     def __enter__(self):
         import torch
 
         self.bytes = 0
+        seen = set()
 
         def pack(t):
-            self.bytes += t.numel() * t.element_size()
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.weights and ptr not in seen:
+                seen.add(ptr)
+                self.bytes += t.untyped_storage().nbytes()
             return t
 
         self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
@@ -133,14 +141,14 @@ def make_pairs(texts: list[str], n: int, seed: int):
     return out
 
 
-def timed(fn, device) -> tuple[float, int, int]:
-    """(seconds, bytes saved for backward, peak CUDA bytes) of one training step."""
+def timed(fn, device, params) -> tuple[float, int, int]:
+    """(seconds, activation bytes saved for backward, peak CUDA bytes) of one training step."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with SavedBytes() as saved:
+    with SavedBytes(params) as saved:
         t0 = time.perf_counter()
         fn()
         if device.type == "cuda":
@@ -198,13 +206,14 @@ def main() -> None:
     joint = JointTrainer(joint_model, by_id, args.ratio, lr=1e-5)
     methods = {"store": lambda b: store_trainer.step(b), "joint, encoder frozen": lambda b: frozen_trainer.step(b),
                "joint, encoder trained": lambda b: joint.step(b)}
+    weights = list(model.hf_model.parameters()) + list(joint_model.hf_model.parameters())
     times: dict[str, list[float]] = {k: [] for k in methods}
     saved: dict[str, int] = {}
     peaks: dict[str, int] = {}
     for s in range(total):
         batch = pairs[s * args.batch_size:(s + 1) * args.batch_size]
         for name, fn in methods.items():  # interleaved: the same batch, the same machine load
-            dt, nbytes, peak = timed(lambda: fn(batch), model.device)
+            dt, nbytes, peak = timed(lambda: fn(batch), model.device, weights)
             if s:  # step 0 is the warm-up
                 times[name].append(dt)
             saved[name], peaks[name] = max(saved.get(name, 0), nbytes), max(peaks.get(name, 0), peak)
@@ -242,7 +251,7 @@ def main() -> None:
              f"Model: {res['model']['shape']}, d = {model.dim}; {len(texts)} passages of {res['mean_tokens']:.0f} "
              f"tokens on average (max_length {args.max_length}), r = {args.ratio}, batch {args.batch_size} pairs, "
              f"median of {args.steps} steps after one warm-up.", "",
-             "| method | pairs/s | median step s | store speed-up | saved for backward per batch MiB | peak CUDA MiB |",
+             "| method | pairs/s | median step s | store speed-up | activations saved for backward per batch MiB | peak CUDA MiB |",
              "|---|---|---|---|---|---|"]
     for row in results:
         peak = "-" if row["peak_cuda_bytes"] is None else f"{row['peak_cuda_bytes'] / 2**20:.0f}"

@@ -40,13 +40,14 @@ class MissingRowError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def model_metadata(model: KaLMModel) -> dict[str, Any]:
-    """The table metadata a model implies (the keys that must match, plus provenance)."""
+def model_metadata(model: KaLMModel, *, encoder: bool = True) -> dict[str, Any]:
+    """The table metadata a model implies (the keys that must match, plus provenance); ``encoder=False``
+    leaves out ``encoder_fingerprint`` (hashing the encoder costs a read of its weights)."""
     return {
         "model_id": model.name_or_path,
         "model_revision": model.revision,
         "fingerprint": model.fingerprint,
-        "encoder_fingerprint": model.encoder_fingerprint,
+        **({"encoder_fingerprint": model.encoder_fingerprint} if encoder else {}),
         "dim": model.dim,
         "stored_dtype": STORED_DTYPE,
         "codec": schema.CODEC,
@@ -69,8 +70,7 @@ def check_compatible(table_meta: dict[str, Any], model: KaLMModel, *, what: str 
             "`kalm-store build INPUT --db URI --table NAME --model M` or PassageStore.create(...)"
         )
     keys = schema.must_match_keys()
-    expected = {k: getattr(model, k) for k in ("fingerprint", "dim", "max_length")} | {
-        "stored_dtype": STORED_DTYPE, "codec": schema.CODEC, "template_version": prompts.TEMPLATE_VERSION}
+    expected = model_metadata(model, encoder=False)
     if table_meta.get("fingerprint") != expected["fingerprint"] and table_meta.get("encoder_fingerprint"):
         # Stored matrices depend on the encoder alone: a model whose decoder differs (fine-tuned) but whose
         # encoder matches scores the table as it is. Tables without the key keep the whole-model check.

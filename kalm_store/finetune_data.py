@@ -26,8 +26,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def source_ratios(stored: Sequence[int], ratios: Sequence[int], table: str) -> dict[int, int]:
-    """For each trained ratio, the stored ratio it is read from: itself, or the coarsest stored ratio it is
-    a multiple of (exact re-pooling); a ratio finer than every such stored one is refused."""
+    """For each trained ratio, the stored ratio it is read from: itself, or the finest stored ratio it is a
+    multiple of (exact re-pooling; more float16 rows averaged is less rounding, as ``kalm-store eval``
+    does); a ratio that is a multiple of no stored one is refused."""
     out = {}
     for r in ratios:
         r = check_ratio(r)
@@ -36,7 +37,7 @@ def source_ratios(stored: Sequence[int], ratios: Sequence[int], table: str) -> d
             raise ValueError(f"table {table!r} stores ratios {sorted(stored)}; r={r} cannot be derived from them "
                              "(a coarser ratio is re-pooled exactly from a finer one, never the other way): "
                              f"train at a multiple of a stored ratio, or build the table with --ratio {r}")
-        out[r] = max(sources)
+        out[r] = r if r in sources else min(sources)
     return out
 
 

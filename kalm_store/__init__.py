@@ -21,6 +21,8 @@ _LAZY = {
     "search": "kalm_store.query",
     "evaluate": "kalm_store.evaluate",  # a callable module: kalm_store.evaluate(...) is the function
     "make_test_model": "kalm_store.testing",
+    "finetune": "kalm_store.finetune",
+    "FinetuneConfig": "kalm_store.finetune",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .evaluate import evaluate
     from .query import search
     from .store import PassageStore
+    from .finetune import FinetuneConfig, finetune
     from .testing import make_test_model
 
 

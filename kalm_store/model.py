@@ -171,6 +171,7 @@ class KaLMModel:
         head = hf_model.get_output_embeddings().weight
         self._yes_no = head[[self.yes_id, self.no_id]].detach().to(torch.float32)  # (2, d)
         self._fingerprint: str | None = None
+        self._encoder_fingerprint: str | None = None
         # The scoring-only decoder (kalm_store/decoder.py) when the config allows it; same arithmetic.
         self._decoder = decoder.from_hf(hf_model, self._yes_no) if fast_decoder and decoder.supports(hf_model) else None
 
@@ -274,6 +275,20 @@ class KaLMModel:
                 digest.update(file_digest.digest())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+    @property
+    def encoder_fingerprint(self) -> str:
+        """sha256 of what stored matrices depend on: encoder weights, tokenizer, template, max_length.
+
+        Equal for checkpoints that differ only in their decoder (see :mod:`kalm_store.identity`).
+        """
+        if self._encoder_fingerprint is None:
+            if self.folder is None:
+                raise ValueError("this model was not loaded from files; it has no encoder fingerprint")
+            from .identity import encoder_fingerprint
+
+            self._encoder_fingerprint = encoder_fingerprint(self.folder, self.max_length)
+        return self._encoder_fingerprint
 
     # ------------------------------------------------------------------ passages -> pooled matrices
     def tokenize_passages(self, passages: Sequence[str]) -> list[list[int]]:
@@ -497,19 +512,28 @@ class KaLMModel:
         states = host.to(self.device, non_blocking=True).to(self.dtype)  # one transfer, upcast on the device
         return states, mask.to(self.device, non_blocking=True)
 
-    def _margins_transformers(self, prompt: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The same margins through the transformers decoder (reference path; used for unsupported configs)."""
+    def _margins_transformers(self, prompt: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
+                              last: torch.Tensor | None = None) -> torch.Tensor:
+        """The same margins through the transformers decoder (reference path; used for unsupported configs).
+
+        ``prompt`` is ``(1, L)`` (one prompt for every candidate) or ``(B, L)`` right-padded prompts with
+        ``last`` ``(B,)`` the index of each one's last token: the decoder is causal and its positions are
+        ``arange(L)``, so padding after a prompt changes nothing at or before its last token. This is
+        also the fine-tuner's training forward (:mod:`kalm_store.finetune`), so both score alike.
+        """
         import torch
 
         b = states.shape[0]
         decoder = self.hf_model.get_decoder()
         hidden = decoder(
-            input_ids=prompt.expand(b, -1),  # (B, L): one prompt shared by every candidate
+            input_ids=prompt.expand(b, -1),  # (B, L): one prompt shared by every candidate, or one each
             encoder_hidden_states=states,
             encoder_attention_mask=mask,
             use_cache=False,
         ).last_hidden_state  # (B, L, d), final norm applied
-        logits = hidden[:, -1].to(torch.float32) @ self._yes_no.T  # (B, 2): [z_yes, z_no]
+        at = hidden[:, -1] if last is None else hidden[torch.arange(b, device=hidden.device), last]  # (B, d)
+        with torch.autocast(at.device.type, enabled=False):  # the 2-row head stays float32 under a trainer's autocast
+            logits = at.to(torch.float32) @ self._yes_no.T  # (B, 2): [z_yes, z_no]
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits[:, 0] - logits[:, 1]  # (B,)

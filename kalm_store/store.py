@@ -40,12 +40,14 @@ class MissingRowError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def model_metadata(model: KaLMModel) -> dict[str, Any]:
-    """The table metadata a model implies (the keys that must match, plus provenance)."""
+def model_metadata(model: KaLMModel, *, encoder: bool = True) -> dict[str, Any]:
+    """The table metadata a model implies (the keys that must match, plus provenance); ``encoder=False``
+    leaves out ``encoder_fingerprint`` (hashing the encoder costs a read of its weights)."""
     return {
         "model_id": model.name_or_path,
         "model_revision": model.revision,
         "fingerprint": model.fingerprint,
+        **({"encoder_fingerprint": model.encoder_fingerprint} if encoder else {}),
         "dim": model.dim,
         "stored_dtype": STORED_DTYPE,
         "codec": schema.CODEC,
@@ -67,9 +69,17 @@ def check_compatible(table_meta: dict[str, Any], model: KaLMModel, *, what: str 
             f"{what} has no kalm-store metadata: it is not a kalm-store passage store. Build one with "
             "`kalm-store build INPUT --db URI --table NAME --model M` or PassageStore.create(...)"
         )
-    expected = model_metadata(model)
+    keys = schema.must_match_keys()
+    expected = model_metadata(model, encoder=False)
+    if table_meta.get("fingerprint") != expected["fingerprint"] and table_meta.get("encoder_fingerprint"):
+        # Stored matrices depend on the encoder alone: a model whose decoder differs (fine-tuned) but whose
+        # encoder matches scores the table as it is. Tables without the key keep the whole-model check.
+        expected["encoder_fingerprint"] = model.encoder_fingerprint
+        keys = [k for k in keys if k != "fingerprint"] + ["encoder_fingerprint"]
+        if table_meta["encoder_fingerprint"] != expected["encoder_fingerprint"]:
+            keys.append("fingerprint")  # name both: the encoder differs, and so does the whole model
     diffs = [f"{k}: table has {table_meta.get(k)!r}, model gives {expected[k]!r}"
-             for k in schema.must_match_keys() if table_meta.get(k) != expected[k]]
+             for k in keys if table_meta.get(k) != expected[k]]
     if diffs:
         raise StoreMismatchError(f"{what} was built by another model or configuration ({'; '.join(diffs)}); "
                                  "use the model it was built with, or build a new table")

@@ -86,3 +86,16 @@ def test_bench_update_quick_checks_the_updated_table(tmp_path):
     assert [r["updated"] for r in res["rows"][3:]] == [2, 10]  # 5% and 25% of 40 texts, and only those
     assert res["max_abs_diff_edited_vs_encoded_alone"] < 4e-3  # float16 steps, not another passage's matrix
     assert "| --update, 25% of texts changed | 10 | 10 |" in proc.stdout
+
+
+def test_bench_finetune_quick_writes_the_table(tmp_path):
+    proc = run_bench("bench_finetune.py", "--quick", "--threads", "1", "--out", str(tmp_path))
+    res = json.loads((tmp_path / "finetune_cpu.json").read_text())
+    rows = {row["method"]: row for row in res["results"]}
+    assert list(rows) == ["store", "joint, encoder frozen", "joint, encoder trained"]
+    assert all(row["pairs_per_s"] > 0 and len(row["step_s"]) == 2 for row in rows.values())
+    assert rows["store"]["store_speedup"] == 1.0
+    assert res["store_rows_fetched"] >= 3  # the cache is off: every step read its rows from the table
+    # gradients through the encoder keep its activations for backward: more memory per batch
+    assert rows["joint, encoder trained"]["saved_for_backward_bytes"] > rows["store"]["saved_for_backward_bytes"]
+    assert "| store |" in proc.stdout and "--quick" in (tmp_path / "finetune_cpu.md").read_text()

@@ -21,6 +21,7 @@ COMMANDS = {
     "verify": "verify",
     "search": "search",
     "eval": "eval",
+    "finetune": "finetune",
     "demo": "demo",
 }
 

@@ -240,9 +240,12 @@ class KaLMModel:
         except (OSError, ValueError) as e:  # transformers says "couldn't find a tokenizer" in either class
             raise ModelLoadError(f"{folder} has no loadable tokenizer (tokenizer.json / tokenizer_config.json): "
                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-        hf_model = AutoModelForSeq2SeqLM.from_pretrained(
-            folder, dtype=dt, use_safetensors=True, attn_implementation="sdpa"
-        )
+        from ._quiet import no_weight_bars
+
+        with no_weight_bars():  # no "Loading weights" bar for every load; transformers' warnings still show
+            hf_model = AutoModelForSeq2SeqLM.from_pretrained(
+                folder, dtype=dt, use_safetensors=True, attn_implementation="sdpa"
+            )
         # The SigLIP vision tower is never used for text reranking: free its memory.
         encoder = hf_model.get_encoder()
         encoder.vision_tower = None

@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._hints import option
 from .pooling import check_ratio
 from .schema import DIGEST_COLUMN, decode_metadata, ratio_of_column
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import KaLMModel
-    from .plugins.lancedb import KaLMReranker
+    from .plugins.lancedb import KaLMReranker, OnStale
 
 Mode = Literal["vector", "fts", "hybrid"]
 MODES: tuple[str, ...] = ("vector", "fts", "hybrid")
@@ -34,8 +35,8 @@ def check_search_args(query: object, k: object, candidates: object, mode: object
     for name, value in (("k", k), ("candidates", candidates)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)} or None (what the table supports), got {mode!r}")
     if ratio is not None:
         check_ratio(ratio)
     if query_vector is not None and (isinstance(query_vector, (str, bytes)) or not isinstance(query_vector, Sequence)
@@ -52,16 +53,17 @@ def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vect
     tables with brought vectors need ``query_vector`` for "vector" and "hybrid" modes.
     """
     meta = decode_metadata(tbl.schema.metadata)
+    fts = option("mode='fts'", "--mode fts")
     if mode != "fts":
         if meta.get("vector_dim") is None:
-            raise ValueError(f"table {tbl.name!r} has no vector column, so mode={mode!r} cannot run; use mode='fts' "
+            raise ValueError(f"table {tbl.name!r} has no vector column, so mode={mode!r} cannot run; use {fts} "
                              "or build the table with vectors")
         if query_vector is not None and len(query_vector) != meta["vector_dim"]:
-            raise ValueError(f"query_vector has {len(query_vector)} values; table {tbl.name!r} holds "
-                             f"{meta['vector_dim']}-d vectors")
+            raise ValueError(f"{option('query_vector', '--query-vector')} has {len(query_vector)} values; table "
+                             f"{tbl.name!r} holds {meta['vector_dim']}-d vectors")
         if query_vector is None and not meta.get("embedder"):
             raise ValueError(f"table {tbl.name!r} holds brought vectors (no embedding function recorded): pass "
-                             f"query_vector= (CLI: --query-vector) for mode={mode!r}, or use mode='fts'")
+                             f"{option('query_vector=', '--query-vector')} for mode={mode!r}, or use {fts}")
     if mode == "fts":
         q = tbl.search(query, query_type="fts")
     elif mode == "vector":
@@ -82,6 +84,25 @@ def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vect
     return q.limit(candidates)
 
 
+def default_mode(tbl: Any, query_vector: Sequence[float] | None = None) -> Mode:
+    """The first stage a table supports: "hybrid" with usable vectors (an embedding function recorded,
+    or ``query_vector`` given) and a full-text index on ``text``; "vector" or "fts" with one of them."""
+    meta = decode_metadata(tbl.schema.metadata)
+    vectors = meta.get("vector_dim") is not None and (bool(meta.get("embedder")) or query_vector is not None)
+    text_index = any(list(ix.columns) == ["text"] and "fts" in str(ix.index_type).lower()
+                     for ix in tbl.list_indices())
+    if vectors and text_index:
+        return "hybrid"
+    if vectors:
+        return "vector"
+    if text_index:
+        return "fts"
+    brought = meta.get("vector_dim") is not None
+    raise ValueError(f"table {tbl.name!r} has no full-text index on 'text' and "
+                     + ("holds brought vectors: pass " + option("query_vector=", "--query-vector") if brought
+                        else "no vector column") + " (a build makes the full-text index unless --no-fts-index)")
+
+
 def search(
     db_uri: str,
     table: str,
@@ -90,7 +111,7 @@ def search(
     model: KaLMModel | str | Path,
     k: int = 10,
     candidates: int = 100,
-    mode: Mode = "hybrid",
+    mode: Mode | None = None,
     instruction: str | None = None,
     ratio: int | None = None,
     query_vector: Sequence[float] | None = None,
@@ -99,6 +120,7 @@ def search(
     batch_size: int = 32,
     storage_options: dict[str, str] | None = None,
     device: str | None = None,
+    on_stale: OnStale = "raise",
 ) -> list[dict[str, Any]]:
     """Search a kalm-store table and rerank the candidates with KaLM from their stored matrices.
 
@@ -118,9 +140,10 @@ def search(
         Rows the first stage hands to the reranker. In "hybrid" mode each leg (vector and FTS) fetches
         this many and the reranker scores their union (up to twice as many rows), as LanceDB's hybrid
         query does for every reranker.
-    mode : {"vector", "fts", "hybrid"}, default "hybrid"
+    mode : {"vector", "fts", "hybrid"}, optional
         First stage. "fts" needs a full-text index on ``text``; "vector"/"hybrid" need the table's
-        embedding function or ``query_vector``.
+        embedding function or ``query_vector``. Default ``None``: what the table supports, "hybrid"
+        when it has both (see :func:`default_mode`).
     instruction : str, optional
         Task instruction; default ``None`` uses the model's default.
     ratio : int, optional
@@ -138,6 +161,9 @@ def search(
         Object-store options for ``lancedb.connect``.
     device : str, optional
         Device of a model loaded here from a hub id or folder; default ``None`` picks CUDA when available.
+    on_stale : {"raise", "skip"}, default "raise"
+        A candidate whose text changed after its matrices were stored: "raise" refuses the query
+        (``StaleMatrixError``), "skip" leaves it out and names it in a ``StaleCandidatesWarning``.
 
     Returns
     -------
@@ -157,18 +183,25 @@ def search(
     from .store import PassageStore
 
     tbl = PassageStore.open(db_uri, table, storage_options=storage_options).table  # before loading a model
+    if mode is None:
+        mode = default_mode(tbl, query_vector)
+    if on_stale not in ("raise", "skip"):  # before loading a model (KaLMReranker checks it too)
+        raise ValueError(f"on_stale must be one of ['raise', 'skip'], got {on_stale!r}")
     if not isinstance(model, KaLMModel):
         model = KaLMModel.from_pretrained(model, device=device)
-    rr = KaLMReranker(model, table=tbl, ratio=ratio, instruction=instruction, batch_size=batch_size)
+    rr = KaLMReranker(model, table=tbl, ratio=ratio, instruction=instruction, batch_size=batch_size,
+                      on_stale=on_stale)
     return run_search(tbl, rr, query, k=k, candidates=candidates, mode=mode, query_vector=query_vector,
                       where=where, fields=fields)
 
 
 def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, candidates: int = 100,
-               mode: Mode = "hybrid", query_vector: Sequence[float] | None = None, where: str | None = None,
+               mode: Mode | None = None, query_vector: Sequence[float] | None = None, where: str | None = None,
                fields: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Like :func:`search` with an open table and a ready reranker (no re-loading between queries)."""
     check_search_args(query, k, candidates, mode, reranker.ratio, query_vector, where, fields)
+    if mode is None:
+        mode = default_mode(tbl, query_vector)
     fields = list(dict.fromkeys(fields))  # a column asked for twice is returned once
     missing = [f for f in fields if f not in tbl.schema.names]
     if missing:
@@ -196,4 +229,4 @@ def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, can
             | {f: r[f] for f in fields} for i, r in enumerate(rows)]
 
 
-__all__ = ["search", "run_search", "first_stage", "MODES", "Mode"]
+__all__ = ["search", "run_search", "first_stage", "default_mode", "MODES", "Mode"]

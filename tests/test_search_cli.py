@@ -62,7 +62,7 @@ def test_search_model_by_folder(db, tiny_model_dir):
 @pytest.mark.parametrize("kwargs, match", [
     ({"k": 0}, "k must be a positive int, got 0"),
     ({"candidates": -1}, "candidates must be a positive int"),
-    ({"mode": "semantic"}, r"mode must be one of \['vector', 'fts', 'hybrid'\], got 'semantic'"),
+    ({"mode": "semantic"}, r"mode must be one of \['vector', 'fts', 'hybrid'\] or None \(what the table supports\), got 'semantic'"),
     ({"ratio": 5}, "ratio must be one of"),
 ])
 def test_search_refuses_bad_arguments_before_loading(kwargs, match):
@@ -206,3 +206,82 @@ def test_cli_hybrid_search_prints_no_lance_deprecation_lines(db, tiny_model_dir)
     # a user's own LANCEDB_LOG wins over the CLI's default
     loud = subprocess.run(cmd, env={**env, "LANCEDB_LOG": "warn"}, capture_output=True, text=True, timeout=120)
     assert loud.returncode == 0 and "Deprecation warning" in loud.stderr
+
+
+# ---------------------------------------------------------------------------- first-hour fixes (issue 15)
+@pytest.fixture(scope="module")
+def text_only_db(model, tmp_path_factory):
+    """A table with no vector column and a full-text index (what `kalm-store build` makes by default)."""
+    from lancedb.index import FTS
+
+    from kalm_store.store import PassageStore
+
+    uri = str(tmp_path_factory.mktemp("textonly"))
+    st = PassageStore.create(uri, "docs", model, ratios=[4])
+    st.add([{"id": f"t{i}", "text": TEXTS[i % 4] + f" ({i})"} for i in range(8)])
+    st.table.create_index("text", config=FTS())
+    return uri
+
+
+def test_default_mode_is_what_the_table_supports(db, text_only_db, model):
+    import lancedb
+
+    from kalm_store.query import default_mode
+
+    text_only = lancedb.connect(text_only_db).open_table("docs")
+    brought = lancedb.connect(db).open_table("docs")
+    assert default_mode(text_only) == "fts"
+    assert default_mode(brought) == "fts"  # brought vectors without a query vector: only the text index
+    assert default_mode(brought, QVEC) == "hybrid"
+
+
+def test_default_mode_of_a_table_with_neither_names_the_fixes(model, tmp_path):
+    import lancedb
+
+    from kalm_store.query import default_mode
+    from kalm_store.store import PassageStore
+
+    st = PassageStore.create(str(tmp_path), "bare", model, ratios=[4])
+    st.add([{"id": "a", "text": "json"}])
+    with pytest.raises(ValueError, match="no full-text index on 'text' and no vector column"):
+        default_mode(lancedb.connect(str(tmp_path)).open_table("bare"))
+
+
+def test_cli_search_without_mode_on_a_table_without_vectors(text_only_db, tiny_model_dir, capsys):
+    """It used to default to hybrid and fail on every table without vectors."""
+    rc = main(["search", "parse json", "--db", text_only_db, "--table", "docs", "--model", str(tiny_model_dir),
+               "-k", "3", "--json"])
+    assert rc == 0, capsys.readouterr().err
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 3
+
+
+def test_cli_hints_name_cli_flags_and_python_keywords(text_only_db, tiny_model_dir, model, capsys):
+    from kalm_store import search
+
+    rc = main(["search", "parse json", "--db", text_only_db, "--table", "docs", "--model", str(tiny_model_dir),
+               "--mode", "vector"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "use --mode fts" in err and "mode='fts'" not in err
+    with pytest.raises(ValueError, match="use mode='fts'"):
+        search(text_only_db, "docs", "json", model=model, mode="vector")
+
+
+def test_cli_skip_stale(model, tiny_model_dir, tmp_path, capsys):
+    from lancedb.index import FTS
+
+    from kalm_store.store import PassageStore
+
+    st = PassageStore.create(str(tmp_path), "docs", model, ratios=[4])
+    st.add([{"id": f"s{i}", "text": f"{TEXTS[i % 4]} json {i}"} for i in range(6)])
+    st.table.create_index("text", config=FTS())
+    st.table.update(where="id = 's2'", values={"text": "json zeppelins over the harbour"})
+    args = ["search", "json", "--db", str(tmp_path), "--table", "docs", "--model", str(tiny_model_dir), "--json"]
+    assert main(args) == 1
+    assert "passage id(s) ['s2']" in capsys.readouterr().err
+    assert main(args + ["--skip-stale"]) == 0
+    out, err = capsys.readouterr()
+    ids = [h["id"] for h in json.loads(out)["results"]]
+    assert "s2" not in ids and len(ids) == 5
+    assert err.strip() == ("kalm-store search: warning: left out 1 stale candidate of table 'docs': passage id "
+                           "['s2'] (text changed after the matrices were stored; re-encode with "
+                           "`kalm-store build --update`)")

@@ -7,6 +7,8 @@ import os
 import sys
 from importlib import import_module
 
+from kalm_store._hints import cli_spelling
+
 # Lance deletes rows and drops columns in metadata, rewriting nothing: said by repool and build.
 COMPACT_HINT = ("bytes leave the disk when the data files are compacted and old versions cleaned up "
                 "(LanceDB: tbl.optimize(cleanup_older_than=timedelta(0)))")
@@ -43,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Lance's scanner logs a deprecation warning on every hybrid search that selects columns (LanceDB's hybrid
 # query gives both legs one select, so neither `_distance` nor `_score` can be asked for): six lines per
-# demo query that tell a user nothing. Only the CLI sets this, only that module, only if the user has not.
-_LANCEDB_LOG_DEFAULT = "warn,lance::dataset::scanner=error"
+# demo query that tell a user nothing. `import kalm_store` already quiets only that module, only if the
+# user has not set LANCEDB_LOG (kalm_store._quiet); the setdefault in main is the same value.
+from kalm_store._quiet import LANCEDB_LOG_DEFAULT as _LANCEDB_LOG_DEFAULT  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
+        with cli_spelling():  # error hints name --flags, not Python keywords
+            return int(args.run(args) or 0)
     except BrokenPipeError:  # `kalm-store info ... | head`: the reader left; not an error of ours
         # Python would report the pipe again while flushing stdout at exit: point stdout at devnull first
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -259,7 +259,7 @@ def recommend(
     fidelity: FidelityReport | None = None,
 ) -> tuple[int | None, str]:
     """The finest ratio whose column fits ``budget_bytes`` (r = 4, the paper's default, without a
-    budget), and one sentence saying why."""
+    budget; the costed ratio nearest to 4 when 4 is not costed), and one sentence saying why."""
     by_ratio = {p.ratio: p for p in ratios}
     scope = f"{passages:,} passages" if passages is not None else "this corpus"
 
@@ -277,9 +277,13 @@ def recommend(
         return text
 
     if budget_bytes is None:
-        r = DEFAULT_RATIO if DEFAULT_RATIO in by_ratio else min(by_ratio)
-        return r, (f"r={r} is the paper's default (no --budget given): its column takes "
-                   f"{format_bytes(by_ratio[r].budgeted_bytes)} for {scope}{measured(r)}")
+        if DEFAULT_RATIO in by_ratio:
+            r, why = DEFAULT_RATIO, f"r={DEFAULT_RATIO} is the paper's default (no --budget given)"
+        else:  # the costed ratio nearest to it on the log2 scale, the finer one of two as near
+            r = min(by_ratio, key=lambda x: (abs(math.log2(x) - math.log2(DEFAULT_RATIO)), x))
+            why = (f"r={r} is the nearest of the costed ratios {sorted(by_ratio)} to the paper's default "
+                   f"r={DEFAULT_RATIO}, which is not among them (no --budget given)")
+        return r, (f"{why}: its column takes {format_bytes(by_ratio[r].budgeted_bytes)} for {scope}{measured(r)}")
     fitting = [p for p in sorted(ratios, key=lambda p: p.ratio) if p.budgeted_bytes <= budget_bytes]
     if not fitting:
         coarsest = max(ratios, key=lambda p: p.ratio)

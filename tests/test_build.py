@@ -578,3 +578,21 @@ def test_readers_stream_and_name_rows(tmp_path):
         next(it)
     with pytest.raises(ValueError, match="no column 'body'"):
         list(read_records(str(tmp_path / "c.csv"), fields=Fields(text="body")))
+
+
+@pytest.mark.parametrize("flags", [["--ratio", "4", "--ratio", "8"], ["--ratios", "4,8"], ["--ratio", "8,4"],
+                                   ["--ratios", "4", "--ratios", "8"], ["--ratio", "4,8", "--ratio", "8"]])
+def test_build_takes_repeated_and_comma_ratios(flags):
+    from kalm_store.cli import build_parser
+    from kalm_store.cli.build import options_from_args
+
+    args = build_parser().parse_args(["build", "c.jsonl", "--db", "d", "--table", "t", "--model", "m"] + flags)
+    assert options_from_args(args).ratios == [4, 8]
+
+
+def test_build_ratio_flag_syntax_error_names_the_flag(capsys):
+    from kalm_store.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["build", "c.jsonl", "--db", "d", "--table", "t", "--model", "m", "--ratio", "four"])
+    assert "--ratio/--ratios: give a ratio or a comma list of ratios such as 4,8, got 'four'" in capsys.readouterr().err

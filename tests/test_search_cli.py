@@ -285,3 +285,17 @@ def test_cli_skip_stale(model, tiny_model_dir, tmp_path, capsys):
     assert err.strip() == ("kalm-store search: warning: left out 1 stale candidate of table 'docs': passage id "
                            "['s2'] (text changed after the matrices were stored; re-encode with "
                            "`kalm-store build --update`)")
+
+
+def test_typod_flag_shows_the_sub_commands_usage_and_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--db", "d", "--table", "t", "--model", "m", "--canidates", "5", "q"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith("usage: kalm-store search ")
+    assert "kalm-store search: error: unrecognized arguments: --canidates" in err
+    assert "(--canidates: did you mean --candidates?)" in err
+    with pytest.raises(SystemExit):
+        main(["info", "--db", "d", "--table", "t", "--zzz"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: kalm-store info ") and "unrecognized arguments: --zzz" in err and "did you mean" not in err

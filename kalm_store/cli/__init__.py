@@ -8,6 +8,7 @@ import sys
 from importlib import import_module
 
 from kalm_store._hints import cli_spelling
+from kalm_store.cli._args import parse_args
 
 # Lance deletes rows and drops columns in metadata, rewriting nothing: said by repool and build.
 COMPACT_HINT = ("bytes leave the disk when the data files are compacted and old versions cleaned up "
@@ -53,7 +54,7 @@ from kalm_store._quiet import LANCEDB_LOG_DEFAULT as _LANCEDB_LOG_DEFAULT  # noq
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("LANCEDB_LOG", _LANCEDB_LOG_DEFAULT)  # read when lancedb is first imported
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # an unknown flag: the sub-command's usage, and "did you mean"
     if args.command is None:
         parser.print_help()
         return 2

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from kalm_store.build import EMBEDDERS, BuildOptions, BuildSummary
 from kalm_store.cli import COMPACT_HINT
+from kalm_store.cli._args import add_ratios_argument
 from kalm_store.records import FORMATS
 
 _EPILOG = """\
@@ -55,8 +56,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--db", required=True, help="LanceDB database URI: a folder or s3://bucket/prefix (required)")
     p.add_argument("--table", required=True, help="table name; created if missing, else resumed (required)")
     p.add_argument("--model", required=True, help="KaLM checkpoint: hub id or local folder (required)")
-    p.add_argument("--ratio", type=int, action="append", dest="ratios", metavar="R",
-                   help="MEP ratio to store, one of 1 2 4 8 16 32; repeat for several (default: 4)")
+    add_ratios_argument(p, "MEP ratio to store, one of 1 2 4 8 16 32; repeat (--ratio 4 --ratio 8) or give a "
+                           "comma list (--ratios 4,8) for several (default: 4)")
     p.add_argument("--id-field", default=d.id_field, help=f"input field holding the passage id (default: {d.id_field})")
     p.add_argument("--text-field", default=d.text_field,
                    help=f"input field holding the passage text (default: {d.text_field})")

@@ -66,8 +66,11 @@ def _resolve_device_dtype(device: str | None, dtype: str | torch.dtype | None) -
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but this torch ({torch.__version__}) sees no CUDA device; "
-                         "use device='cpu' or None (picks CUDA when there is one)")
+        from ._hints import option
+
+        raise ValueError(f"{option(f'device={device!r}', f'--device {device}')} but this torch ({torch.__version__}) "
+                         f"sees no CUDA device; use {option('device=' + repr('cpu') + ' or None', '--device cpu, or no --device')}"
+                         " (picks CUDA when there is one)")
     if dtype is None:
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     elif isinstance(dtype, torch.dtype):

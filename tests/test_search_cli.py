@@ -299,3 +299,19 @@ def test_typod_flag_shows_the_sub_commands_usage_and_a_suggestion(capsys):
         main(["info", "--db", "d", "--table", "t", "--zzz"])
     err = capsys.readouterr().err
     assert err.startswith("usage: kalm-store info ") and "unrecognized arguments: --zzz" in err and "did you mean" not in err
+
+
+def test_cuda_hint_names_the_cli_flag_in_the_cli(db, tiny_model_dir, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from kalm_store import KaLMModel
+
+    rc = main(["search", "json", "--db", db, "--table", "docs", "--model", str(tiny_model_dir), "--mode", "fts",
+               "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--device cuda but this torch" in err and "use --device cpu, or no --device" in err
+    assert "device='cpu'" not in err
+    with pytest.raises(ValueError, match=r"device='cuda' but this torch .* use device='cpu' or None"):
+        KaLMModel.from_pretrained(tiny_model_dir, device="cuda")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._text import plural
 from .pooling import check_ratio
 from .records import (STDIN, BadRecordError, Fields, InputFormat, Record, count_records, read_records,
                       resolve_format, validate_record)
@@ -135,15 +136,15 @@ class BuildSummary:
     def line(self) -> str:
         work = self.work_seconds
         replaced = f" ({self.updated} replacing changed rows)" if self.updated else ""
-        replaced += f", deleted {self.deleted} rows not in the input ({self.delete_seconds:.1f} s)" \
+        replaced += f", deleted {plural(self.deleted, 'row')} not in the input ({self.delete_seconds:.1f} s)" \
             if self.deleted else ""
-        return (f"read {self.read}, wrote {self.written}{replaced} in {self.commits} commits "
+        return (f"read {self.read}, wrote {self.written}{replaced} in {plural(self.commits, 'commit')} "
                 f"({self.rate(self.written):.1f} "
                 f"passages/s, {self.rate(self.tokens):.0f} tokens/s over {work:.1f} s of encoding and writing; "
                 f"{self.setup_seconds:.1f} s loading and checks, {self.index_seconds:.1f} s indexing), skipped "
-                f"{self.already_stored} already stored + {self.duplicates} duplicate ids + {self.bad} bad; "
-                f"{self.truncated} passages cut at max_length {self.max_length} tokens; "
-                f"table now has {self.rows} rows")
+                f"{self.already_stored} already stored + {plural(self.duplicates, 'duplicate id')} + {self.bad} bad; "
+                f"{plural(self.truncated, 'passage')} cut at max_length {self.max_length} tokens; "
+                f"table now has {plural(self.rows, 'row')}")
 
     def rate(self, count: int) -> float:
         """``count`` per second of :attr:`work_seconds`."""
@@ -231,7 +232,7 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
                 summary.tokens += sum(enc.token_counts)
                 summary.truncated += sum(n >= model.max_length for n in enc.token_counts)
                 writer.submit(todo, enc, fields.vector is not None, replaced=len(changed))
-            bar.update(len(chunk))
+            bar.update(summary.read - bar.n)  # records read, bad and duplicate ones too: the bar ends at the total
             elapsed = max(time.perf_counter() - start - summary.setup_seconds, 1e-9)
             bar.set_postfix_str(f"{summary.tokens / elapsed:.0f} tok/s, {summary.written} written", refresh=False)
     except BaseException:
@@ -241,6 +242,10 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     else:
         if writer is not None:
             writer.close()
+        bar.update(summary.read - bar.n)  # bad records after the last chunk
+        # the writer commits behind the bar: its last count is only known now
+        elapsed = max(time.perf_counter() - start - summary.setup_seconds, 1e-9)
+        bar.set_postfix_str(f"{summary.tokens / elapsed:.0f} tok/s, {summary.written} written", refresh=False)
     finally:
         bar.close()
     if options.delete_missing and store is not None:  # only here: the whole input was read and committed

@@ -303,7 +303,7 @@ def test_cli_build_without_a_terminal_logs_commits_and_records_where_the_model_i
     argv = ["build", "c.jsonl", "--db", "db", "--table", "docs", "--model", "models/tiny", "--chunk-size", "5"]
     assert main(argv) == 0
     out, err = capsys.readouterr()
-    assert re.search(r"^kalm-store build: 5 written in 1 commits, \d+ read, 0 skipped$", err, re.M)  # at once
+    assert re.search(r"^kalm-store build: 5 written in 1 commit, \d+ read, 0 skipped$", err, re.M)  # at once
     assert "passages/s" in out and "s loading and checks" in out and "s indexing" in out
     meta = open_store(tmp_path).metadata
     assert meta["model_id"] == str((tmp_path / "models" / "tiny").resolve())  # usable from any folder
@@ -596,3 +596,69 @@ def test_build_ratio_flag_syntax_error_names_the_flag(capsys):
     with pytest.raises(SystemExit):
         main(["build", "c.jsonl", "--db", "d", "--table", "t", "--model", "m", "--ratio", "four"])
     assert "--ratio/--ratios: give a ratio or a comma list of ratios such as 4,8, got 'four'" in capsys.readouterr().err
+
+
+def test_progress_bar_ends_at_the_total_with_the_final_written_count(tiny_model_dir, tmp_path, capsys):
+    """The bar counted valid records only (a skipped bad line left it short of its total) and showed the
+    written count from before the last commit."""
+    from kalm_store.build import BuildOptions, build
+
+    inp = tmp_path / "c.jsonl"
+    inp.write_text("".join(f'{{"id": "p{i}", "text": "passage {i}"}}\n' for i in range(4)) + '{"id": "bad"}\n')
+    opts = BuildOptions(str(inp), str(tmp_path / "db"), "t", str(tiny_model_dir), chunk_size=2, progress=True,
+                        fts_index=False, id_index=False)
+    summary = build(opts, on_bad=lambda e: None)
+    assert summary.written == 4 and summary.bad == 1
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "5/5" in last and "4 written" in last, last
+
+
+def test_summary_line_plurals():
+    from kalm_store.build import BuildSummary
+
+    one = BuildSummary(read=1, written=1, commits=1, truncated=1, rows=1, duplicates=1).line()
+    assert "in 1 commit (" in one and "1 passage cut" in one and "has 1 row" in one and "1 duplicate id +" in one
+    two = BuildSummary(read=2, written=2, commits=2, truncated=0, rows=2, duplicates=2).line()
+    assert "in 2 commits (" in two and "0 passages cut" in two and "has 2 rows" in two and "2 duplicate ids" in two
+
+
+def test_interrupted_build_says_rows_held_and_that_rerunning_resumes(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import kalm_store.build as kb
+    from kalm_store.cli import main
+
+    inp = tmp_path / "c.jsonl"
+    inp.write_text("".join(f'{{"id": "p{i}", "text": "passage {i}"}}\n' for i in range(6)))
+    argv = ["build", str(inp), "--db", str(tmp_path / "db"), "--table", "t", "--model", str(tiny_model_dir),
+            "--chunk-size", "2", "--no-progress", "--no-fts-index", "--no-id-index"]
+    real, calls = kb.select_new, []
+
+    def interrupt_on_the_third_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(kb, "select_new", interrupt_on_the_third_chunk)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == ("kalm-store build: interrupted; table 't' holds 4 rows. Every committed chunk is kept: re-run the "
+                   "same command to resume (it stores only what is missing)")
+    monkeypatch.setattr(kb, "select_new", real)
+    assert main(argv) == 0
+    assert "wrote 2 in 1 commit " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("line, hint", [('{"id": "b", "body": "x"}', "--text-field NAME reads the text from another field; "),
+                                        ('{"pid": "b", "text": "x"}', "--id-field NAME reads the id from another field; "),
+                                        ('{"id": "b", "text": 5}', "")])
+def test_failed_build_names_skip_bad_and_the_field_flags(tiny_model_dir, tmp_path, capsys, line, hint):
+    from kalm_store.cli import main
+
+    inp = tmp_path / "c.jsonl"
+    inp.write_text('{"id": "a", "text": "ok"}\n' + line + "\n")
+    assert main(["build", str(inp), "--db", str(tmp_path / "db"), "--table", "t", "--model", str(tiny_model_dir),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("kalm-store build: error: ") and "c.jsonl:2: " in err
+    assert err.endswith(f" ({hint}the valid records before it are committed; --skip-bad skips bad records and "
+                        "reports them in --skip-report)")

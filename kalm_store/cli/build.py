@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from kalm_store._text import plural
 from kalm_store.build import EMBEDDERS, BuildOptions, BuildSummary
 from kalm_store.cli import COMPACT_HINT
 from kalm_store.cli._args import add_ratios_argument
@@ -144,21 +145,53 @@ def run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     # stderr not a terminal (nohup, CI, a log file): no bar, but a line per commit, at most every 30 s
     on_commit = _log_commits(30.0) if args.progress and not opts.progress else None
-    if getattr(args, "engine", "local") == "ray":
-        from kalm_store.plugins.ray import run_ray_build
+    from kalm_store.records import BadRecordError
 
-        summary = run_ray_build(opts, args, opts.storage_options, on_commit=on_commit)
-    elif args.skip_bad:
-        summary, report = _build_skipping_bad(opts, args.skip_report or f"{opts.table}.skipped.jsonl", on_commit)
-    else:
-        summary = build(opts, on_commit=on_commit)
+    try:
+        if getattr(args, "engine", "local") == "ray":
+            from kalm_store.plugins.ray import run_ray_build
+
+            summary = run_ray_build(opts, args, opts.storage_options, on_commit=on_commit)
+        elif args.skip_bad:
+            summary, report = _build_skipping_bad(opts, args.skip_report or f"{opts.table}.skipped.jsonl", on_commit)
+        else:
+            summary = build(opts, on_commit=on_commit)
+    except BadRecordError as e:  # say what keeps the stored rows and what gets past the record
+        raise BadRecordError(e.where, f"{e.reason}{_bad_record_hint(e, opts)}", e.record_id) from None
+    except KeyboardInterrupt:
+        print(f"kalm-store build: interrupted; {_rows_held(opts)}. Every committed chunk is kept: re-run the same "
+              "command to resume (it stores only what is missing)", file=sys.stderr)
+        return 130
     print(f"kalm-store build: {opts.db} / {opts.table}: {summary.line()}")
     if summary.updated or summary.deleted:
         print(f"kalm-store build: replaced and deleted rows stay in `kalm-store info`'s bytes until compacted: "
               f"their {COMPACT_HINT}")
     if args.skip_bad and getattr(args, "engine", "local") != "ray":
-        print(f"kalm-store build: {summary.bad} bad records skipped; report: {report}")
+        print(f"kalm-store build: {plural(summary.bad, 'bad record')} skipped; report: {report}")
     return 0
+
+
+def _bad_record_hint(e: BaseException, opts: BuildOptions) -> str:
+    """What the user can do about a bad record, appended to its one-line error."""
+    reason = str(getattr(e, "reason", e))
+    field = ""
+    for flag, name in (("--id-field", opts.id_field), ("--text-field", opts.text_field),
+                       ("--vector-field", opts.vector_field)):
+        if name is not None and reason.startswith(f"missing {flag[2:-6]} field {name!r}"):
+            field = f"{flag} NAME reads the {flag[2:-6]} from another field; "
+    return (f" ({field}the valid records before it are committed; --skip-bad skips bad records and reports them "
+            "in --skip-report)")
+
+
+def _rows_held(opts: BuildOptions) -> str:
+    """``table 'docs' holds 1,024 rows`` (or that it was not created yet), for the interrupted message."""
+    from kalm_store.storage import connect
+    from kalm_store.store import _table_names
+
+    db = connect(opts.db, opts.storage_options)
+    if opts.table not in _table_names(db):
+        return f"table {opts.table!r} was not created yet (no chunk was committed)"
+    return f"table {opts.table!r} holds {plural(db.open_table(opts.table).count_rows(), 'row')}"
 
 
 def _log_commits(every_s: float) -> Callable[[BuildSummary], None]:
@@ -169,7 +202,7 @@ def _log_commits(every_s: float) -> Callable[[BuildSummary], None]:
         now = time.monotonic()
         if now - last[0] >= every_s:
             last[0] = now
-            print(f"kalm-store build: {summary.written:,} written in {summary.commits} commits, {summary.read:,} "
+            print(f"kalm-store build: {summary.written:,} written in {plural(summary.commits, 'commit')}, {summary.read:,} "
                   f"read, {summary.already_stored + summary.duplicates + summary.bad:,} skipped", file=sys.stderr,
                   flush=True)
 

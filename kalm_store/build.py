@@ -135,7 +135,8 @@ class BuildSummary:
 
     def line(self) -> str:
         work = self.work_seconds
-        replaced = f" ({self.updated} replacing changed rows)" if self.updated else ""
+        replaced = f" ({self.updated} replacing {'a changed row' if self.updated == 1 else 'changed rows'})" \
+            if self.updated else ""
         replaced += f", deleted {plural(self.deleted, 'row')} not in the input ({self.delete_seconds:.1f} s)" \
             if self.deleted else ""
         return (f"read {self.read}, wrote {self.written}{replaced} in {plural(self.commits, 'commit')} "

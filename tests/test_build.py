@@ -259,7 +259,7 @@ def test_cli_update_and_its_refusal_on_ray(tmp_path, tiny_model_dir, capsys):
     capsys.readouterr()
     assert main(["build", str(inp), "--update"] + base) == 0
     out = capsys.readouterr().out
-    assert "wrote 1 (1 replacing changed rows)" in out and "until compacted" in out and "optimize(" in out
+    assert "wrote 1 (1 replacing a changed row)" in out and "until compacted" in out and "optimize(" in out
     assert main(["build", str(inp), "--update", "--engine", "ray"] + base) == 1
     err = capsys.readouterr().err
     assert "--update" in err and "local engine" in err and "\n" not in err.strip()
@@ -268,7 +268,7 @@ def test_cli_update_and_its_refusal_on_ray(tmp_path, tiny_model_dir, capsys):
     assert not (Path.cwd() / "docs.skipped.jsonl").exists()  # refused before the report was opened
     write_jsonl(inp, records[1:])
     assert main(["build", str(inp), "--delete-missing"] + base) == 0
-    assert "deleted 1 rows not in the input" in capsys.readouterr().out
+    assert "deleted 1 row not in the input" in capsys.readouterr().out
 
 
 def test_cli_build_and_info_json(tmp_path, tiny_model_dir, capsys):

@@ -100,8 +100,12 @@ def _resolve_folder(name_or_path: str, revision: str | None, local_files_only: b
             raise ValueError(f"revision={revision!r} applies to hub ids; {name_or_path!r} is a local folder "
                              "(drop revision, or pass the hub id)")
         return path, None
-    if path.exists() or name_or_path.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model path {name_or_path!r} is not a folder with a KaLM checkpoint")
+    if path.exists():
+        raise ModelLoadError(f"model path {name_or_path!r} is a file, not a folder with a KaLM checkpoint")
+    if name_or_path.startswith((".", "/", "~")) or "/" not in name_or_path or name_or_path.count("/") > 1:
+        # hub ids are owner/name: anything else that is not a folder here is a folder that does not exist
+        raise ModelLoadError(f"model folder {name_or_path!r} does not exist ({path.resolve()}); give the folder of a "
+                             "KaLM checkpoint, or a hub id such as KaLM-Embedding/KaLM-Reranker-V1-Nano")
     from huggingface_hub import snapshot_download
 
     try:
@@ -116,7 +120,7 @@ def _resolve_folder(name_or_path: str, revision: str | None, local_files_only: b
             f"could not load model {name_or_path!r} (revision {revision or 'main'}) from the Hugging Face hub: "
             f"{type(e).__name__}: {e}. The hub may be unreachable from this machine: download the checkpoint "
             f"where it is reachable (e.g. `hf download {name_or_path} --local-dir ./{name_or_path.split('/')[-1]}`) "
-            "and pass that local folder instead of the hub id."
+            f"and pass that local folder instead of the hub id (no folder {name_or_path!r} exists here either)."
         ) from None
     folder = Path(snapshot)
     return folder, folder.name  # snapshot folders are named by their commit hash

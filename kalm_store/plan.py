@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._text import format_bytes  # noqa: F401  (plan and info print sizes alike)
 from .codec import encode_matrix
 from .pooling import DEFAULT_RATIO, RATIOS, check_ratio
 
@@ -78,12 +79,6 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def format_bytes(n: float) -> str:
-    """``1234567`` -> ``"1.23 MB"`` (decimal units, as disks are sold)."""
-    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 # ---------------------------------------------------------------------------------------------- pieces

@@ -288,7 +288,14 @@ def test_cli_build_and_info_json(tmp_path, tiny_model_dir, capsys):
         # Lance compression is off for kalm_r*: bytes on disk = values + offsets (+ small page overhead)
         assert c["value_bytes"] <= c["stored_bytes"] <= c["value_bytes"] * 1.05 + 4096
     assert main(["info", "--db", str(tmp_path / "db"), "--table", "docs"]) == 0
-    assert "fingerprint" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fingerprint" in out
+    # plan's units (decimal kB/MB), no "rev None" for a model loaded from a folder
+    from kalm_store.plan import format_bytes
+
+    assert "rev None" not in out and f"{tiny_model_dir.resolve()} (local folder), d=64" in out
+    stored = [line for line in out.splitlines() if line.startswith("stored ")][0]
+    assert stored.startswith(f"stored       {format_bytes(info['stored_bytes'])} on disk") and "KiB" not in out
 
 
 def test_cli_build_without_a_terminal_logs_commits_and_records_where_the_model_is(tmp_path, tiny_model_dir,

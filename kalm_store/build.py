@@ -160,8 +160,27 @@ def make_embedder(name: Embedder, model: str, device: str = "cpu") -> Any:
         require("sentence_transformers", "embed")
     from lancedb.embeddings import get_registry
 
+    alias, model_name = embedder_identity(name, model)
+    if alias != name:  # an offline package's model: refuse now, in a second, if the package is missing
+        from .embedders import offline_model_path
+
+        offline_model_path(model_name)
+    return get_registry().get(alias).create(name=model_name, device=device)
+
+
+def embedder_identity(name: Embedder, model: str) -> tuple[str, str]:
+    """The registry function and model name a table records for ``--embedder NAME --embedder-model MODEL``:
+    a local folder by its absolute path; a model served offline by an installed package (such as
+    all-MiniLM-L6-v2) as ``kalm-sentence-transformers`` with its name, which each machine resolves to
+    the package's own files (see :mod:`kalm_store.embedders`); any other name as given."""
     path = Path(model).expanduser()
-    return get_registry().get(name).create(name=str(path.resolve()) if path.is_dir() else model, device=device)
+    if path.is_dir():
+        return name, str(path.resolve())
+    from .embedders import ALIAS, OFFLINE_MODELS
+
+    if name == "sentence-transformers" and model in OFFLINE_MODELS:
+        return ALIAS, model
+    return name, model
 
 
 def build(options: BuildOptions, *, model: KaLMModel | None = None,
@@ -293,7 +312,8 @@ def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[s
                                   storage_options=storage_options)
         emb_meta = None
         if options.embedder:  # compare before loading the embedder's weights
-            emb_meta = {"name": options.embedder, "model": _embedder_model_name(options.embedder_model or "")}
+            alias, model_name = embedder_identity(options.embedder, options.embedder_model or "")
+            emb_meta = {"name": alias, "model": model_name}
         store.check_layout(options.ratios, vectors=options.vectors, embedder=emb_meta)
         stored = store.all_ids()
     embedder = make_embedder(options.embedder, options.embedder_model or "", options.embedder_device) \
@@ -302,11 +322,6 @@ def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[s
         raise StoreMismatchError(f"table {options.table!r} was embedded by {store.metadata.get('embedder')!r}, "
                                  f"not {embedder_metadata(embedder)!r}")
     return store, stored, embedder
-
-
-def _embedder_model_name(model: str) -> str:
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.is_dir() else model
 
 
 def read_chunks(options: BuildOptions, fields: Fields, vector_dim: int | None, summary: BuildSummary,

@@ -71,6 +71,8 @@ def connect(db_uri: str, storage_options: dict[str, str] | None = None, *, must_
     """
     import lancedb
 
+    from . import embedders  # noqa: F401  (registers the embedding function tables of offline models record)
+
     if not is_object_store(db_uri):
         path = Path(db_uri[len("file://"):] if db_uri.startswith("file://") else db_uri).expanduser()
         if must_exist and not path.is_dir():

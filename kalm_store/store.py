@@ -85,7 +85,8 @@ def check_compatible(table_meta: dict[str, Any], model: KaLMModel, *, what: str 
         built = f"{table_meta.get('model_id')!r}" + (f" (revision {table_meta['model_revision']})"
                                                      if table_meta.get("model_revision") else "")
         loaded = f"{model.name_or_path!r}" + (f" (revision {model.revision})" if model.revision else "")
-        other = (f"by model {built}, not by the loaded {loaded}" if table_meta.get("fingerprint") != model.fingerprint
+        weights = any(d.startswith(("fingerprint:", "encoder_fingerprint:")) for d in diffs)
+        other = (f"by model {built}, not by the loaded {loaded}" if weights
                  else f"by the same model weights ({loaded}) with another configuration")
         raise StoreMismatchError(f"{what} was built {other} ({'; '.join(diffs)}); use the model it was built with, "
                                  "or build a new table")

@@ -9,7 +9,7 @@ from importlib import import_module
 
 # Lance deletes rows and drops columns in metadata, rewriting nothing: said by repool and build.
 COMPACT_HINT = ("bytes leave the disk when the data files are compacted and old versions cleaned up "
-                "(LanceDB: tbl.optimize(cleanup_older_than=timedelta(0)))")
+                "(`kalm-store optimize --db URI --table NAME`)")
 
 # sub-command -> module under kalm_store.cli; modules import torch/lancedb only inside ``run``.
 COMMANDS = {
@@ -19,6 +19,7 @@ COMMANDS = {
     "build": "build",
     "info": "info",
     "verify": "verify",
+    "optimize": "optimize",
     "search": "search",
     "eval": "eval",
     "finetune": "finetune",

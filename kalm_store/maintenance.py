@@ -8,6 +8,7 @@ files no version references yet (a write in flight), as Lance does unless told o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -50,8 +51,14 @@ def check_indices(store: PassageStore) -> list[IndexProblem]:
         try:
             _probe(ds, col, kind)
         except Exception as e:  # noqa: BLE001 - any failure to read an index is what we report, by name
-            problems.append(IndexProblem(name=name, columns=columns, error=str(e).splitlines()[0][:300]))
+            problems.append(IndexProblem(name=name, columns=columns, error=_first_line(e)))
     return problems
+
+
+def _first_line(error: BaseException) -> str:
+    """Lance's message without the Rust source locations it appends (``, /path/file.rs:12:5``)."""
+    text = re.sub(r",\s*/[^,]*\.rs:\d+:\d+", "", str(error).splitlines()[0] if str(error) else type(error).__name__)
+    return text[:300]
 
 
 def _probe(ds: Any, column: str, kind: str) -> None:
@@ -59,7 +66,7 @@ def _probe(ds: Any, column: str, kind: str) -> None:
     if "FTS" in kind.upper() or "INVERTED" in kind.upper():
         words = str(first or "").split()
         ds.to_table(columns=["id"], full_text_query={"query": words[0] if words else "a", "columns": [column]},
-                    limit=1)
+                    limit=1, disable_scoring_autoprojection=True)  # no deprecation warning about `_score`
     elif "IVF" in kind.upper() or "HNSW" in kind.upper() or "VECTOR" in kind.upper():
         import numpy as np
 

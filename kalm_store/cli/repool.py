@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
-from kalm_store.cli import COMPACT_HINT
+from kalm_store.cli import COMPACT_HINT, compact_hint
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,6 @@ def run(args: argparse.Namespace) -> int:
                 f"unaware of it) from r={result.from_ratio}")
     else:  # an interrupted run: its metadata commit, or (with --drop-source) its column drop, was missing
         done = f"completed an interrupted re-pool to r={result.to_ratio}"
-    dropped = f"; dropped r={result.dropped} (its {COMPACT_HINT})" if result.dropped is not None else ""
+    dropped = f"; dropped r={result.dropped} (its {compact_hint(opts.db, opts.table)})" if result.dropped is not None else ""
     print(f"{done}{dropped}; table {opts.table!r} stores ratios {result.ratios} (version {result.version})")
     return 0

@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {k: previous[k] for k in ("kills", "fuzz", "inputs", "races") if k in previous and k in args.skip}
     result |= {"command": previous.get("command") if args.skip else
                "python benchmarks/bench_reliability.py " + " ".join(argv or sys.argv[1:]),
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()} (shared with other "
+                               "jobs: the seconds are not comparable between runs)",
                     "python": platform.python_version()}
     if "fuzz" not in args.skip:
         print("codec fuzz:", flush=True)

@@ -277,14 +277,18 @@ def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[s
     other ratios or another vector setup, naming the difference.
     """
     from .storage import connect
-    from .store import PassageStore, StoreMismatchError, _table_names, embedder_metadata
+    from .store import PassageStore, StoreMismatchError, UncommittedTableError, _table_names, embedder_metadata
 
     db = connect(options.db, storage_options)
     store: PassageStore | None = None
     stored: set[str] = set()
     if options.table in _table_names(db):
-        store = PassageStore.open(options.db, options.table, model=model,  # refuses another model
-                                  storage_options=storage_options)
+        try:
+            store = PassageStore.open(options.db, options.table, model=model,  # refuses another model
+                                      storage_options=storage_options)
+        except UncommittedTableError:  # a creation killed before its first commit: nothing stored, start anew
+            store = None
+    if store is not None:
         emb_meta = None
         if options.embedder:  # compare before loading the embedder's weights
             emb_meta = {"name": options.embedder, "model": _embedder_model_name(options.embedder_model or "")}
@@ -365,8 +369,9 @@ class _Writer:
                 continue  # drain after a failure
             rows, replaced = item
             try:
-                self.store.write(rows, replace=replaced > 0)
-                self.summary.written += rows.num_rows
+                result = self.store.write(rows, replace=replaced > 0)
+                self.summary.written += result.inserted + result.replaced
+                self.summary.already_stored += result.skipped  # a concurrent writer stored them first
                 self.summary.updated += replaced
                 self.summary.commits += 1
                 if self.on_commit is not None:

@@ -189,7 +189,7 @@ def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, can
     except Exception as e:  # LanceDB reports a missing FTS index in several exception classes
         if mode != "vector" and "index" in str(e).lower():
             raise ValueError(f"mode={mode!r} needs a full-text index on 'text' of table {tbl.name!r}: create it "
-                             f"with `tbl.create_index('text', config=lancedb.index.FTS())` ({type(e).__name__}: {e})") from e
+                             f"with `kalm-store optimize --db URI --table {tbl.name}` ({type(e).__name__}: {e})") from e
         raise
     rows = hits.slice(0, k).to_pylist()
     return [{"rank": i + 1, "id": r["id"], "score": float(r["_relevance_score"]), "text": r["text"]}

@@ -12,7 +12,8 @@ does not know the new ratio hold null in it (so do rows such a writer replaces);
 command again re-derives exactly those rows (:func:`fill_nulls`). ``kalm-store build`` resumes on
 such a table only when given every ratio its metadata lists (and then writes them all). The table
 metadata ``ratios`` is updated in a second commit; a run interrupted between the two is finished by
-running the same command again.
+running the same command again, and so is a ``drop_source`` run killed between its metadata commit
+and the column drop. A finished run, run again, writes nothing (``nothing_to_do``).
 
 A finer ratio can never be recovered from a coarser one: that is refused, with the reason.
 """
@@ -52,6 +53,7 @@ class RepoolResult:
     version: int  # table version afterwards
     conflicts: int = 0  # commit races lost to concurrent writers (each one re-derived from the latest version)
     filled: int = 0  # rows that held null at the target ratio, re-derived (see fill_nulls)
+    nothing_to_do: bool = False  # the same run had finished before: nothing was written
 
 
 def check_repool(stored: list[int], from_ratio: object, to_ratio: object, *, columns: list[str] | None = None,
@@ -151,9 +153,16 @@ def repool_store(
     if dst in columns and f in stored and src in columns:
         if t not in stored:  # add_columns committed but the metadata update did not: finish the interrupted run
             set_ratios(table, stored + [t])
-        elif not _has_nulls(store, f, t):
-            check_repool(stored, f, t, columns=columns)  # "already stores r=t; nothing to do"
+        elif not _has_nulls(store, f, t) and not drop_source:  # a finished run, run again
+            return _finish(store, f, t, 0, False, nothing_to_do=True)
         return _finish(store, f, t, 0, drop_source, filled=fill_nulls(store, f, t, batch_size=batch_size))
+    if drop_source and t in stored and f not in stored and dst in columns:
+        # a --drop-source run whose metadata commit no longer lists r=f: finish the drop, or it was finished
+        if src in columns:  # killed between that commit and the column drop
+            table.to_lance().drop_columns([src])
+            table.checkout_latest()
+            return _finish(store, f, t, 0, False, dropped=f)
+        return _finish(store, f, t, 0, False, nothing_to_do=True)
     check_repool(stored, f, t, columns=columns)
     if dst in columns:
         raise RepoolError(f"column {dst} exists although the metadata does not list r={t}; "
@@ -202,12 +211,11 @@ def repool_store(
 
 
 def _finish(store: PassageStore, f: int, t: int, rows: int, drop_source: bool, conflicts: int = 0,
-            filled: int = 0) -> RepoolResult:
-    dropped = None
+            filled: int = 0, dropped: int | None = None, nothing_to_do: bool = False) -> RepoolResult:
     if drop_source:
         dropped = drop_ratio(store, f)
     return RepoolResult(from_ratio=f, to_ratio=t, rows=rows, ratios=store.ratios, dropped=dropped,
-                        version=store.table.version, conflicts=conflicts, filled=filled)
+                        version=store.table.version, conflicts=conflicts, filled=filled, nothing_to_do=nothing_to_do)
 
 
 def _missing_filter(from_ratio: int, to_ratio: int) -> str:

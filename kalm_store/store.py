@@ -22,6 +22,7 @@ from .codec import STORED_DTYPE, CorruptMatrixError, decode_matrix, encode_matri
 from .pooling import check_ratio, pooled_rows
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .commit import CommitResult
     from .model import EncodedPassages, KaLMModel
 
 
@@ -31,6 +32,10 @@ class StoreMismatchError(ValueError):
 
 class StaleMatrixError(ValueError):
     """A row's text no longer matches the text its stored matrices were encoded from."""
+
+
+class UncommittedTableError(ValueError):
+    """A table folder that holds no committed version yet (its creation was interrupted, or is under way)."""
 
 
 class MissingRowError(KeyError):
@@ -252,7 +257,7 @@ class PassageStore:
             "embedder": embedder_meta,
         }
         db = connect(db_uri, storage_options)
-        if table in _table_names(db):
+        if table in _table_names(db) and _has_version(db_uri, table, storage_options):
             if not exist_ok:
                 raise ValueError(f"table {table!r} already exists in {db_uri}; open it or pass exist_ok=True")
             store = cls.open(db_uri, table, model=model, storage_options=storage_options)
@@ -280,8 +285,10 @@ class PassageStore:
         except ValueError as e:  # listed but no committed version yet: another process is creating it
             if "was not found" not in str(e):  # LanceDB's own test for a missing table (lancedb.namespace)
                 raise
-            raise ValueError(f"no table {table!r} in {db_uri} yet: its folder holds no committed version "
-                             "(a build creating it has not made its first commit)") from e
+            raise UncommittedTableError(
+                f"no table {table!r} in {db_uri} yet: its folder holds no committed version, so a build creating "
+                "it was stopped before its first commit (or is still making it); run that build again, which "
+                "starts the table anew (nothing was stored)") from e
         if not schema.decode_metadata(tbl.schema.metadata):
             raise StoreMismatchError(
                 f"table {table!r} in {db_uri} has no kalm-store metadata: it is a plain LanceDB table. Build a "
@@ -358,24 +365,18 @@ class PassageStore:
             commits += 1
         return deleted, commits
 
-    def write(self, rows: pa.Table, *, replace: bool = False) -> None:
-        """Commit ``rows`` (from :meth:`rows_table`) in one atomic Lance commit.
+    def write(self, rows: pa.Table, *, replace: bool = False) -> CommitResult:
+        """Commit ``rows`` (from :meth:`rows_table`) in one atomic Lance commit; returns what it did.
 
-        ``replace=True`` also replaces the stored rows with the same ids (a merge-insert on ``id``:
-        old rows deleted, new ones written, in the same commit); otherwise the rows are appended.
+        Rows whose id is stored by the time of the commit are skipped (another writer was first), so
+        concurrent builds never store an id twice. ``replace=True`` instead replaces the stored rows
+        with the same ids (a merge-insert on ``id``: old rows deleted, new ones written, in the same
+        commit), with null at any ``kalm_r*`` column the rows lack (a ratio a concurrent ``repool``
+        added), never the old text's matrix. See :mod:`kalm_store.commit`.
         """
-        if replace:
-            # A merge-insert keeps the old values of every column the rows lack. For a kalm_r* column this
-            # store does not list (a repool unfinished, or committed since this handle was opened) that
-            # would pair the new text, and its new digest, with the old text's matrix: write null there,
-            # which every read and `verify` report, and a repool of that ratio fills.
-            self.table.checkout_latest()
-            for f in self.table.schema:
-                if schema.ratio_of_column(f.name) is not None and f.name not in rows.column_names:
-                    rows = rows.append_column(f, pa.nulls(rows.num_rows, f.type))
-            self.table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
-        else:
-            self.table.add(rows)
+        from .commit import commit_rows
+
+        return commit_rows(self.table, rows, replace=replace)
 
     def encode_records(self, records: Sequence[dict[str, Any]], *, batch_size: int = 16) -> pa.Table:
         """Encode the texts of ``records`` at every stored ratio into an Arrow table of this schema."""
@@ -423,8 +424,10 @@ class PassageStore:
             flat = np.asarray(vectors, dtype=np.float32)
             columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim)
         for r in self.ratios:
-            columns[schema.column_name(r)] = pa.array([encode_matrix(m) for m in encoded.matrices[r]],
-                                                      pa.large_binary())
+            # a ratio the encoder was not asked for (a repool committed it during a build) holds null:
+            # reads name such rows and running that repool again derives them
+            columns[schema.column_name(r)] = pa.array([encode_matrix(m) for m in encoded.matrices[r]]
+                                                      if r in encoded.matrices else [None] * len(ids), pa.large_binary())
         table_schema = self.table.schema
         target = pa.schema([f for f in table_schema if f.name in columns], metadata=table_schema.metadata)
         return pa.table({f.name: columns[f.name] for f in target}, schema=target)
@@ -473,6 +476,8 @@ class PassageStore:
         Existing indices are updated incrementally (only rows they do not cover are indexed);
         returns the names of the indices created or updated.
         """
+        from .commit import retry_conflicts
+
         wanted = []
         if fts:
             wanted.append("text")
@@ -490,10 +495,15 @@ class PassageStore:
             else:
                 from lancedb.index import FTS, BTree
 
-                self.table.create_index(col, config=FTS() if col == "text" else BTree(), replace=True)
+                # another writer committing meanwhile is Lance's retryable conflict: index the latest version
+                retry_conflicts(lambda c=col: self.table.create_index(c, config=FTS() if c == "text" else BTree(),
+                                                                      replace=True),
+                                f"creating the {col} index of table {self.table.name!r}",
+                                before_retry=self.table.checkout_latest)
                 done.append(f"{col}_idx")
         if stale:
-            self.table.to_lance().optimize.optimize_indices(index_names=stale)
+            retry_conflicts(lambda: self.table.to_lance().optimize.optimize_indices(index_names=stale),
+                            f"updating the indices of table {self.table.name!r}", before_retry=self.table.checkout_latest)
             self.table.checkout_latest()
             done.extend(stale)
         return done
@@ -536,8 +546,8 @@ class PassageStore:
         changed = [r for r, c in zip(old, flags) if c]
         if not new and not changed:
             return 0
-        self.write(self.encode_records(new + changed, batch_size=batch_size), replace=bool(changed))
-        return len(new) + len(changed)
+        result = self.write(self.encode_records(new + changed, batch_size=batch_size), replace=bool(changed))
+        return result.inserted + result.replaced
 
     # ------------------------------------------------------------------ read
     def matrices(self, ids: Sequence[str], ratio: int) -> list[np.ndarray]:
@@ -598,6 +608,19 @@ class PassageStore:
                 "columns": columns, "indices": [{"name": ix.name, "type": str(ix.index_type), "columns": list(ix.columns)}
                                                 for ix in self.table.list_indices()],
                 "version": self.table.version, "metadata": meta}
+
+
+def _has_version(db_uri: str, table: str, storage_options: dict[str, str] | None) -> bool:
+    """False for a listed table whose folder holds no committed version: a creation killed before its first
+    commit leaves only ``_transactions/``. Such a folder is safe to create anew: Lance commits version 1
+    only if no other writer has (put-if-absent), so two creators cannot both win."""
+    try:
+        PassageStore.open(db_uri, table, storage_options=storage_options)
+    except UncommittedTableError:
+        return False
+    except (ValueError, OSError):  # opened but refused (no kalm-store metadata, damaged): it has a version
+        return True
+    return True
 
 
 def _bytes_on_disk(ds: Any) -> dict[str, int]:

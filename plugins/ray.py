@@ -286,9 +286,16 @@ def _run_window(window: list[dict[str, Any]], store: PassageStore, options: Buil
                    "max_length": store.model.max_length if store.model is not None else options.max_length})
     parts = sorted(written.take_all(), key=lambda r: (r["chunk"], r["part"]))  # commit in input order
     fragments = [lance.fragment.FragmentMetadata.from_json(p["fragment"]) for p in parts]  # JSON: no pickle
-    lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Append(fragments), read_version=read_version,
-                              storage_options=storage_options)
+    committed = lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Append(fragments), read_version=read_version,
+                                          storage_options=storage_options)
     summary.written += sum(p["rows"] for p in parts)
+    if committed.version != read_version + 1:  # another writer committed meanwhile: it may hold our ids too
+        from kalm_store.commit import remove_duplicates
+
+        store.refresh()
+        removed = remove_duplicates(store.table, [i for item in window for i in item["ids"]])
+        summary.written -= removed
+        summary.already_stored += removed
     summary.tokens += sum(p["tokens"] for p in parts)
     summary.truncated += sum(p["truncated"] for p in parts)  # as the local builder counts them
     summary.commits += 1

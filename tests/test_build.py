@@ -259,7 +259,8 @@ def test_cli_update_and_its_refusal_on_ray(tmp_path, tiny_model_dir, capsys):
     capsys.readouterr()
     assert main(["build", str(inp), "--update"] + base) == 0
     out = capsys.readouterr().out
-    assert "wrote 1 (1 replacing changed rows)" in out and "until compacted" in out and "optimize(" in out
+    assert "wrote 1 (1 replacing changed rows)" in out and "until compacted" in out
+    assert f"`kalm-store optimize --db {tmp_path / 'db'} --table docs`" in out
     assert main(["build", str(inp), "--update", "--engine", "ray"] + base) == 1
     err = capsys.readouterr().err
     assert "--update" in err and "local engine" in err and "\n" not in err.strip()

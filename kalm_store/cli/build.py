@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from kalm_store.build import EMBEDDERS, BuildOptions, BuildSummary
-from kalm_store.cli import COMPACT_HINT
+from kalm_store.cli import compact_hint
 from kalm_store.records import FORMATS
 
 _EPILOG = """\
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"kalm-store build: {opts.db} / {opts.table}: {summary.line()}")
     if summary.updated or summary.deleted:
         print(f"kalm-store build: replaced and deleted rows stay in `kalm-store info`'s bytes until compacted: "
-              f"their {COMPACT_HINT}")
+              f"their {compact_hint(opts.db, opts.table)}")
     if args.skip_bad and getattr(args, "engine", "local") != "ray":
         print(f"kalm-store build: {summary.bad} bad records skipped; report: {report}")
     return 0

@@ -227,7 +227,7 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     start = time.perf_counter()
     if options.input != STDIN and not Path(options.input).is_file():
         raise FileNotFoundError(f"input {options.input!r} does not exist or is not a file")
-    from .input_columns import InputColumns
+    from .input_columns import InputColumns, declared_types
     from .model import KaLMModel
     from .store import PassageStore
 
@@ -235,7 +235,8 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     # record), so that a mistake costs a second, not a model load.
     target = check_target(options, options.storage_options, max_length=options.max_length if model is None else None)
     fields = options.fields
-    columns = InputColumns(target.schema if target is not None else None, fields.keep)
+    columns = InputColumns(target.schema if target is not None else None, fields.keep,
+                           declared=declared_types(options.input, options.input_format))
     vector_dim = None
     if target is not None and options.vector_field:
         from .schema import decode_metadata

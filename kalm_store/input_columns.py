@@ -109,6 +109,19 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+def declared_types(path: str, fmt: str = "auto") -> dict[str, pa.DataType]:
+    """The column types a Parquet input declares (dictionary-encoded ones as their values' type);
+    empty for JSON lines and CSV, whose types are inferred from the values."""
+    from .records import STDIN, resolve_format
+
+    if path == STDIN or resolve_format(path, fmt) != "parquet":  # type: ignore[arg-type]
+        return {}
+    import pyarrow.parquet as pq
+
+    return {f.name: f.type.value_type if pa.types.is_dictionary(f.type) else f.type
+            for f in pq.ParquetFile(path).schema_arrow}
+
+
 class InputColumns:
     """The kept input fields of one build: their Arrow types, checked per record, and their columns.
 
@@ -118,10 +131,15 @@ class InputColumns:
         The existing table's schema (its columns fix the types); ``None`` for a table not created yet.
     keep : sequence of str, optional
         The fields to keep (``--keep-field``); ``None`` keeps every field, ``()`` none (``--drop-fields``).
+    declared : mapping of str to pyarrow.DataType, optional
+        Types the input itself declares (a Parquet file's schema, see :func:`declared_types`); they win
+        over inference from values for columns the table does not have yet.
     """
 
-    def __init__(self, table_schema: pa.Schema | None = None, keep: Sequence[str] | None = None) -> None:
+    def __init__(self, table_schema: pa.Schema | None = None, keep: Sequence[str] | None = None,
+                 declared: Mapping[str, pa.DataType] | None = None) -> None:
         self.keep = None if keep is None else tuple(keep)
+        self.declared = dict(declared or {})
         self.table_fields = user_columns(table_schema) if table_schema is not None else {}
         self.types: dict[str, pa.DataType] = {}  # column -> type, for every column this build writes
         self.origin: dict[str, str] = {}  # column -> what fixed its type ("the table", "c.jsonl:3")
@@ -159,7 +177,7 @@ class InputColumns:
                     t = f.type
                 else:
                     try:
-                        inferred = pa.array([value]).type
+                        inferred = self.declared.get(name) or pa.array([value]).type
                     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
                         raise BadRecordError(rec.where, f"field {name!r} holds {value!r:.60}, which no Arrow type "
                                                         f"holds ({e}); drop it with --drop-fields or --keep-field",
@@ -188,4 +206,4 @@ class InputColumns:
                          for name, t in self.types.items()})
 
 
-__all__ = ["FROM_INPUT", "InputColumns", "check_keep", "is_input_column", "reserved", "same_value", "user_columns"]
+__all__ = ["FROM_INPUT", "InputColumns", "check_keep", "declared_types", "is_input_column", "reserved", "same_value", "user_columns"]

@@ -198,7 +198,7 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     """
     from kalm_store.build import (BuildSummary, check_target, finish_build, open_input, open_target, read_chunks,
                                   select_new)
-    from kalm_store.input_columns import InputColumns
+    from kalm_store.input_columns import InputColumns, declared_types
     from kalm_store.model import KaLMModel
     from kalm_store.records import STDIN
     from kalm_store.store import PassageStore
@@ -221,7 +221,8 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     target = check_target(replace(options, db=db_uri), storage_options,
                           max_length=options.max_length if model is None else None)
     fields = options.fields
-    columns = InputColumns(target.schema if target is not None else None, fields.keep)
+    columns = InputColumns(target.schema if target is not None else None, fields.keep,
+                           declared=declared_types(options.input, options.input_format))
     vector_dim = None
     if target is not None and options.vector_field:
         from kalm_store.schema import decode_metadata

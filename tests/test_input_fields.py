@@ -130,6 +130,8 @@ def test_parquet_and_csv_fields(tmp_path, model, tiny_model_dir):
     assert s.written == 6
     got = rows_by_id(tmp_path)
     assert got["p2"]["module"] == "re" and got["p2"]["year"] == 2002 and str(got["p2"]["when"]) == "2024-01-02 00:00:00"
+    types = {f.name: f.type for f in table(tmp_path).schema}  # a Parquet file's own types are kept
+    assert types["year"] == pa.int32() and types["when"] == pa.timestamp("ms")  # Parquet keeps s as ms and types["module"] == pa.string()
     # CSV: pyarrow infers each column's type from the first block; a later value of another type names
     # its row and field (the reader alone says only "CSV conversion error to int64")
     lines = ["id,text,module,year"] + [f"c{i},t,m,{i}" for i in range(400_000)] + ["cx,last,mx,MMXX"]

@@ -235,20 +235,27 @@ def _csv_conversion_error(path: str, inferred: Any, rows_read: int, error: Excep
     types = {f.name: (pa.string() if f.name == col.name else f.type) for f in inferred}
     again = pcsv.open_csv(path, convert_options=pcsv.ConvertOptions(column_types=types, strings_can_be_null=False),
                           read_options=pcsv.ReadOptions(block_size=1 << 22))
+    def converts(values: Any) -> bool:
+        try:
+            pc.cast(pc.if_else(pc.equal(values, ""), None, values), col.type)  # an empty cell is null
+            return True
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return False
+
     row = 0
     for batch in again:
-        values = batch.column(col.name).to_pylist()
-        for i, v in enumerate(values):
-            if row + i < rows_read or v in ("", None):
-                continue
-            try:
-                pc.cast(pa.array([v]), col.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                return BadRecordError(f"{path} row {row + i + 1}",
-                                      f"field {col.name!r} holds {v!r:.60}, but its column is {col.type} (inferred "
-                                      "from the rows before it); make the column's values one type, or leave the "
-                                      "field out (--keep-field NAME for the others, or --drop-fields)")
-        row += batch.num_rows
+        start, row = max(rows_read - row, 0), row + batch.num_rows
+        lo, hi = start, batch.num_rows
+        column = batch.column(col.name)
+        if start >= hi or converts(column.slice(lo, hi - lo)):
+            continue  # the bad value is further on
+        while hi - lo > 1:  # bisect: casts of halving slices find the first bad value in O(n) work
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if not converts(column.slice(lo, mid - lo)) else (mid, hi)
+        return BadRecordError(f"{path} row {row - batch.num_rows + lo + 1}",
+                              f"field {col.name!r} holds {column[lo].as_py()!r:.60}, but its column is {col.type} "
+                              "(inferred from the rows before it); make the column's values one type, or leave the "
+                              "field out (--keep-field NAME for the others, or --drop-fields)")
     return ValueError(f"{path}: {error}")
 
 

@@ -71,10 +71,10 @@ def check_fields(tbl: Any, fields: Sequence[str]) -> None:
 
 
 def check_against_table(tbl: Any, *, mode: Mode, ratio: int | None, query_vector: Sequence[float] | None = None,
-                        fields: Sequence[str] = ()) -> None:
+                        fields: Sequence[str] = (), where: str | None = None) -> None:
     """Everything about a search that the table alone can refuse, checked before a model is loaded (a
     mistake costs a second): the ratio (stored?), the first stage (vectors, query vector width, the
-    full-text index) and the ``fields``."""
+    full-text index), the ``fields`` and the ``where`` filter (parsed and planned by Lance, not run)."""
     from .store import check_ratio_stored
 
     if ratio is not None:
@@ -85,6 +85,14 @@ def check_against_table(tbl: Any, *, mode: Mode, ratio: int | None, query_vector
                                     for ix in tbl.list_indices()):
         raise ValueError(f"mode={mode!r} needs a full-text index on 'text' of table {tbl.name!r}: create it "
                          "with `tbl.create_index('text', config=lancedb.index.FTS())`")
+    if where is not None:
+        import re
+
+        try:
+            tbl.to_lance().scanner(filter=where, columns=["id"], limit=1).explain_plan()
+        except ValueError as e:  # Lance: "Invalid user input: Schema error: No field named x ..., <file.rs:line>"
+            reason = re.sub(r",\s*\S+\.rs:\d+:\d+\s*$", "", str(e)).removeprefix("Invalid user input: ")
+            raise ValueError(f"where {where!r} is not a filter table {tbl.name!r} can run: {reason}") from None
 
 
 def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vector: Sequence[float] | None = None,
@@ -191,7 +199,7 @@ def search(
     from .store import PassageStore
 
     tbl = PassageStore.open(db_uri, table, storage_options=storage_options).table  # before loading a model
-    check_against_table(tbl, mode=mode, ratio=ratio, query_vector=query_vector, fields=fields)
+    check_against_table(tbl, mode=mode, ratio=ratio, query_vector=query_vector, fields=fields, where=where)
     if not isinstance(model, KaLMModel):
         model = KaLMModel.from_pretrained(model, device=device)
     rr = KaLMReranker(model, table=tbl, ratio=ratio, instruction=instruction, batch_size=batch_size)

@@ -299,6 +299,8 @@ def small_store(tmp_path_factory, model, tiny_model_dir):
     (["--mode", "vector", "--query-vector", "1,2"], "query_vector has 2 values; table 'docs' holds 3-d vectors"),
     (["--ratio", "8"], "stores ratios [4], not r=8"),
     (["--mode", "vector"], "holds brought vectors"),
+    (["--where", "modul = 'json'"], "where \"modul = 'json'\" is not a filter table 'docs' can run: Schema error: No "
+                                    "field named modul"),
 ])
 def test_search_refuses_before_loading_the_model(small_store, tiny_model_dir, no_model_load, capsys, flags, message):
     from kalm_store.cli import main

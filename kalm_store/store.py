@@ -211,6 +211,7 @@ class PassageStore:
         embedder: Any | None = None,
         storage_options: dict[str, str] | None = None,
         exist_ok: bool = False,
+        columns: Sequence[pa.Field] = (),
     ) -> PassageStore:
         """Create an empty passage store (or open a compatible existing one with ``exist_ok``).
 
@@ -233,6 +234,9 @@ class PassageStore:
             Object-store options passed to ``lancedb.connect``.
         exist_ok : bool, default False
             Open an existing table instead of failing, if it is compatible.
+        columns : sequence of pyarrow.Field, default ()
+            More (nullable) columns, e.g. input fields kept by a build
+            (:class:`kalm_store.input_columns.InputColumns`).
         """
         from .storage import connect
 
@@ -267,6 +271,10 @@ class PassageStore:
                     f"asked for ratios {ratios} and vector_dim {vector_dim}")
             return store
         arrow_schema = schema.arrow_schema(ratios, vector_dim, meta)
+        for f in columns:
+            if f.name in arrow_schema.names:
+                raise ValueError(f"column {f.name!r} is one of kalm-store's own ({arrow_schema.names})")
+            arrow_schema = arrow_schema.append(f)
         tbl = db.create_table(table, schema=arrow_schema, embedding_functions=functions,
                               storage_options=storage_options)
         return cls(tbl, model)
@@ -398,13 +406,16 @@ class PassageStore:
         return self.metadata.get("vector_dim") is not None and not self.metadata.get("embedder")
 
     def rows_table(self, ids: Sequence[str], texts: Sequence[str], encoded: EncodedPassages,
-                   vectors: Sequence[Sequence[float] | None] | None = None) -> pa.Table:
+                   vectors: Sequence[Sequence[float] | None] | None = None,
+                   extras: pa.Table | None = None) -> pa.Table:
         """Arrow rows of this table's schema from encoder output (matrices compressed here).
 
         With an embedding function the ``vector`` column is left out (LanceDB computes it on ``add``)
         unless ``vectors`` are given: Ray actors compute them with the table's own function, because
-        fragments written straight to Lance bypass LanceDB's ``add``. Columns a user added to the table
-        are left out too: appended rows hold null there, and a replacing merge-insert keeps their values.
+        fragments written straight to Lance bypass LanceDB's ``add``. ``extras`` holds the input fields
+        kept as columns (:class:`kalm_store.input_columns.InputColumns`, one row per id), each a column
+        of the table already. Other columns a user added to the table are left out: appended rows hold
+        null there, and a replacing merge-insert keeps their values.
         """
         embeds = self.metadata.get("vector_dim") is not None and bool(self.metadata.get("embedder"))
         columns: dict[str, Any] = {
@@ -429,25 +440,81 @@ class PassageStore:
             columns[schema.column_name(r)] = pa.array([encode_matrix(m) for m in encoded.matrices[r]]
                                                       if r in encoded.matrices else [None] * len(ids), pa.large_binary())
         table_schema = self.table.schema
+        for name in extras.column_names if extras is not None else ():
+            if name not in table_schema.names:
+                raise ValueError(f"input field {name!r} is not a column of table {self.table.name!r} yet; "
+                                 "add it first (PassageStore.add_input_columns)")
+            columns[name] = extras.column(name).cast(table_schema.field(name).type)  # type: ignore[union-attr]
         target = pa.schema([f for f in table_schema if f.name in columns], metadata=table_schema.metadata)
         return pa.table({f.name: columns[f.name] for f in target}, schema=target)
 
+    def add_input_columns(self, fields: Sequence[pa.Field]) -> None:
+        """Add columns for input fields a build met first (all null in the rows stored so far).
+
+        Lance writes only the new columns' metadata. A concurrent writer's commit makes Lance refuse
+        ours with a retryable conflict: we look again (another build may have added the same column)
+        and retry. A column of that name with another type is refused, naming both types.
+        """
+        from lance.commit import CommitConflictError
+
+        for attempt in range(8):
+            self.table.checkout_latest()
+            have = self.table.schema
+            clash = [f"{f.name!r} is {have.field(f.name).type} in the table, {f.type} in the input"
+                     for f in fields if f.name in have.names and have.field(f.name).type != f.type]
+            if clash:
+                raise StoreMismatchError(f"table {self.table.name!r}: column {'; '.join(clash)}")
+            todo = [f for f in fields if f.name not in have.names]
+            if not todo:
+                return
+            try:
+                self.table.add_columns(todo)
+                self.table.checkout_latest()
+                return
+            except CommitConflictError:
+                if attempt == 7:
+                    raise
+
+    def column_values(self, ids: Sequence[str], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The stored values of ``columns`` for ``ids`` (those stored): ``{id: {column: value}}``."""
+        out: dict[str, dict[str, Any]] = {}
+        for part in self._rows_by_id(ids, ["id", *columns]):
+            for row in part.to_pylist():
+                out[row.pop("id")] = row
+        return out
+
+    def replace_fields(self, rows: pa.Table) -> None:
+        """Replace the values of ``rows``' columns (``id`` plus input-field columns) in the stored rows of
+        those ids, in one atomic commit; text, matrices, digests and vectors stay as they are (a Lance
+        merge-insert of those columns only, so nothing is re-encoded)."""
+        self.table.merge_insert("id").when_matched_update_all().execute(rows)
+
     def check_layout(self, ratios: Sequence[int], *, vectors: Literal["brought", "embedder", "none"],
                      embedder: dict[str, Any] | None = None, vector_dim: int | None = None) -> None:
-        """Refuse, naming what differs, when a build asks for other ratios or another vector setup.
+        """Refuse, naming what differs, when a build asks for a ratio the table does not store or another
+        vector setup.
 
-        ``vectors`` says where the build's vectors come from; ``embedder`` is the
-        :func:`embedder_metadata` of its embedding function; ``vector_dim`` the width of brought
-        vectors when already known.
+        A build appends at every ratio the table stores, so asking for some of them is no conflict
+        (after ``repool --from 4 --to 8`` the build command that made the table still adds rows, at
+        r=4 and r=8); asking for one it does not store is, since the rows already there cannot have it
+        (``repool`` derives a coarser ratio, nothing derives a finer one). ``vectors`` says where the
+        build's vectors come from; ``embedder`` is the :func:`embedder_metadata` of its embedding
+        function; ``vector_dim`` the width of brought vectors when already known.
         """
         meta = self.metadata
         ratios = sorted({check_ratio(r) for r in ratios})
         table_vectors = "embedder" if meta.get("embedder") else ("brought" if meta.get("vector_dim") else "none")
         diffs = []
-        if ratios != self.ratios:
+        missing = [r for r in ratios if r not in self.ratios]
+        if missing:
             flags = " ".join(f"--ratio {r}" for r in self.ratios)
-            diffs.append(f"ratios: table has {self.ratios}, build asks for {ratios} (to add rows, pass {flags}; "
-                         "`kalm-store repool` adds coarser ratios to a table)")
+            fixes = []
+            for r in missing:
+                sources = [f for f in self.ratios if f < r and r % f == 0]
+                fixes.append(f"`kalm-store repool --from {max(sources)} --to {r}` adds r={r}" if sources else
+                             f"r={r} is finer than every stored ratio and cannot be derived (build a new table)")
+            diffs.append(f"ratios: table has {self.ratios}, build asks for {ratios}, which the table does not "
+                         f"store: {missing} (to add rows, pass {flags} or no --ratio; {'; '.join(fixes)})")
         if table_vectors != vectors:
             diffs.append(f"vectors: table's are {table_vectors!r}, build's are {vectors!r}")
         elif vectors == "embedder" and meta.get("embedder") != embedder:

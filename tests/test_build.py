@@ -310,7 +310,9 @@ def test_cli_build_without_a_terminal_logs_commits_and_records_where_the_model_i
     assert meta["model_id"] == str((tmp_path / "models" / "tiny").resolve())  # usable from any folder
     # the table's ratios are named, with the flags that resume it
     assert main(argv + ["--ratio", "8"]) == 1
-    assert "table has [4], build asks for [8] (to add rows, pass --ratio 4;" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "table has [4], build asks for [8], which the table does not store: [8] (to add rows, pass --ratio 4 or " \
+           "no --ratio; `kalm-store repool --from 4 --to 8` adds r=8)" in err
 
 
 def test_build_summary_rates_leave_out_loading_and_indexing():

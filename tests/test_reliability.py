@@ -116,13 +116,19 @@ def kill_and_resume(workdir: Path, model_dir: Path, kills: int, *, n: int = 300,
     report = KillReport()
     start = time.monotonic()
     startup = 5.0  # seconds from launch to a first commit, learned as kills happen
-    while report.kills < kills or report.mid_write < mid_write_kills:
-        assert report.kills < kills + 4 * mid_write_kills or not mid_write_kills, \
+
+    def more_kills() -> bool:
+        if report.kills >= kills and report.mid_write >= mid_write_kills:
+            return False
+        assert not mid_write_kills or report.kills < kills + 4 * mid_write_kills, \
             f"only {report.mid_write} of {report.kills} kills landed between commits"
+        return True
+
+    while more_kills():
         db = workdir / f"db{report.rounds}"
         cmd = CLI + ["build", str(inp), "--db", str(db), "--table", "docs", "--model", str(model_dir),
                      "--chunk-size", str(chunk), "--no-progress"]
-        while report.kills < kills:
+        while more_kills():
             before = _rows_now(db)
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             started = time.monotonic()

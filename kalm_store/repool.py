@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from . import schema
-from .codec import decode_matrix, encode_matrix, to_float16
+from .codec import CorruptMatrixError, decode_matrix, encode_matrix, to_float16
 from .pooling import check_ratio, pooled_rows, repool
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -177,9 +177,15 @@ def repool_store(
 
         bar = tqdm(total=rows, desc=f"repool r={f}->{t}", unit="row")
 
+    damaged: list[CorruptMatrixError] = []
+
     @lance.batch_udf(output_schema=out_schema)
     def derive(batch: pa.RecordBatch) -> pa.RecordBatch:
-        out = repool_batch(batch, f, t, dim)
+        try:
+            out = repool_batch(batch, f, t, dim)
+        except CorruptMatrixError as e:
+            damaged.append(e)  # Lance hands what a UDF raises back as OSError: keep ours to raise it as it is
+            raise
         if bar is not None:
             bar.update(batch.num_rows)
         return out
@@ -188,7 +194,12 @@ def repool_store(
     try:
         for attempt in range(CONFLICT_RETRIES + 1):
             try:
-                ds.add_columns(derive, read_columns=["id", "n_tokens", src], batch_size=batch_size)
+                try:
+                    ds.add_columns(derive, read_columns=["id", "n_tokens", src], batch_size=batch_size)
+                except OSError:
+                    if damaged:
+                        raise damaged[0] from None
+                    raise
                 break
             except CommitConflictError as e:
                 # a concurrent commit (e.g. a build appending rows) won: re-read the latest version, whose

@@ -146,7 +146,10 @@ def test_version_1_tables_without_digests_are_read_and_appended_to(tmp_path, mod
     assert [m.tobytes() for m in old.matrices([f"p{i}" for i in range(6)], 4)] == [m.tobytes() for m in want]
     rr = KaLMReranker(model, table=old.table)
     assert rr.columns == ["id", "n_tokens", "kalm_r4"]
-    assert rr.rerank_table("q", old.table.search().select(["text"] + rr.columns).limit(10).to_arrow()).num_rows == 6
+    ranked = rr.rerank_table("q", old.table.search().select(["text"] + rr.columns).limit(10).to_arrow())
+    want_scores = model.score("q", want)  # the v1 rows score as their matrices do (no digest check to pass)
+    assert ranked.column("id").to_pylist() == [f"p{i}" for i in np.argsort(-want_scores, kind="stable")]
+    np.testing.assert_allclose(ranked.column("_relevance_score").to_numpy(), np.sort(want_scores)[::-1], atol=1e-6)
     assert old.upsert([{"id": "p0", "text": "new text"}]) == 1
 
 

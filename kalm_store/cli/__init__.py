@@ -22,6 +22,7 @@ COMMANDS = {
     "search": "search",
     "eval": "eval",
     "finetune": "finetune",
+    "serve": "serve",
     "demo": "demo",
 }
 

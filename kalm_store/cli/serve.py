@@ -90,6 +90,12 @@ def run(args: argparse.Namespace) -> int:
                      max_documents=options.max_documents, api_key=options.api_key, cache_mib=options.cache_mib,
                      batch_size=options.batch_size, max_batch_rows=options.max_batch_rows,
                      batching=options.batching, device=args.device, storage_options=options.storage_options)
-    # uvicorn handles SIGTERM/SIGINT: stop accepting, finish in-flight requests, run the app's shutdown
+    # uvicorn handles SIGTERM/SIGINT: stop accepting, finish in-flight requests, run the app's shutdown. It
+    # then re-raises the signal to the handler it found installed; for SIGTERM that is this one, so a
+    # drained server exits 0 (what process managers expect) instead of dying of the signal afterwards.
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda sig, frame: logging.getLogger("kalm_store.serve").info(
+        "SIGTERM: in-flight requests finished, exiting"))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=None)
     return 0

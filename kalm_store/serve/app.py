@@ -126,22 +126,27 @@ def _error(status: int, message: str, kind: str, headers: dict[str, str] | None 
 
 
 def _field_name(loc: Sequence[Any]) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
-    return ".".join(parts) if parts else "body"
+    """``("body", "documents", 0, "str")`` -> ``documents.0``: the field, without the union branch tried."""
+    parts = [p for p in loc if p != "body"]
+    if len(parts) >= 3 and parts[0] == "documents" and isinstance(parts[1], int) and parts[2] in ("str", "DocumentObject"):
+        parts = parts[:2] + parts[3:]
+    return ".".join(str(p) for p in parts) if parts else "body"
 
 
 def _validation_message(exc: RequestValidationError) -> str:
+    """One line naming each bad field (at most 5) and what is wrong with it."""
     errors = exc.errors()
     if not errors:
         return "invalid request"
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        return f"body: malformed JSON ({first.get('ctx', {}).get('error', first.get('msg'))})"
-    # a union (string or document object) reports one error per branch: name the field once
-    fields = list(dict.fromkeys(_field_name(e["loc"][:3] if e["loc"][:1] == ("body",) and "documents" in e["loc"]
-                                            else e["loc"]) for e in errors))
-    return "; ".join(f"{f}: {next(e['msg'] for e in errors if _field_name(e['loc']).startswith(f))}"
-                     for f in fields[:5])
+    if errors[0].get("type") == "json_invalid":
+        return f"body: malformed JSON ({errors[0].get('ctx', {}).get('error', errors[0].get('msg'))})"
+    by_field: dict[str, list[str]] = {}
+    for e in errors:
+        msgs = by_field.setdefault(_field_name(e["loc"]), [])
+        if e["msg"] not in msgs:
+            msgs.append(e["msg"])
+    # a union (string or document object) reports one message per branch: both are named
+    return "; ".join(f"{f}: {' / '.join(m)}" for f, m in list(by_field.items())[:5])
 
 
 # ---------------------------------------------------------------------- settings
@@ -410,34 +415,30 @@ def build_app(service: Service) -> FastAPI:
         kind = {401: "Unauthorized", 404: "NotFound", 413: "PayloadTooLarge", 429: "Overloaded"}.get(exc.status, "Validation")
         return _error(exc.status, str(exc), kind, exc.headers)
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        route = request.url.path
-        service.metrics.in_flight.inc()
-        try:
-            try:
-                response = await call_next(request)
-            except ClientGone:
-                response = Response(status_code=499)  # nobody reads it; logged like nginx does
-            except (MissingRowError,) as e:
-                response = _error(404, str(e), "NotFound")
-            except (StaleMatrixError, StoreMismatchError) as e:
-                response = _error(409, str(e), "Conflict")
-            except ShuttingDownError as e:
-                response = _error(503, str(e), "Unavailable")
-            except (ValueError, TypeError) as e:  # user input the library refused (bad filter, missing index...)
-                response = _error(400, str(e).splitlines()[0][:1000], "Validation")
-            except Exception:  # noqa: BLE001 - logged here with its traceback, never sent
-                rid = uuid.uuid4().hex[:12]
-                log.exception("request %s %s failed (request id %s)", request.method, route, rid)
-                response = _error(500, f"internal error (request id {rid}; details are in the server log)", "Backend")
-        finally:
-            service.metrics.in_flight.dec()
-        known = route if route in _ROUTES else "other"
-        service.metrics.requests.labels(route=known, status=str(response.status_code)).inc()
-        service.metrics.latency.labels(route=known).observe(time.perf_counter() - start)
-        return response
+    async def _answer(request: Request, exc: Exception) -> Response:
+        """Known failures, each as one status and a one-line message (exception handlers, by class)."""
+        if isinstance(exc, ClientGone):
+            return Response(status_code=499)  # nobody reads it; the status is for the metrics and the log
+        if isinstance(exc, MissingRowError):
+            return _error(404, str(exc), "NotFound")
+        if isinstance(exc, (StaleMatrixError, StoreMismatchError)):
+            return _error(409, str(exc), "Conflict")
+        if isinstance(exc, ShuttingDownError):
+            return _error(503, str(exc), "Unavailable")
+        # ValueError / TypeError: user input the library refused (a bad filter, a missing index...)
+        return _error(400, str(exc).splitlines()[0][:1000] if str(exc) else type(exc).__name__, "Validation")
+
+    for cls in (ClientGone, MissingRowError, StaleMatrixError, StoreMismatchError, ShuttingDownError, ValueError,
+                TypeError):
+        app.add_exception_handler(cls, _answer)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        rid = uuid.uuid4().hex[:12]
+        log.error("request %s %s failed (request id %s)", request.method, request.url.path, rid, exc_info=exc)
+        return _error(500, f"internal error (request id {rid}; details are in the server log)", "Backend")
+
+    app.add_middleware(_Observe, metrics=service.metrics)
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
@@ -525,6 +526,40 @@ def build_app(service: Service) -> FastAPI:
         return {"query": body.query, "results": _jsonable(hits)}
 
     return app
+
+
+class _Observe:
+    """Pure ASGI middleware counting requests, statuses, latency and in-flight requests.
+
+    Not Starlette's ``BaseHTTPMiddleware``: that one wraps ``receive`` so that a handler's
+    ``request.is_disconnected()`` never sees the client leave.
+    """
+
+    def __init__(self, app: Any, metrics: Any) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]  # what an exception escaping to the server error middleware becomes
+
+        async def send_status(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        start = time.perf_counter()
+        route = scope.get("path", "")
+        route = route if route in _ROUTES else "other"
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(route=route, status=str(status[0])).inc()
+            self.metrics.latency.labels(route=route).observe(time.perf_counter() - start)
 
 
 def _empty() -> Any:

@@ -395,3 +395,37 @@ def test_unexpected_error_is_500_without_details(gated, passages):
     r = httpx.post(f"{url}/v2/rerank", json={"query": "q", "documents": passages[:2]}, timeout=DEADLINE_S)
     assert r.status_code == 500 and "request id" in r.json()["message"]
     assert "secret internal detail" not in r.text and "Traceback" not in r.text
+
+
+@pytest.mark.slow
+def test_ray_serve_two_replicas_answer_the_same_scores(built, model, passages, tiny_model_dir):
+    """`kalm-store serve --engine ray --replicas 2` on a local Ray: both replicas answer, with the app's scores."""
+    pytest.importorskip("ray.serve", reason='Ray Serve is not installed: pip install "ray[serve]"')
+    db, store = built
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kalm_store", "serve", "--db", str(db), "--table", "docs",
+                             "--model", str(tiny_model_dir), "--device", "cpu", "--port", str(port), "--engine", "ray",
+                             "--replicas", "2", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 300
+        pids: set[int] = set()
+        while len(pids) < 2 and time.monotonic() < end:  # Ray's proxy spreads requests over the replicas
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            try:
+                r = httpx.get(f"{url}/info", timeout=10)
+                if r.status_code == 200:
+                    pids.add(r.json()["pid"])
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        assert len(pids) == 2, f"saw replicas {pids}"
+        r = httpx.post(f"{url}/v2/rerank", json={"query": QUERY, "documents": passages[:3]}, timeout=120)
+        assert r.status_code == 200, r.text
+        got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+        np.testing.assert_allclose([got[i] for i in range(3)], stored_scores(model, store, ["p0", "p1", "p2"]),
+                                   atol=1e-5, rtol=0)
+    finally:
+        assert stop(proc) == 0

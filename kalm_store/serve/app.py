@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import logging
 import time
 import uuid
@@ -234,7 +235,7 @@ class Service:
                 "table_version": self.store.table.version, "max_documents": self.options.max_documents,
                 "max_pending": self.options.max_pending, "batching": self.options.batching,
                 "batch_size": self.options.batch_size, "max_batch_rows": self.options.max_batch_rows,
-                "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
+                "pid": os.getpid(), "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
                 "cache": {"bytes": self.resolver.cache.bytes, "max_bytes": self.resolver.cache.max_bytes,
                           "entries": len(self.resolver.cache)},
                 "batcher": describe(self.batcher.stats) | {"pending": self.batcher.pending}}

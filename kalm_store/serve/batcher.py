@@ -66,6 +66,7 @@ class PassStats:
     steps: int = 0
     jobs: int = 0
     cancelled: int = 0
+    score_seconds: float = 0.0  # wall time of the worker's score_many calls
 
 
 class Batcher:
@@ -110,9 +111,10 @@ class Batcher:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Start the worker thread (idempotent)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="kalm-scorer", daemon=True)
-            self._thread.start()
+        with self._cond:  # an RLock: submit() calls this while holding it
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kalm-scorer", daemon=True)
+                self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Take no new jobs, score every queued one, then end the worker."""
@@ -135,6 +137,8 @@ class Batcher:
         with self._cond:
             if self._stopping:
                 raise ShuttingDownError("server is shutting down")
+            if self._thread is None:  # hosts that skip the app's startup (Ray Serve may) still get a worker
+                self.start()
             if len(self._queue) >= self.max_pending:
                 retry = max(1, math.ceil(self._seconds_per_job * (len(self._queue) + 1)))
                 raise QueueFullError(self.max_pending, retry)
@@ -182,6 +186,7 @@ class Batcher:
                     self._busy = False
                 elapsed = time.perf_counter() - start
                 self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed / len(jobs)
+                self.stats.score_seconds += elapsed
                 self.stats.steps += 1
                 self.stats.jobs += len(jobs)
 
@@ -225,7 +230,7 @@ def probabilities(margins: np.ndarray) -> np.ndarray:
 def describe(stats: PassStats) -> dict[str, Any]:
     """The stats as a JSON-able dict (``/info`` and the benchmark)."""
     return {"decoder_passes": stats.passes, "candidates": stats.candidates, "steps": stats.steps,
-            "jobs": stats.jobs, "cancelled": stats.cancelled,
+            "jobs": stats.jobs, "cancelled": stats.cancelled, "score_seconds": stats.score_seconds,
             "mean_candidates_per_pass": stats.candidates / stats.passes if stats.passes else 0.0,
             "mean_queries_per_pass": stats.queries_in_passes / stats.passes if stats.passes else 0.0}
 

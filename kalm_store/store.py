@@ -537,8 +537,10 @@ class PassageStore:
         """See commits made by other handles or processes."""
         self.table.checkout_latest()
 
-    def update_indices(self, *, fts: bool = True, id_index: bool = True) -> list[str]:
-        """Create the full-text index on ``text`` and the BTREE index on ``id``, or add new rows to them.
+    def update_indices(self, *, fts: bool = True, id_index: bool = True, digest_index: bool = True) -> list[str]:
+        """Create the full-text index on ``text`` and the BTREE indices on ``id`` and ``text_digest``
+        (tables of schema version 2 on; the server finds a posted text's stored row by it), or add new
+        rows to them.
 
         Existing indices are updated incrementally (only rows they do not cover are indexed);
         returns the names of the indices created or updated.
@@ -550,6 +552,8 @@ class PassageStore:
             wanted.append("text")
         if id_index:
             wanted.append("id")
+        if digest_index and self.has_digests:
+            wanted.append(schema.DIGEST_COLUMN)
         if not wanted or self.table.count_rows() == 0:
             return []
         have = {tuple(ix.columns): ix for ix in self.table.list_indices()}

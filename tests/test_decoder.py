@@ -167,3 +167,73 @@ def test_bench_perf_quick_writes_table_and_plot(tmp_path):
     assert all(row["fbnl_ms"] > 0 and row["joint_ms"] > 0 and row["flop_speedup"] > 1 for row in res["results"])
     assert res["machine_matmul_gflops"] > 0 and Path(f"{prefix}.png").stat().st_size > 0
     assert "--quick" in Path(f"{prefix}.md").read_text()
+
+
+QUERIES = ["what is json?",  # short prompt
+           "how do I parse a json file and read the values into a list of python objects, quickly and safely?",
+           "python"]  # prompts of different lengths, one over the tiny model's sliding window (16)
+
+
+@pytest.mark.parametrize("ratio", [1, 4])
+def test_score_many_packs_queries_and_matches_each_alone(both, ratio):
+    """Several queries in shared passes (prompts right-padded, each candidate reading its own prompt's last
+    position) score every candidate as that query alone does, to 1e-5 in float32."""
+    fast, _ = both
+    mats = fast.encode(DOCS + ["a passage about parsing json in python", "zebra"], ratio=ratio,
+                       storage_dtype="float32")
+    groups = [mats[:3], mats[2:], mats[::2]]  # overlapping candidate sets of different sizes
+    instructions = [None, "Judge whether the document answers the question.", None]
+    passes = []
+    many = fast.score_many(QUERIES, groups, instructions, batch_size=64, return_margin=True,
+                           on_pass=lambda *a: passes.append(a))
+    assert passes and passes[0][1] == 3  # one pass held the candidates of all three queries
+    assert len({len(fast.prompt_ids(q, i)) for q, i in zip(QUERIES, instructions)}) == 3  # really padded
+    for q, group, ins, got in zip(QUERIES, groups, instructions, many):
+        alone = fast.score(q, group, ins, return_margin=True)
+        assert got.shape == (len(group),) and got.dtype == np.float32
+        np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
+    # the queries do differ: a shared candidate gets another score under another query
+    assert abs(many[0][2] - many[1][0]) > 1e-3
+
+
+def test_score_many_matches_transformers_and_small_passes(both):
+    fast, slow = both
+    mats = fast.encode(DOCS, ratio=2, storage_dtype="float32")
+    a = fast.score_many(QUERIES, [mats, mats[1:], mats[:2]], return_margin=True, batch_size=2, max_rows=64)
+    b = slow.score_many(QUERIES, [mats, mats[1:], mats[:2]], return_margin=True)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=2e-5, rtol=0)
+    probs = fast.score_many(QUERIES[:1], [mats])[0]
+    np.testing.assert_allclose(probs, fast.score(QUERIES[0], mats), atol=0, rtol=0)
+
+
+def test_score_many_one_layer_decoder(tmp_path):
+    """With one decoder layer, layer 0 is also the last: its query rows come from each prompt's own end."""
+    from kalm_store.testing import make_test_model
+
+    from kalm_store.testing import TinyShape
+
+    folder = make_test_model(tmp_path / "one", TinyShape(num_layers=1))
+    fast = KaLMModel.from_pretrained(folder)
+    slow = KaLMModel.from_pretrained(folder, fast_decoder=False)
+    mats = fast.encode(DOCS, ratio=1, storage_dtype="float32")
+    a = fast.score_many(QUERIES, [mats] * 3, return_margin=True)
+    for q, got in zip(QUERIES, a):
+        np.testing.assert_allclose(got, slow.score(q, mats, return_margin=True), atol=2e-5, rtol=0)
+
+
+def test_score_many_refuses_mismatched_arguments(both):
+    fast, _ = both
+    mats = fast.encode(DOCS[:2], ratio=4)
+    with pytest.raises(ValueError, match="one list of matrices per query"):
+        fast.score_many(["a", "b"], [mats])
+    with pytest.raises(ValueError, match="instructions has 1 entries for 2 queries"):
+        fast.score_many(["a", "b"], [mats, mats], ["x"])
+    with pytest.raises(ValueError, match="max_rows must be a positive int"):
+        fast.score_many(["a"], [mats], max_rows=0)
+    from kalm_store import decoder
+
+    prompt = torch.tensor(fast.prompt_ids("a"))
+    states, mask = fast._pad(mats)
+    with pytest.raises(ValueError, match="owner= goes with several prompts"):
+        decoder.margins(fast._decoder, prompt, states, mask.bool(), owner=torch.zeros(2, dtype=torch.long))

@@ -198,7 +198,7 @@ def test_info_bytes_are_bytes_on_disk(store, tmp_path):
         assert c["value_bytes"] <= c["stored_bytes"] <= c["value_bytes"] + 4096  # no Lance compression layer
         raw = sum(-(-n // r) for n in store.table.to_arrow().column("n_tokens").to_pylist()) * store.dim * 2
         assert c["raw_float16_bytes"] == raw
-    assert {ix["name"] for ix in info["indices"]} == {"text_idx", "id_idx"}
+    assert {ix["name"] for ix in info["indices"]} == {"text_idx", "id_idx", "text_digest_idx"}  # the server looks texts up by digest
 
 
 def test_decode_rows_and_ratio_check(store):

@@ -28,6 +28,7 @@ COMMANDS = {
     "search": "search",
     "eval": "eval",
     "finetune": "finetune",
+    "serve": "serve",
     "demo": "demo",
 }
 

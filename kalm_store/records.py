@@ -13,7 +13,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +42,7 @@ class Record:
     text: str
     vector: list[float] | None = None  # retrieval embedding when brought by the input
     where: str = ""  # input and line/row it came from, for messages
+    extra: dict[str, Any] = field(default_factory=dict)  # other input fields kept as columns (Fields.keep)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class Fields:
     id: str = "id"
     text: str = "text"
     vector: str | None = None  # None: vectors are computed (embedder) or absent (text-only store)
+    keep: tuple[str, ...] | None = None  # other fields kept as columns: None every one, () none
+
+    def kept(self, name: str) -> bool:
+        """Is ``name`` an other field this build keeps as a column?"""
+        return name not in (self.id, self.text, self.vector) and (self.keep is None or name in self.keep)
 
 
 def resolve_format(path: str, fmt: InputFormat = "auto") -> str:
@@ -149,6 +155,8 @@ def _read_parquet(path: str, fields: Fields, batch_rows: int) -> Iterator[tuple[
     if missing:
         raise ValueError(f"{path}: no column {missing[0]!r} (columns: {sorted(have)}); "
                          "set --id-field/--text-field/--vector-field")
+    _check_kept_in_header(path, fields, pf.schema_arrow.names)
+    wanted += [f for f in pf.schema_arrow.names if fields.kept(f)]
     row = 0
     for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted):
         for obj in batch.to_pylist():
@@ -170,8 +178,9 @@ def _read_csv(path: str, fields: Fields, batch_rows: int,
     if missing:
         raise ValueError(f"{path}: no column {missing[0]!r} in the header (columns: {sorted(have)}); "
                          "set --id-field/--text-field/--vector-field")
+    _check_kept_in_header(path, fields, reader.schema.names)
     row = 0
-    for batch in reader:
+    for batch in _csv_batches(path, reader, [0]):
         for obj in batch.to_pylist():
             row += 1
             where = f"{path} row {row}"
@@ -185,6 +194,69 @@ def _read_csv(path: str, fields: Fields, batch_rows: int,
                     on_bad(error)
                     continue
             yield where, obj
+
+
+def _check_kept_in_header(path: str, fields: Fields, names: list[str]) -> None:
+    """A ``--keep-field`` that a Parquet or CSV file lacks is a typo: say so before anything is read."""
+    absent = [k for k in fields.keep or () if k not in names]
+    if absent:
+        raise ValueError(f"{path}: no column {absent[0]!r} to keep (--keep-field; columns: {sorted(names)})")
+
+
+def _csv_batches(path: str, reader: Any, counter: list[int]) -> Iterator[Any]:
+    """The CSV reader's batches; a value that does not fit the type pyarrow inferred for its column from
+    the first block (``abc`` in a column of integers) stops, naming the row and the column."""
+    import pyarrow as pa
+
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as e:
+            raise _csv_conversion_error(path, reader.schema, counter[0], e) from None
+        counter[0] += batch.num_rows
+        yield batch
+
+
+def _csv_conversion_error(path: str, inferred: Any, rows_read: int, error: Exception) -> Exception:
+    """Locate the value behind a CSV conversion error: read the file again with that column as text,
+    from the first row not yet delivered, and find the first value its inferred type cannot hold."""
+    import re
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+
+    m = re.search(r"In CSV column #(\d+)", str(error))
+    if m is None or int(m.group(1)) >= len(inferred):
+        return ValueError(f"{path}: {error}")
+    col = inferred.field(int(m.group(1)))
+    types = {f.name: (pa.string() if f.name == col.name else f.type) for f in inferred}
+    again = pcsv.open_csv(path, convert_options=pcsv.ConvertOptions(column_types=types, strings_can_be_null=False),
+                          read_options=pcsv.ReadOptions(block_size=1 << 22))
+    def converts(values: Any) -> bool:
+        try:
+            pc.cast(pc.if_else(pc.equal(values, ""), None, values), col.type)  # an empty cell is null
+            return True
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return False
+
+    row = 0
+    for batch in again:
+        start, row = max(rows_read - row, 0), row + batch.num_rows
+        lo, hi = start, batch.num_rows
+        column = batch.column(col.name)
+        if start >= hi or converts(column.slice(lo, hi - lo)):
+            continue  # the bad value is further on
+        while hi - lo > 1:  # bisect: casts of halving slices find the first bad value in O(n) work
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if not converts(column.slice(lo, mid - lo)) else (mid, hi)
+        return BadRecordError(f"{path} row {row - batch.num_rows + lo + 1}",
+                              f"field {col.name!r} holds {column[lo].as_py()!r:.60}, but its column is {col.type} "
+                              "(inferred from the rows before it); make the column's values one type, or leave the "
+                              "field out (--keep-field NAME for the others, or --drop-fields)")
+    return ValueError(f"{path}: {error}")
 
 
 def validate_record(raw: dict[str, Any], where: str, *, fields: Fields = Fields(),
@@ -223,7 +295,8 @@ def validate_record(raw: dict[str, Any], where: str, *, fields: Fields = Fields(
         except BadRecordError as e:
             e.record_id = pid
             raise
-    return Record(id=pid, text=text, vector=vector, where=where)
+    extra = {k: v for k, v in raw.items() if fields.kept(k)}
+    return Record(id=pid, text=text, vector=vector, where=where, extra=extra)
 
 
 _FLOAT32_MAX = 3.4028234663852886e38

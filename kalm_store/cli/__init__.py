@@ -11,8 +11,13 @@ from kalm_store._hints import cli_spelling
 from kalm_store.cli._args import parse_args
 
 # Lance deletes rows and drops columns in metadata, rewriting nothing: said by repool and build.
-COMPACT_HINT = ("bytes leave the disk when the data files are compacted and old versions cleaned up "
-                "(LanceDB: tbl.optimize(cleanup_older_than=timedelta(0)))")
+def compact_hint(db: str = "URI", table: str = "NAME") -> str:
+    """How the bytes of deleted rows and dropped columns leave the disk, naming the command to run."""
+    return ("bytes leave the disk when the data files are compacted and old versions cleaned up "
+            f"(`kalm-store optimize --db {db} --table {table}`)")
+
+
+COMPACT_HINT = compact_hint()
 
 # sub-command -> module under kalm_store.cli; modules import torch/lancedb only inside ``run``.
 COMMANDS = {
@@ -22,9 +27,11 @@ COMMANDS = {
     "build": "build",
     "info": "info",
     "verify": "verify",
+    "optimize": "optimize",
     "search": "search",
     "eval": "eval",
     "finetune": "finetune",
+    "serve": "serve",
     "demo": "demo",
 }
 

@@ -411,9 +411,7 @@ class KaLMModel:
             if m.ndim != 2 or m.shape[0] < 1 or m.shape[1] != self.dim:
                 raise ValueError(f"matrices[{i}] has shape {tuple(m.shape)}; expected (rows >= 1, d={self.dim}) "
                                  "for this model")
-            finite = np.isfinite(m).all() if isinstance(m, np.ndarray) else bool(torch.isfinite(m).all())
-            if not finite:
-                raise ValueError(f"matrices[{i}] holds non-finite values")
+            _check_float16_range(m, f"matrices[{i}]")
         return list(matrices)
 
     def score(
@@ -676,6 +674,31 @@ def _batches(order: list[int], rows: list[int], batch_size: int, max_rows: int) 
             batches.append([i])
             width = r
     return batches
+
+
+_FLOAT16_MAX = 65504.0
+
+
+def _check_float16_range(m: Any, what: str) -> None:
+    """Refuse a matrix the decoder cannot score: non-finite values, or values float16 cannot hold.
+
+    Stored matrices are float16, so every stored value is finite and within +-65504; a float32 or
+    float64 matrix given directly must be too: 3e38 is finite in float32 but overflows the decoder's
+    arithmetic (NaN scores), and float64 1e300 becomes inf in float32 before the decoder even sees it.
+    """
+    import torch
+
+    if isinstance(m, np.ndarray):
+        finite = bool(np.isfinite(m).all())
+        peak = float(np.abs(m).max()) if finite else 0.0
+    else:
+        finite = bool(torch.isfinite(m).all())
+        peak = float(m.detach().abs().max()) if finite else 0.0
+    if not finite:
+        raise ValueError(f"{what} holds non-finite values (NaN or inf)")
+    if peak > _FLOAT16_MAX:
+        raise ValueError(f"{what} holds values beyond float16 range (max |x| = {peak:.3g}; stored matrices are "
+                         f"float16, |x| <= {_FLOAT16_MAX:g}): the decoder would score it as NaN")
 
 
 def _check_lengths(max_length: object, query_max_length: object) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -132,6 +133,11 @@ def _read_jsonl(path: str, on_bad: Callable[[BadRecordError], None] | None = Non
                 obj = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 error = BadRecordError(where, f"not valid JSON ({e})")
+            except RecursionError:  # valid JSON nested deeper than Python's parser goes
+                error = BadRecordError(where, f"JSON nested too deeply to read (over {sys.getrecursionlimit()} "
+                                              "levels)")
+            except ValueError as e:  # valid JSON Python refuses: an integer of more than 4300 digits
+                error = BadRecordError(where, f"JSON value Python cannot read ({str(e).split(':')[0]})")
             else:
                 if isinstance(obj, dict):
                     yield where, obj
@@ -281,6 +287,7 @@ def validate_record(raw: dict[str, Any], where: str, *, fields: Fields = Fields(
         pid = str(pid)
     if not isinstance(pid, str) or not pid:
         raise BadRecordError(where, f"id field {fields.id!r} must be a non-empty string, got {pid!r:.60}")
+    _check_unicode(pid, where, f"id field {fields.id!r}", None)
     if fields.text not in raw:
         raise BadRecordError(where, f"missing text field {fields.text!r} (fields: {sorted(raw)[:10]})", pid)
     if raw[fields.text] is None:
@@ -288,6 +295,7 @@ def validate_record(raw: dict[str, Any], where: str, *, fields: Fields = Fields(
     text = raw[fields.text]
     if not isinstance(text, str):
         raise BadRecordError(where, f"text field {fields.text!r} must be a string, got {type(text).__name__}", pid)
+    _check_unicode(text, where, f"text field {fields.text!r}", pid)
     vector = None
     if fields.vector is not None:
         try:
@@ -300,6 +308,16 @@ def validate_record(raw: dict[str, Any], where: str, *, fields: Fields = Fields(
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
+# JSON may escape half of a UTF-16 pair ("\ud800"): json.loads returns it as a lone surrogate, which is
+# not Unicode text (UTF-8 cannot encode it): the tokenizer and Arrow would fail on the whole chunk.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_unicode(value: str, where: str, what: str, record_id: str | None) -> None:
+    found = _SURROGATE.search(value)
+    if found is not None:
+        raise BadRecordError(where, f"{what} holds a lone UTF-16 surrogate \\u{ord(found.group()):04x} at character "
+                                    f"{found.start()}, which is not valid Unicode (not encodable as UTF-8)", record_id)
 
 
 def _check_vector(value: Any, where: str, name: str, dim: int | None) -> list[float]:

@@ -219,7 +219,9 @@ class KaLMModel:
         -------
         KaLMModel
         """
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import AutoModelForSeq2SeqLM
+
+        from .checkpoint import load_config, load_tokenizer, weight_shapes
 
         dev, dt = _resolve_device_dtype(device, dtype)  # validate before touching disk
         _check_lengths(max_length, query_max_length)
@@ -232,17 +234,19 @@ class KaLMModel:
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{folder} holds no config.json; a KaLM checkpoint folder needs config.json, "
                                  "*.safetensors and the tokenizer files")
-        config = AutoConfig.from_pretrained(folder)
+        # headers and sizes first: a damaged file or an absurd config is named before any model is built
+        config = load_config(folder, weight_shapes(folder))
         if config.model_type != "t5gemma2":
             raise ModelLoadError(f"{name!r} is a {config.model_type!r} model; KaLM-Reranker-V1 is 't5gemma2'")
+        tokenizer = load_tokenizer(folder)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as e:  # transformers says "couldn't find a tokenizer" in either class
-            raise ModelLoadError(f"{folder} has no loadable tokenizer (tokenizer.json / tokenizer_config.json): "
-                                 f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-        hf_model = AutoModelForSeq2SeqLM.from_pretrained(
-            folder, dtype=dt, use_safetensors=True, attn_implementation="sdpa"
-        )
+            hf_model = AutoModelForSeq2SeqLM.from_pretrained(
+                folder, config=config, dtype=dt, use_safetensors=True, attn_implementation="sdpa"
+            )
+        except Exception as e:  # weights that do not fit the config arrive in several classes
+            raise ModelLoadError(f"{folder}: the weights cannot be loaded with its config.json ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:300]}); download the checkpoint again (or restore "
+                                 "the folder)") from e
         # The SigLIP vision tower is never used for text reranking: free its memory.
         encoder = hf_model.get_encoder()
         encoder.vision_tower = None

@@ -90,3 +90,172 @@ def test_valid_json_python_refuses_is_one_line_and_keeps_earlier_records(case, t
     assert _stored_ids(tmp_path / "db2") == ["after", "g0", "g1", "g2"]
     report = [json.loads(x) for x in (tmp_path / "skipped.jsonl").read_text().splitlines()]
     assert [r["where"] for r in report] == [f"{inp}:4"]
+
+
+# ====================================================================== item 8: FTS errors by the table's indices
+@pytest.fixture(scope="module")
+def small_db(tmp_path_factory, tiny_model_dir):
+    """A built table ``t`` (with FTS index) and ``nofts`` (without), 20 rows each, three commits of ``t``."""
+    from kalm_store.cli import main
+
+    root = tmp_path_factory.mktemp("small")
+    inp = root / "c.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"p{i}", "text": f"passage {i} about parsing files"}) + "\n"
+                           for i in range(20)))
+    for table, extra in (("t", []), ("nofts", ["--no-fts-index"])):
+        assert main(["build", str(inp), "--db", str(root / "db"), "--table", table, "--model", str(tiny_model_dir),
+                     "--no-progress", "--chunk-size", "10", *extra]) == 0
+    return root
+
+
+def _damaged_copy(small_db: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    db = tmp_path / "db"
+    shutil.copytree(small_db / "db", db)
+    return db
+
+
+def test_fts_error_only_when_the_table_has_no_fts_index(small_db, tiny_model_dir, capsys):
+    base = ["search", "parsing", "--db", str(small_db / "db"), "--model", str(tiny_model_dir), "--mode", "fts"]
+    code, _, err = _cli(base + ["--table", "nofts"], capsys)
+    assert code == 1 and "needs a full-text index on 'text' of table 'nofts'" in _one_line_error(err, "search")
+    # a division by zero in the filter is not a missing index (Lance's message holds "index.crates.io")
+    code, _, err = _cli(base + ["--table", "t", "--where", "1/0 = 1"], capsys)
+    msg = _one_line_error(err, "search")
+    assert code == 1 and "full-text index" not in msg and "Divide by zero" in msg, msg
+    assert ".rs:" not in msg and "table 't'" in msg  # no Rust source paths; the table is named
+    code, out, err = _cli(base + ["--table", "t", "--json"], capsys)
+    assert code == 0 and json.loads(out)["results"], err
+
+
+# ====================================================================== item 9: damaged tables, disk full
+def _newest_manifest(db: Path, table: str = "t") -> Path:
+    return sorted((db / f"{table}.lance" / "_versions").glob("*.manifest"))[0]  # V2 names count down
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+@pytest.mark.parametrize("command", ["info", "verify", "search", "build"])
+def test_damaged_newest_manifest_is_one_line_with_the_repair(damage, command, small_db, tiny_model_dir, tmp_path,
+                                                             capsys):
+    db = _damaged_copy(small_db, tmp_path)
+    manifest = _newest_manifest(db)
+    data = manifest.read_bytes()
+    manifest.write_bytes(data[:100] if damage == "truncated" else b"")
+    argv = {"info": ["info"], "verify": ["verify"],
+            "search": ["search", "parsing", "--model", str(tiny_model_dir), "--mode", "fts"],
+            "build": ["build", str(small_db / "c.jsonl"), "--model", str(tiny_model_dir), "--no-progress"]}[command]
+    code, _, err = _cli(argv + ["--db", str(db), "--table", "t"], capsys)
+    msg = _one_line_error(err, command)
+    assert code == 1
+    assert f"newest version file {manifest}" in msg and "move it out of _versions/ to go back to version" in msg, msg
+    # the advice works: moving the damaged file away opens the previous version
+    manifest.rename(tmp_path / "damaged.manifest")
+    code, out, err = _cli(["info", "--db", str(db), "--table", "t", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["rows"] >= 10
+
+
+def test_damaged_data_file_during_search_names_the_file(small_db, tiny_model_dir, tmp_path, capsys):
+    db = _damaged_copy(small_db, tmp_path)
+    victim = sorted((db / "t.lance" / "data").glob("*.lance"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    code, _, err = _cli(["search", "parsing", "--db", str(db), "--table", "t", "--model", str(tiny_model_dir),
+                         "--mode", "fts", "-k", "20", "--candidates", "20"], capsys)
+    msg = _one_line_error(err, "search")
+    assert code == 1 and f"data file {victim}" in msg and "restore it from a backup" in msg, msg
+
+
+def test_disk_full_during_build_is_one_line_and_keeps_the_commits(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    from kalm_store.store import PassageStore
+
+    inp = tmp_path / "c.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"p{i}", "text": f"text {i}"}) + "\n" for i in range(30)))
+    real_write = PassageStore.write
+    calls = []
+
+    def write(self, rows, *a, **kw):  # the third commit hits a full disk, as Lance reports it (tmpfs repro)
+        calls.append(rows.num_rows)
+        if len(calls) == 3:
+            raise RuntimeError("lance error: LanceError(IO): No space left on device (os error 28), /root/.cargo/"
+                               "registry/src/index.crates.io-1949cf8c6b5b557f/lance-file-13.0.0/src/writer/"
+                               "structural.rs:191:9")
+        return real_write(self, rows, *a, **kw)
+
+    monkeypatch.setattr(PassageStore, "write", write)
+    code, _, err = _cli(_build_argv(inp, tmp_path / "db", tiny_model_dir, "--chunk-size", "10"), capsys)
+    msg = _one_line_error(err)
+    assert code == 1 and "no space left on the device while writing table 't'" in msg and "resumes" in msg, msg
+    assert len(_stored_ids(tmp_path / "db")) == 20
+    monkeypatch.setattr(PassageStore, "write", real_write)
+    code, _, err = _cli(_build_argv(inp, tmp_path / "db", tiny_model_dir, "--chunk-size", "10"), capsys)
+    assert code == 0 and len(_stored_ids(tmp_path / "db")) == 30, err
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, capsys):
+    from kalm_store.cli import main
+
+    with pytest.raises(Exception):
+        main(["--debug", "info", "--db", str(tmp_path / "nodb"), "--table", "t"])
+    code, _, err = _cli(["info", "--db", str(tmp_path / "nodb"), "--table", "t"], capsys)
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_unexpected_error_says_it_is_a_bug_and_how_to_see_more(tmp_path, capsys, monkeypatch):
+    import kalm_store.cli.info as info
+
+    def boom(args):
+        raise KeyError(8)
+
+    monkeypatch.setattr(info, "run", boom)
+    code, _, err = _cli(["info", "--db", str(tmp_path), "--table", "t"], capsys)
+    msg = _one_line_error(err, "info")
+    assert code == 1 and "internal error KeyError" in msg and "kalm-store --debug info" in msg
+
+
+# ====================================================================== item 9: damaged checkpoints
+def _broken_model(tiny_model_dir: Path, tmp_path: Path, how: str) -> Path:
+    import shutil
+    import struct
+
+    d = tmp_path / f"m_{how}"
+    shutil.copytree(tiny_model_dir, d)
+    weights, config = d / "model.safetensors", d / "config.json"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "huge_header":
+        weights.write_bytes(struct.pack("<Q", 2**62) + weights.read_bytes()[8:])
+    elif how == "tokenizer":
+        (d / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    else:
+        c = json.loads(config.read_text())
+        key, value = {"heads0": ("num_attention_heads", 0), "softcap0": ("final_logit_softcapping", 0.0),
+                      "window_neg": ("sliding_window", -3), "width": ("hidden_size", 2**40),
+                      "layers": ("num_hidden_layers", 10**7)}[how]
+        for sub in (c["decoder"], c["encoder"]["text_config"]):
+            sub[key] = value
+            if key == "num_hidden_layers":
+                sub["layer_types"] = ["full_attention"] * value
+        config.write_text(json.dumps(c))
+    return d
+
+
+@pytest.mark.parametrize("how, names, match", [
+    ("truncated", "model.safetensors", r"is not a readable safetensors file .*truncated or damaged"),
+    ("huge_header", "model.safetensors", r"header too large"),
+    ("tokenizer", "tokenizer.json", r"has no loadable tokenizer"),
+    ("heads0", "config.json", r"config\.json"),
+    ("softcap0", "config.json", r"final_logit_softcapping is 0\.0; it must be a positive finite number"),
+    ("window_neg", "config.json", r"sliding_window is -3; it must be a positive int"),
+    ("width", "config.json", r"hidden_size is 1099511627776, the weights' .*embed_tokens\.weight is 64 wide"),
+    ("layers", "config.json", r"num_hidden_layers is 10000000, the weights hold 3"),
+])
+def test_damaged_checkpoint_is_one_line_naming_the_file(how, names, match, tiny_model_dir, tmp_path, capsys):
+    d = _broken_model(tiny_model_dir, tmp_path, how)
+    inp = tmp_path / "c.jsonl"
+    inp.write_text('{"id": "a", "text": "t"}\n')
+    code, _, err = _cli(_build_argv(inp, tmp_path / "db", d), capsys)
+    msg = _one_line_error(err)
+    assert code == 1 and str(d) in msg and (names in msg or how == "tokenizer"), msg
+    assert re.search(match, msg), msg
+    assert "download the checkpoint again" in msg or "Fix that value" in msg

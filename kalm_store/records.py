@@ -172,6 +172,12 @@ def _read_parquet(path: str, fields: Fields, batch_rows: int) -> Iterator[tuple[
 
 def _read_csv(path: str, fields: Fields, batch_rows: int,
               on_bad: Callable[[BadRecordError], None] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    if _csv_malformed(path, fields):
+        # pyarrow would read past an unterminated quote into one value, silently: read this file with the
+        # strict reader, which names each malformed record's line (--skip-bad: loses only those lines);
+        # its cells are all strings (pyarrow's inferred column types apply to well-formed files)
+        yield from _read_csv_strict(path, fields, on_bad)
+        return
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -200,6 +206,117 @@ def _read_csv(path: str, fields: Fields, batch_rows: int,
                     on_bad(error)
                     continue
             yield where, obj
+
+
+def _csv_malformed(path: str, fields: Fields) -> bool:
+    """Whether the strict :mod:`csv` reading of ``path`` finds a malformed record (one pass, no values kept)."""
+    try:
+        for _ in _read_csv_strict(path, fields, None):
+            pass
+    except BadRecordError:
+        return True
+    except ValueError:  # a header problem: the pyarrow path reports it in its own words
+        return False
+    return False
+
+
+class _Lines:
+    """The decoded lines of a binary file for :mod:`csv`, counting them (line numbers for messages)."""
+
+    def __init__(self, f: Any, path: str) -> None:
+        self.f = f
+        self.path = path
+        self.lineno = 0  # lines handed out so far
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.f.readline()
+        if not line:
+            raise StopIteration
+        self.lineno += 1
+        if self.lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Excel writes one)
+            line = line[3:]
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _CsvLineError(f"line {self.lineno} is not valid UTF-8 ({e})") from None
+
+
+class _CsvLineError(ValueError):
+    """A line the CSV reader could not take (raised through :mod:`csv`, caught by :func:`_read_csv`)."""
+
+
+# Python's csv refuses fields over 128 KiB by default; passages can be megabytes (cut at max_length later).
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def _read_csv_strict(path: str, fields: Fields, on_bad: Callable[[BadRecordError], None] | None = None
+              ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """CSV records as ``(path:line, dict)``, checked strictly: every record must have the header's number
+    of fields, and a quote must open a field and close it (``strict`` mode of :mod:`csv`).
+
+    An unterminated quote would otherwise swallow the rest of the file into one value (3 records read
+    of 100, and ``--delete-missing`` deleting the other 97): here it is an error naming the line where
+    the record starts. With ``on_bad`` the bad record is reported and reading goes on from the line
+    after its start, so only that line is lost. A quoted value may span lines (RFC 4180); ``line`` is
+    where its record starts. Ids, texts and other cells stay strings; a vector cell is a JSON array.
+    """
+    import csv
+
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
+    with open(path, "rb") as f:
+        lines = _Lines(f, path)
+        reader = csv.reader(lines, strict=True)
+        try:
+            names = next(reader, None)
+        except (csv.Error, _CsvLineError) as e:
+            raise ValueError(f"{path}:1: the CSV header cannot be read ({e})") from None
+        if not names:
+            return
+        missing = [f for f in (fields.id, fields.text, fields.vector) if f is not None and f not in names]
+        if missing:
+            raise ValueError(f"{path}: no column {missing[0]!r} in the header (columns: {sorted(names)}); "
+                             "set --id-field/--text-field/--vector-field")
+        while True:
+            start, offset = lines.lineno + 1, f.tell()
+            error: BadRecordError | None = None
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except (csv.Error, _CsvLineError) as e:
+                span = f" (the record starting there runs to line {lines.lineno}: a quote is not closed where it " \
+                       "should be)" if lines.lineno > start else ""
+                error = BadRecordError(f"{path}:{start}", f"malformed CSV: {e}{span}")
+                # read on from the line after the record's start: only that line is lost
+                f.seek(offset)
+                f.readline()
+                lines.lineno = start
+                reader = csv.reader(lines, strict=True)
+            else:
+                where = f"{path}:{start}"
+                if not values:  # a blank line
+                    continue
+                if len(values) != len(names):
+                    error = BadRecordError(where, f"has {len(values)} fields, the header has {len(names)} "
+                                                  f"(an unquoted comma, or a quote not closed?)")
+                else:
+                    obj: dict[str, Any] = dict(zip(names, values))
+                    if fields.vector is not None:
+                        try:
+                            obj[fields.vector] = json.loads(obj[fields.vector])
+                        except (json.JSONDecodeError, RecursionError, ValueError):
+                            error = BadRecordError(where, f"field {fields.vector!r} must hold a JSON array of "
+                                                          "numbers")
+                    if error is None:
+                        yield where, obj
+                        continue
+            if on_bad is None:
+                raise error
+            on_bad(error)
 
 
 def _check_kept_in_header(path: str, fields: Fields, names: list[str]) -> None:

@@ -259,3 +259,80 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(how, names, match, tiny_
     assert code == 1 and str(d) in msg and (names in msg or how == "tokenizer"), msg
     assert re.search(match, msg), msg
     assert "download the checkpoint again" in msg or "Fix that value" in msg
+
+
+# ====================================================================== item 2: malformed CSV, mass deletes
+def _csv_lines(n: int) -> list[str]:
+    return ["id,text"] + [f'p{i},"passage {i} about things"' for i in range(n)]
+
+
+def _write_csv(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("bad_line, expect_line, match", [
+    ('p9,"unterminated', 11, r"malformed CSV: .*runs to line \d+: a quote is not closed"),
+    ('p9,text "with" a,comma', 11, r"has 3 fields, the header has 2"),
+    ('p9,"closed"junk', 11, r"malformed CSV: '\,' expected after '\"'"),
+])
+def test_malformed_csv_stops_naming_the_line_and_skip_bad_skips_only_it(bad_line, expect_line, match, tmp_path,
+                                                                        tiny_model_dir, capsys):
+    from kalm_store.records import read_records
+
+    lines = _csv_lines(40)
+    lines[10] = bad_line
+    inp = _write_csv(tmp_path / "c.csv", lines)
+    with pytest.raises(ValueError, match=re.escape(f"{inp}:{expect_line}: ") + match):
+        list(read_records(str(inp)))
+    bad: list = []
+    got = [raw["id"] for _, raw in read_records(str(inp), on_bad=bad.append)]
+    assert got == [f"p{i}" for i in range(40) if i != 9] and [b.where for b in bad] == [f"{inp}:{expect_line}"]
+
+    code, _, err = _cli(_build_argv(inp, tmp_path / "db", tiny_model_dir, "--chunk-size", "100"), capsys)
+    assert code == 1 and f"{inp}:{expect_line}: " in _one_line_error(err)
+    assert _stored_ids(tmp_path / "db") == sorted(f"p{i}" for i in range(9))  # the records before it
+
+
+def test_csv_lines_and_quoting_that_are_fine(tmp_path):
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from kalm_store.records import read_records
+
+    texts = ["a\nb", 'say "hi"', "x,y", "", "  spaced  ", "caf\u00e9 \U0001F600"]
+    pcsv.write_csv(pa.table({"id": ["007", "b", "c", "d", "e", "f"], "text": texts}), tmp_path / "c.csv")
+    got = list(read_records(str(tmp_path / "c.csv")))
+    assert [raw["text"] for _, raw in got] == texts and got[0][1]["id"] == "007"
+    assert [w for w, _ in got][:2] == [f"{tmp_path / 'c.csv'} row 1", f"{tmp_path / 'c.csv'} row 2"]  # well-formed
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbfid,text\r\np1,windows line\r\n\r\np2,x\r\n")
+    assert [raw for _, raw in read_records(str(bom))] == [{"id": "p1", "text": "windows line"},
+                                                          {"id": "p2", "text": "x"}]
+    big = tmp_path / "big.csv"
+    big.write_text("id,text\np1," + "w " * 200_000 + "\n")  # over the csv module's default 128 KiB field limit
+    assert len(next(read_records(str(big)))[1]["text"]) == 400_000
+
+
+def test_delete_missing_refuses_a_suspect_input(tmp_path, tiny_model_dir, capsys):
+    """The reported case: one unterminated quote read 3 records of 100, and --delete-missing deleted 97."""
+    full = _write_csv(tmp_path / "full.csv", _csv_lines(20))
+    db = tmp_path / "db"
+    assert _cli(_build_argv(full, db, tiny_model_dir), capsys)[0] == 0
+    lines = _csv_lines(20)
+    lines[3] = 'p2,"unterminated'  # no later quote closes it: pyarrow read the rest as one value
+    lines = [lines[0]] + [x.replace('"', "") for x in lines[1:3]] + [lines[3]] + [x.replace('"', "") for x in lines[4:]]
+    broken = _write_csv(tmp_path / "broken.csv", lines)
+    code, _, err = _cli(_build_argv(broken, db, tiny_model_dir, "--update", "--delete-missing"), capsys)
+    assert code == 1 and f"{broken}:4: malformed CSV" in _one_line_error(err)
+    assert len(_stored_ids(db)) == 20
+
+    few = _write_csv(tmp_path / "few.csv", _csv_lines(3))  # well-formed, but 3 records for 20 stored rows
+    code, _, err = _cli(_build_argv(few, db, tiny_model_dir, "--update", "--delete-missing"), capsys)
+    msg = _one_line_error(err)
+    assert code == 1 and "would delete 17 rows, more than half" in msg and "--allow-mass-delete" in msg, msg
+    assert len(_stored_ids(db)) == 20
+    code, out, err = _cli(_build_argv(few, db, tiny_model_dir, "--update", "--delete-missing",
+                                      "--allow-mass-delete"), capsys)
+    assert code == 0 and "deleted 17 rows not in the input" in out, err
+    assert _stored_ids(db) == ["p0", "p1", "p2"]

@@ -296,11 +296,16 @@ class KaLMModel:
 
     # ------------------------------------------------------------------ passages -> pooled matrices
     def tokenize_passages(self, passages: Sequence[str]) -> list[list[int]]:
-        """Encoder ids of each passage: ``<Document>: {p}``, no special tokens, cut to ``max_length``."""
+        """Encoder ids of each passage: ``<Document>: {p}``, no special tokens, cut to ``max_length``.
+
+        Long passages are tokenized from a prefix long enough for ``max_length`` tokens (same ids as
+        tokenizing all of it, see :mod:`kalm_store.truncation`): a 10 MB passage costs what a short one does.
+        """
+        from .truncation import token_ids
+
         passages = _check_passages(passages)
         texts = [prompts.document_text(p) for p in passages]
-        enc = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)
-        return [list(ids) for ids in enc["input_ids"]]
+        return token_ids(self.tokenizer, texts, self.max_length)
 
     def encode_ratios(
         self,
@@ -394,7 +399,9 @@ class KaLMModel:
         query = _check_query(query)
         if instruction is not None and not isinstance(instruction, str):
             raise TypeError(f"instruction must be a str or None, got {type(instruction).__name__}")
-        q_ids = self.tokenizer.encode(query, add_special_tokens=False)[: self.query_max_length]
+        from .truncation import token_ids
+
+        q_ids = token_ids(self.tokenizer, [query], self.query_max_length)[0]  # bounded work for a huge query
         query = self.tokenizer.decode(q_ids)
         text = prompts.prompt_text(query, self.instruction if instruction is None else instruction)
         return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -336,3 +336,83 @@ def test_delete_missing_refuses_a_suspect_input(tmp_path, tiny_model_dir, capsys
                                       "--allow-mass-delete"), capsys)
     assert code == 0 and "deleted 17 rows not in the input" in out, err
     assert _stored_ids(db) == ["p0", "p1", "p2"]
+
+
+# ====================================================================== item 7: tokenization bounded by max_length
+WORDS = ("the quick brown fox jumps over lazy dog parse json file return value error empty container "
+         "naïve café 東京 данные ünïcödé !!! ... 1234 3.14 http://x.org/a?b=c ==== \t tab").split(" ")
+
+
+@pytest.fixture(scope="module")
+def gemma_like():
+    """A BPE tokenizer built like Gemma's: spaces normalized to '▁', no pre-tokenizer (BPE sees the whole text as
+    one word, so merges may cross words), byte fallback; trained here on a few sentences."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))] * 3
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>"] + [
+        f"<0x{b:02X}>" for b in range(256)], show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def _full(tokenizer, text: str, max_length: int) -> list[int]:
+    return list(tokenizer([text], add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"][0])
+
+
+def _tokenizers(model, gemma_like):
+    return {"tiny (byte-level, word pre-tokenizer)": model.tokenizer, "gemma-like (no pre-tokenizer)": gemma_like}
+
+
+@pytest.mark.parametrize("max_length", [1, 2, 7, 16, 33, 100])
+def test_prefix_tokenization_equals_full_on_fixed_texts(model, gemma_like, passages, max_length):
+    from kalm_store.truncation import token_ids
+
+    texts = [" ".join(passages) * k for k in (1, 3, 10)] + [" ".join(WORDS) * 40, "x" * 5000, "é" * 3000,
+                                                           "a b " * 2000, "\n\n".join(passages) * 20]
+    for name, tok in _tokenizers(model, gemma_like).items():
+        got = token_ids(tok, texts, max_length)
+        for text, ids in zip(texts, got):
+            assert ids == _full(tok, text, max_length), (name, max_length, text[:60])
+
+
+def test_prefix_tokenization_equals_full_on_generated_texts(model, gemma_like):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from kalm_store.truncation import token_ids
+
+    word = st.one_of(st.sampled_from(WORDS), st.text(min_size=1, max_size=12))
+    sep = st.sampled_from([" ", " ", " ", "  ", "\n", ", ", ". ", "\t", ""])
+    text = st.lists(st.tuples(word, sep), min_size=1, max_size=400).map(lambda ws: "".join(w + s for w, s in ws))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(text=text, max_length=st.integers(1, 40), which=st.booleans())
+    def check(text, max_length, which):
+        tok = model.tokenizer if which else gemma_like
+        assert token_ids(tok, [text], max_length)[0] == _full(tok, text, max_length)
+
+    check()
+
+
+def test_a_huge_passage_is_tokenized_from_a_bounded_prefix(model, monkeypatch):
+    """The work is bounded by max_length: no call to the tokenizer sees more than a few max_length's worth of
+    characters of a 2 MB passage, and the ids are those of the whole text cut at max_length."""
+    huge = "Vector databases store embeddings next to text; a reranker scores each candidate. " * 25_000
+    expected = _full(model.tokenizer, "<Document>: " + huge, model.max_length)
+    tok = model.tokenizer
+    seen: list[int] = []
+    real_call = type(tok).__call__
+
+    def spy(self, text, *a, **kw):
+        seen.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+        return real_call(self, text, *a, **kw)
+
+    monkeypatch.setattr(type(tok), "__call__", spy)
+    ids = model.tokenize_passages([huge, "short"])
+    assert ids[0] == expected and len(ids[0]) == model.max_length
+    assert max(seen) <= 24 * model.max_length, max(seen)  # 2 MB text, prefixes of at most ~24 chars per token
+    q = model.prompt_ids(huge)  # queries too: cut to query_max_length from a prefix
+    assert max(seen) <= 24 * model.max_length and len(q) > model.query_max_length

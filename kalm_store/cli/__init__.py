@@ -88,5 +88,6 @@ def _message(e: Exception, args: argparse.Namespace) -> str:
         return str(e)
     return describe(e, args)
 
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -79,6 +79,10 @@ def load_config(folder: Path, shapes: dict[str, list[int]]) -> Any:
                                       or not math.isfinite(value) or value <= 0):
                 raise ModelLoadError(f"{path}: {part} {key} is {value!r}; it must be a positive finite number"
                                      f"{' or null' if 'softcapping' in key else ''}. Fix that value or {_REDOWNLOAD}")
+        eps = getattr(sub, "rms_norm_eps", None)
+        if eps is not None and eps >= 1:  # the norm would divide by ~sqrt(eps), not by the states' scale
+            raise ModelLoadError(f"{path}: {part} rms_norm_eps is {eps!r}; it must be below 1 (Gemma uses 1e-6). "
+                                 f"Fix that value or {_REDOWNLOAD}")
         _check_against_weights(path, part, sub, shapes)
     return config
 

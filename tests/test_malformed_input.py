@@ -230,7 +230,7 @@ def _broken_model(tiny_model_dir: Path, tmp_path: Path, how: str) -> Path:
     else:
         c = json.loads(config.read_text())
         key, value = {"heads0": ("num_attention_heads", 0), "softcap0": ("final_logit_softcapping", 0.0),
-                      "window_neg": ("sliding_window", -3), "width": ("hidden_size", 2**40),
+                      "window_neg": ("sliding_window", -3), "width": ("hidden_size", 2**40), "eps": ("rms_norm_eps", 1e30),
                       "layers": ("num_hidden_layers", 10**7)}[how]
         for sub in (c["decoder"], c["encoder"]["text_config"]):
             sub[key] = value
@@ -247,6 +247,7 @@ def _broken_model(tiny_model_dir: Path, tmp_path: Path, how: str) -> Path:
     ("heads0", "config.json", r"config\.json"),
     ("softcap0", "config.json", r"final_logit_softcapping is 0\.0; it must be a positive finite number"),
     ("window_neg", "config.json", r"sliding_window is -3; it must be a positive int"),
+    ("eps", "config.json", r"rms_norm_eps is 1e\+30; it must be below 1"),
     ("width", "config.json", r"hidden_size is 1099511627776, the weights' .*embed_tokens\.weight is 64 wide"),
     ("layers", "config.json", r"num_hidden_layers is 10000000, the weights hold 3"),
 ])

@@ -230,8 +230,8 @@ def _broken_model(tiny_model_dir: Path, tmp_path: Path, how: str) -> Path:
     else:
         c = json.loads(config.read_text())
         key, value = {"heads0": ("num_attention_heads", 0), "softcap0": ("final_logit_softcapping", 0.0),
-                      "window_neg": ("sliding_window", -3), "width": ("hidden_size", 2**40), "eps": ("rms_norm_eps", 1e30),
-                      "layers": ("num_hidden_layers", 10**7)}[how]
+                      "window_neg": ("sliding_window", -3), "width": ("hidden_size", 2**40),
+                      "eps": ("rms_norm_eps", 1e30), "layers": ("num_hidden_layers", 10**7)}[how]
         for sub in (c["decoder"], c["encoder"]["text_config"]):
             sub[key] = value
             if key == "num_hidden_layers":

@@ -106,8 +106,9 @@ def read_records(path: str, fmt: InputFormat = "auto", *, fields: Fields = Field
                  on_bad: Callable[[BadRecordError], None] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Stream ``(where, raw record)`` from a .jsonl / .parquet / .csv file, or JSON lines on stdin (``-``).
 
-    A line that is not a JSON object raises :class:`BadRecordError` naming it; with ``on_bad`` the
-    error is passed to it instead and reading goes on with the next line.
+    A line that is not a JSON object (or that Python's JSON parser refuses), or a malformed CSV record,
+    raises :class:`BadRecordError` naming it; with ``on_bad`` the error is passed to it instead and
+    reading goes on with the next line (for CSV: the line after the bad record's start).
     """
     kind = resolve_format(path, fmt)
     if path != STDIN and not Path(path).is_file():

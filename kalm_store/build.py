@@ -15,7 +15,8 @@ input is skipped and counted (``duplicates``). A record whose id is already stor
 row's: then it is re-encoded and replaces that row in the chunk's commit (``updated``). With
 ``delete_missing=True``, once the whole input has been read and committed, stored ids it does not
 hold are deleted (``deleted``); with ``update=True`` as well, the table then mirrors the input. An
-input with no valid record never deletes anything: it is refused. Memory
+input with no valid record never deletes anything: it is refused, and so is a deletion of more than
+half of the stored rows unless ``allow_mass_delete=True``. Memory
 grows with the number of distinct ids only (a set of id strings, about 100 bytes each); texts and
 matrices stream in chunks of ``chunk_size`` records.
 """
@@ -42,6 +43,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .input_columns import InputColumns
     from .model import EncodedPassages, KaLMModel
     from .store import PassageStore
+
+# --delete-missing refuses to delete more than this fraction of the stored rows unless allow_mass_delete
+MASS_DELETE_FRACTION = 0.5
 
 Embedder = Literal["sentence-transformers"]
 EMBEDDERS: tuple[str, ...] = ("sentence-transformers",)
@@ -79,6 +83,7 @@ class BuildOptions:
     update: bool = False  # re-encode and replace stored rows whose text (or brought vector) changed
     delete_missing: bool = False  # after the whole input: delete stored ids the input does not hold
     keep_fields: list[str] | None = None  # other input fields kept as columns; None: every one, []: none
+    allow_mass_delete: bool = False  # let delete_missing delete more than half of the stored rows
 
     def validate(self) -> None:
         """Check the options without touching disk or loading anything."""
@@ -321,8 +326,15 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
         if not seen:  # an empty file or a failed producer piped in must not read as "delete everything"
             raise ValueError(f"input {options.input!r} holds no valid record: --delete-missing would delete all "
                              f"{len(stored)} stored rows, so nothing was deleted")
+        doomed = stored - seen
+        if len(doomed) > MASS_DELETE_FRACTION * len(stored) and not options.allow_mass_delete:
+            # a truncated export or a file read wrongly looks like this: far fewer records than stored rows
+            raise ValueError(f"input {options.input!r} holds {len(stored) - len(doomed)} of the {len(stored)} stored "
+                             f"ids: --delete-missing would delete {len(doomed)} rows, more than half of the table, so "
+                             "nothing was deleted (the input's own records are stored); if the input is complete, "
+                             "run the same command with --allow-mass-delete")
         t = time.perf_counter()
-        summary.deleted, commits = store.delete_ids(sorted(stored - seen))
+        summary.deleted, commits = store.delete_ids(sorted(doomed))
         summary.commits += commits
         summary.delete_seconds = time.perf_counter() - t
     return finish_build(store, options, summary, start)

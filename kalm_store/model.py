@@ -226,7 +226,9 @@ class KaLMModel:
         -------
         KaLMModel
         """
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import AutoModelForSeq2SeqLM
+
+        from .checkpoint import load_config, load_tokenizer, weight_shapes
 
         dev, dt = _resolve_device_dtype(device, dtype)  # validate before touching disk
         _check_lengths(max_length, query_max_length)
@@ -239,20 +241,22 @@ class KaLMModel:
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{folder} holds no config.json; a KaLM checkpoint folder needs config.json, "
                                  "*.safetensors and the tokenizer files")
-        config = AutoConfig.from_pretrained(folder)
+        # headers and sizes first: a damaged file or an absurd config is named before any model is built
+        config = load_config(folder, weight_shapes(folder))
         if config.model_type != "t5gemma2":
             raise ModelLoadError(f"{name!r} is a {config.model_type!r} model; KaLM-Reranker-V1 is 't5gemma2'")
+        tokenizer = load_tokenizer(folder)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as e:  # transformers says "couldn't find a tokenizer" in either class
-            raise ModelLoadError(f"{folder} has no loadable tokenizer (tokenizer.json / tokenizer_config.json): "
-                                 f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-        from ._quiet import no_weight_bars
+            from ._quiet import no_weight_bars
 
-        with no_weight_bars():  # no "Loading weights" bar for every load; transformers' warnings still show
-            hf_model = AutoModelForSeq2SeqLM.from_pretrained(
-                folder, dtype=dt, use_safetensors=True, attn_implementation="sdpa"
-            )
+            with no_weight_bars():  # no "Loading weights" bar for every load; transformers' warnings still show
+                hf_model = AutoModelForSeq2SeqLM.from_pretrained(
+                    folder, config=config, dtype=dt, use_safetensors=True, attn_implementation="sdpa"
+                )
+        except Exception as e:  # weights that do not fit the config arrive in several classes
+            raise ModelLoadError(f"{folder}: the weights cannot be loaded with its config.json ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:300]}); download the checkpoint again (or restore "
+                                 "the folder)") from e
         # The SigLIP vision tower is never used for text reranking: free its memory.
         encoder = hf_model.get_encoder()
         encoder.vision_tower = None
@@ -302,11 +306,16 @@ class KaLMModel:
 
     # ------------------------------------------------------------------ passages -> pooled matrices
     def tokenize_passages(self, passages: Sequence[str]) -> list[list[int]]:
-        """Encoder ids of each passage: ``<Document>: {p}``, no special tokens, cut to ``max_length``."""
+        """Encoder ids of each passage: ``<Document>: {p}``, no special tokens, cut to ``max_length``.
+
+        Long passages are tokenized from a prefix long enough for ``max_length`` tokens (same ids as
+        tokenizing all of it, see :mod:`kalm_store.truncation`): a 10 MB passage costs what a short one does.
+        """
+        from .truncation import token_ids
+
         passages = _check_passages(passages)
         texts = [prompts.document_text(p) for p in passages]
-        enc = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)
-        return [list(ids) for ids in enc["input_ids"]]
+        return token_ids(self.tokenizer, texts, self.max_length)
 
     def encode_ratios(
         self,
@@ -400,7 +409,9 @@ class KaLMModel:
         query = _check_query(query)
         if instruction is not None and not isinstance(instruction, str):
             raise TypeError(f"instruction must be a str or None, got {type(instruction).__name__}")
-        q_ids = self.tokenizer.encode(query, add_special_tokens=False)[: self.query_max_length]
+        from .truncation import token_ids
+
+        q_ids = token_ids(self.tokenizer, [query], self.query_max_length)[0]  # bounded work for a huge query
         query = self.tokenizer.decode(q_ids)
         text = prompts.prompt_text(query, self.instruction if instruction is None else instruction)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -421,9 +432,7 @@ class KaLMModel:
             if m.ndim != 2 or m.shape[0] < 1 or m.shape[1] != self.dim:
                 raise ValueError(f"matrices[{i}] has shape {tuple(m.shape)}; expected (rows >= 1, d={self.dim}) "
                                  "for this model")
-            finite = np.isfinite(m).all() if isinstance(m, np.ndarray) else bool(torch.isfinite(m).all())
-            if not finite:
-                raise ValueError(f"matrices[{i}] holds non-finite values")
+            _check_float16_range(m, f"matrices[{i}]")
         return list(matrices)
 
     def score(
@@ -686,6 +695,32 @@ def _batches(order: list[int], rows: list[int], batch_size: int, max_rows: int) 
             batches.append([i])
             width = r
     return batches
+
+
+_FLOAT16_MAX = 65504.0
+
+
+def _check_float16_range(m: Any, what: str) -> None:
+    """Refuse a matrix the decoder cannot score: non-finite values, or values float16 cannot hold.
+
+    Stored matrices are float16, so every stored value is finite and within +-65504; a float32 or
+    float64 matrix given directly must be too: 3e38 is finite in float32 but overflows the decoder's
+    arithmetic (NaN scores), and float64 1e300 becomes inf in float32 before the decoder even sees it.
+    """
+    import torch
+
+    wide = m.dtype not in (np.float16, torch.float16)  # a finite float16 value is within range by definition
+    if isinstance(m, np.ndarray):
+        finite = bool(np.isfinite(m).all())
+        peak = float(np.abs(m).max()) if finite and wide else 0.0
+    else:
+        finite = bool(torch.isfinite(m).all())
+        peak = float(m.detach().abs().max()) if finite and wide else 0.0
+    if not finite:
+        raise ValueError(f"{what} holds non-finite values (NaN or inf)")
+    if peak > _FLOAT16_MAX:
+        raise ValueError(f"{what} holds values beyond float16 range (max |x| = {peak:.3g}; stored matrices are "
+                         f"float16, |x| <= {_FLOAT16_MAX:g}): the decoder would score it as NaN")
 
 
 def _check_lengths(max_length: object, query_max_length: object) -> None:

@@ -261,14 +261,26 @@ def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, can
     try:
         with no_weight_bars():  # the table's embedding function may load its model here, on the first query
             hits = q.to_arrow()
-    except Exception as e:  # LanceDB reports a missing FTS index in several exception classes
-        if mode != "vector" and "index" in str(e).lower():
+    except Exception as e:
+        # Classified by the table, not by the message: Lance's messages carry Rust source paths
+        # (".../index.crates.io-.../"), so "index" appears in a division by zero in `where` too.
+        if mode != "vector" and _has_fts_index(tbl) is False:
             raise ValueError(f"mode={mode!r} needs a full-text index on 'text' of table {tbl.name!r}: create it "
                              f"with `kalm-store optimize --db URI --table {tbl.name}` ({type(e).__name__}: {e})") from e
         raise
     rows = hits.slice(0, k).to_pylist()
     return [{"rank": i + 1, "id": r["id"], "score": float(r["_relevance_score"]), "text": r["text"]}
             | {f: r[f] for f in fields} for i, r in enumerate(rows)]
+
+
+def _has_fts_index(tbl: Any) -> bool | None:
+    """Whether ``tbl`` has a full-text (inverted) index on ``text``; ``None`` when its indices cannot be listed
+    (a damaged table: the caller's own error says more than a guess would)."""
+    try:
+        indices = tbl.list_indices()
+    except Exception:  # noqa: BLE001 - only asked to explain another error, which is raised instead
+        return None
+    return any(str(ix.index_type).upper() in ("FTS", "INVERTED") and "text" in list(ix.columns) for ix in indices)
 
 
 __all__ = ["search", "run_search", "first_stage", "check_against_table", "default_mode", "MODES", "Mode"]

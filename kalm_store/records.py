@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -105,8 +106,9 @@ def read_records(path: str, fmt: InputFormat = "auto", *, fields: Fields = Field
                  on_bad: Callable[[BadRecordError], None] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """Stream ``(where, raw record)`` from a .jsonl / .parquet / .csv file, or JSON lines on stdin (``-``).
 
-    A line that is not a JSON object raises :class:`BadRecordError` naming it; with ``on_bad`` the
-    error is passed to it instead and reading goes on with the next line.
+    A line that is not a JSON object (or that Python's JSON parser refuses), or a malformed CSV record,
+    raises :class:`BadRecordError` naming it; with ``on_bad`` the error is passed to it instead and
+    reading goes on with the next line (for CSV: the line after the bad record's start).
     """
     kind = resolve_format(path, fmt)
     if path != STDIN and not Path(path).is_file():
@@ -132,6 +134,11 @@ def _read_jsonl(path: str, on_bad: Callable[[BadRecordError], None] | None = Non
                 obj = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 error = BadRecordError(where, f"not valid JSON ({e})")
+            except RecursionError:  # valid JSON nested deeper than Python's parser goes
+                error = BadRecordError(where, f"JSON nested too deeply to read (over {sys.getrecursionlimit()} "
+                                              "levels)")
+            except ValueError as e:  # valid JSON Python refuses: an integer of more than 4300 digits
+                error = BadRecordError(where, f"JSON value Python cannot read ({str(e).split(':')[0]})")
             else:
                 if isinstance(obj, dict):
                     yield where, obj
@@ -166,6 +173,12 @@ def _read_parquet(path: str, fields: Fields, batch_rows: int) -> Iterator[tuple[
 
 def _read_csv(path: str, fields: Fields, batch_rows: int,
               on_bad: Callable[[BadRecordError], None] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    if _csv_malformed(path, fields):
+        # pyarrow would read past an unterminated quote into one value, silently: read this file with the
+        # strict reader, which names each malformed record's line (--skip-bad: loses only those lines);
+        # its cells are all strings (pyarrow's inferred column types apply to well-formed files)
+        yield from _read_csv_strict(path, fields, on_bad)
+        return
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -194,6 +207,117 @@ def _read_csv(path: str, fields: Fields, batch_rows: int,
                     on_bad(error)
                     continue
             yield where, obj
+
+
+def _csv_malformed(path: str, fields: Fields) -> bool:
+    """Whether the strict :mod:`csv` reading of ``path`` finds a malformed record (one pass, no values kept)."""
+    try:
+        for _ in _read_csv_strict(path, fields, None):
+            pass
+    except BadRecordError:
+        return True
+    except ValueError:  # a header problem: the pyarrow path reports it in its own words
+        return False
+    return False
+
+
+class _Lines:
+    """The decoded lines of a binary file for :mod:`csv`, counting them (line numbers for messages)."""
+
+    def __init__(self, f: Any, path: str) -> None:
+        self.f = f
+        self.path = path
+        self.lineno = 0  # lines handed out so far
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.f.readline()
+        if not line:
+            raise StopIteration
+        self.lineno += 1
+        if self.lineno == 1 and line.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Excel writes one)
+            line = line[3:]
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _CsvLineError(f"line {self.lineno} is not valid UTF-8 ({e})") from None
+
+
+class _CsvLineError(ValueError):
+    """A line the CSV reader could not take (raised through :mod:`csv`, caught by :func:`_read_csv`)."""
+
+
+# Python's csv refuses fields over 128 KiB by default; passages can be megabytes (cut at max_length later).
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def _read_csv_strict(path: str, fields: Fields, on_bad: Callable[[BadRecordError], None] | None = None
+              ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """CSV records as ``(path:line, dict)``, checked strictly: every record must have the header's number
+    of fields, and a quote must open a field and close it (``strict`` mode of :mod:`csv`).
+
+    An unterminated quote would otherwise swallow the rest of the file into one value (3 records read
+    of 100, and ``--delete-missing`` deleting the other 97): here it is an error naming the line where
+    the record starts. With ``on_bad`` the bad record is reported and reading goes on from the line
+    after its start, so only that line is lost. A quoted value may span lines (RFC 4180); ``line`` is
+    where its record starts. Ids, texts and other cells stay strings; a vector cell is a JSON array.
+    """
+    import csv
+
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
+    with open(path, "rb") as f:
+        lines = _Lines(f, path)
+        reader = csv.reader(lines, strict=True)
+        try:
+            names = next(reader, None)
+        except (csv.Error, _CsvLineError) as e:
+            raise ValueError(f"{path}:1: the CSV header cannot be read ({e})") from None
+        if not names:
+            return
+        missing = [f for f in (fields.id, fields.text, fields.vector) if f is not None and f not in names]
+        if missing:
+            raise ValueError(f"{path}: no column {missing[0]!r} in the header (columns: {sorted(names)}); "
+                             "set --id-field/--text-field/--vector-field")
+        while True:
+            start, offset = lines.lineno + 1, f.tell()
+            error: BadRecordError | None = None
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except (csv.Error, _CsvLineError) as e:
+                span = f" (the record starting there runs to line {lines.lineno}: a quote is not closed where it " \
+                       "should be)" if lines.lineno > start else ""
+                error = BadRecordError(f"{path}:{start}", f"malformed CSV: {e}{span}")
+                # read on from the line after the record's start: only that line is lost
+                f.seek(offset)
+                f.readline()
+                lines.lineno = start
+                reader = csv.reader(lines, strict=True)
+            else:
+                where = f"{path}:{start}"
+                if not values:  # a blank line
+                    continue
+                if len(values) != len(names):
+                    error = BadRecordError(where, f"has {len(values)} fields, the header has {len(names)} "
+                                                  f"(an unquoted comma, or a quote not closed?)")
+                else:
+                    obj: dict[str, Any] = dict(zip(names, values))
+                    if fields.vector is not None:
+                        try:
+                            obj[fields.vector] = json.loads(obj[fields.vector])
+                        except (json.JSONDecodeError, RecursionError, ValueError):
+                            error = BadRecordError(where, f"field {fields.vector!r} must hold a JSON array of "
+                                                          "numbers")
+                    if error is None:
+                        yield where, obj
+                        continue
+            if on_bad is None:
+                raise error
+            on_bad(error)
 
 
 def _check_kept_in_header(path: str, fields: Fields, names: list[str]) -> None:
@@ -281,6 +405,7 @@ def validate_record(raw: dict[str, Any], where: str, *, fields: Fields = Fields(
         pid = str(pid)
     if not isinstance(pid, str) or not pid:
         raise BadRecordError(where, f"id field {fields.id!r} must be a non-empty string, got {pid!r:.60}")
+    _check_unicode(pid, where, f"id field {fields.id!r}", None)
     if fields.text not in raw:
         raise BadRecordError(where, f"missing text field {fields.text!r} (fields: {sorted(raw)[:10]})", pid)
     if raw[fields.text] is None:
@@ -288,6 +413,7 @@ def validate_record(raw: dict[str, Any], where: str, *, fields: Fields = Fields(
     text = raw[fields.text]
     if not isinstance(text, str):
         raise BadRecordError(where, f"text field {fields.text!r} must be a string, got {type(text).__name__}", pid)
+    _check_unicode(text, where, f"text field {fields.text!r}", pid)
     vector = None
     if fields.vector is not None:
         try:
@@ -300,6 +426,16 @@ def validate_record(raw: dict[str, Any], where: str, *, fields: Fields = Fields(
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
+# JSON may escape half of a UTF-16 pair ("\ud800"): json.loads returns it as a lone surrogate, which is
+# not Unicode text (UTF-8 cannot encode it): the tokenizer and Arrow would fail on the whole chunk.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_unicode(value: str, where: str, what: str, record_id: str | None) -> None:
+    found = _SURROGATE.search(value)
+    if found is not None:
+        raise BadRecordError(where, f"{what} holds a lone UTF-16 surrogate \\u{ord(found.group()):04x} at character "
+                                    f"{found.start()}, which is not valid Unicode (not encodable as UTF-8)", record_id)
 
 
 def _check_vector(value: Any, where: str, name: str, dim: int | None) -> list[float]:

@@ -114,7 +114,8 @@ def test_a_resumed_build_holds_the_tables_types_and_refuses_before_the_model(tmp
     assert "b.jsonl:1: field 'year' holds a string ('two thousand'), but its column is int64 (set by the table's " \
            "column 'year')" in err
     with pytest.raises(AssertionError, match="model was loaded"):  # it is refused, not merely unloaded
-        main(argv[:1] + [str(write_jsonl(tmp_path / "ok.jsonl", [{"id": "q1", "text": "ok", "year": 5}]))] + argv[2:])
+        main(["--debug"] + argv[:1] + [str(write_jsonl(tmp_path / "ok.jsonl", [{"id": "q1", "text": "ok", "year": 5}]))]
+             + argv[2:])  # --debug: the CLI reports other errors in one line
 
 
 def test_parquet_and_csv_fields(tmp_path, model, tiny_model_dir):

@@ -97,7 +97,7 @@ def test_ray_build_equals_local_build(built):
     assert resumed.duplicates == local.duplicates
     a, b = _snapshot(built["tmp"] / "local"), _snapshot(built["tmp"] / "ray")
     assert a["schema"] == b["schema"] and a["schema"].metadata == b["schema"].metadata
-    assert a["indices"] == b["indices"] == [(("id",), "BTree"), (("text",), "FTS")]
+    assert a["indices"] == b["indices"] == [(("id",), "BTree"), (("text",), "FTS"), (("text_digest",), "BTree")]
     assert [r["id"] for r in a["rows"]] == [r["id"] for r in b["rows"]]
     for x, y in zip(a["rows"], b["rows"]):
         assert x == y, f"row {x['id']} differs"  # every column, kalm_r* bytes included
@@ -161,7 +161,7 @@ def test_repool_on_ray_matches_local_repool(built, ray_local):
     assert res.ratios == b.ratios == [2, 4, 16] and res.rows == 60
     ids = sorted(a.all_ids())
     assert all((x == y).all() for x, y in zip(a.matrices(ids, 16), b.matrices(ids, 16)))
-    assert {tuple(ix.columns) for ix in a.table.list_indices()} == {("id",), ("text",)}
+    assert {tuple(ix.columns) for ix in a.table.list_indices()} == {("id",), ("text",), ("text_digest",)}
 
 
 def test_cli_build_with_engine_ray_equals_the_local_build(built, tiny_model_dir, capsys):

@@ -26,8 +26,9 @@ new rows (a Lance merge-insert on id); unchanged records cost one read of their 
 with the input's current version of the corpus; re-running it changes nothing more. Deleting passages
 is plain LanceDB, tbl.delete("id IN ('a', 'b')"), or --delete-missing: once the whole input has been
 read and committed, stored ids it does not hold are deleted, so that the table mirrors the input
-(with --update: edits, additions and removals in one run). It refuses --skip-bad, and a build
-stopped by an error deletes nothing.
+(with --update: edits, additions and removals in one run). It refuses --skip-bad, a build
+stopped by an error deletes nothing, and it refuses to delete more than half of the stored rows (the
+input is more likely truncated or misread) unless --allow-mass-delete is given.
 
 Other input fields (url, title, date...) are kept as columns, to filter (search --where) and show
 (search --field): each column's Arrow type is set by the field's first value (or the table's column)
@@ -38,7 +39,8 @@ record whose text is unchanged but whose kept fields differ has only those value
 Refusals (before the model is loaded): an existing table built with another template version,
 max_length, a ratio it does not store, or another vector setup; an input whose header or first record
 is wrong. After loading: another model fingerprint or d. A bad record (missing field,
-non-string text, wrong vector width, non-finite vector) stops the build with an error naming its line;
+non-string text, wrong vector width, non-finite vector; in CSV a record with another number of fields
+than the header, or a quote not closed where it should be) stops the build with an error naming its line;
 the valid records before it are committed, nothing stored is lost. With --skip-bad, bad records are
 skipped instead and each is written to the --skip-report file as one JSON line
 {"where": "corpus.jsonl:17", "id": "p17" or null, "error": "..."}; the summary counts them.
@@ -114,6 +116,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                         "those rows (default: skip every stored id)")
     p.add_argument("--delete-missing", action="store_true",
                    help="after the whole input: delete stored rows whose id it does not hold (default: keep them)")
+    p.add_argument("--allow-mass-delete", action="store_true",
+                   help="let --delete-missing delete more than half of the stored rows (default: refuse; such an "
+                        "input is more likely truncated or misread than the corpus)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad records (invalid JSON or UTF-8, missing or wrongly typed fields, wrong vector "
                         "width, NaN) and report them instead of stopping (default: stop at the first one)")
@@ -138,7 +143,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
         input_format=args.input_format, chunk_size=args.chunk_size, batch_size=args.batch_size,
         max_length=args.max_length, revision=args.revision, device=args.device, dtype=args.dtype,
         fts_index=args.fts_index, id_index=args.id_index, progress=args.progress and sys.stderr.isatty(),
-        update=args.update, delete_missing=args.delete_missing,
+        update=args.update, delete_missing=args.delete_missing, allow_mass_delete=args.allow_mass_delete,
         keep_fields=[] if args.drop_fields else args.keep_fields)
     from kalm_store.storage import options_from_args as storage_from_args
 

@@ -268,14 +268,17 @@ def finish_build(store: PassageStore | None, options: BuildOptions, summary: Bui
     return summary
 
 
-def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[str, str] | None
-                ) -> tuple[PassageStore | None, set[str], Any]:
+def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[str, str] | None,
+                compute_dtype: str | None = None) -> tuple[PassageStore | None, set[str], Any]:
     """The build's table checked against its options, before any encoding (one place for both engines).
 
     Returns the open store (``None`` when the table does not exist yet), the ids it already holds, and
     the LanceDB embedding function of ``--embedder`` (``None`` without one). Refuses another model,
-    other ratios or another vector setup, naming the difference.
+    other ratios or another vector setup, naming the difference. An existing table gets the encoder's
+    ``compute_dtype`` (default: ``model``'s) added to its ``compute_dtypes`` before anything is encoded.
     """
+    from .dtypes import dtype_name, record_compute_dtype
+
     from .storage import connect
     from .store import PassageStore, StoreMismatchError, _table_names, embedder_metadata
 
@@ -290,6 +293,7 @@ def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[s
             emb_meta = {"name": options.embedder, "model": _embedder_model_name(options.embedder_model or "")}
         store.check_layout(options.ratios, vectors=options.vectors, embedder=emb_meta)
         stored = store.all_ids()
+        record_compute_dtype(store.table, compute_dtype or dtype_name(model.dtype))
     embedder = make_embedder(options.embedder, options.embedder_model or "", options.embedder_device) \
         if options.embedder else None
     if embedder is not None and store is not None and embedder_metadata(embedder) != store.metadata.get("embedder"):

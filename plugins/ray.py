@@ -216,7 +216,9 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     if model is None:
         model = KaLMModel.from_pretrained(model_ref, revision=options.revision, device="cpu",
                                           max_length=options.max_length)
-    store, stored, embedder = open_target(replace(options, db=db_uri), model, storage_options)
+    # the workers encode, in options.dtype; None lets each pick by its own device, unknown here
+    compute_dtype = options.dtype or "unknown"
+    store, stored, embedder = open_target(replace(options, db=db_uri), model, storage_options, compute_dtype)
     vector_dim = store.metadata.get("vector_dim") if store is not None and options.vector_field else None
 
     summary = BuildSummary(max_length=model.max_length)
@@ -231,7 +233,8 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
             if store is None:  # first chunk of a new table: the vector width is known now
                 width = len(chunk[0].vector) if options.vector_field and chunk[0].vector else None
                 store = PassageStore.create(db_uri, options.table, model, options.ratios, vector_dim=width,
-                                            embedder=embedder, storage_options=storage_options)
+                                            embedder=embedder, storage_options=storage_options,
+                                            compute_dtype=compute_dtype)
             todo = select_new(chunk, seen, stored, summary)
             if todo:
                 item: dict[str, Any] = {"chunk": k, "ids": [r.id for r in todo], "texts": [r.text for r in todo]}

@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--max-length", type=int, help="encoder truncation in tokens (default: 1024, or the table's)")
     p.add_argument("--batch-size", type=int, default=16, help="passages per encoder pass (default: 16)")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: CUDA when available)")
+    from kalm_store.dtypes import add_dtype_argument
+
+    add_dtype_argument(p, "encoder and decoder")
     p.add_argument("--seed", type=int, default=0, help="seed of the passage sample (default: 0)")
     p.add_argument("--id-field", default="id", help="input field holding the passage id (default: id)")
     p.add_argument("--text-field", default="text", help="input field holding the passage text (default: text)")
@@ -177,7 +180,10 @@ def run(args: argparse.Namespace) -> int:
         model_name = model_name or meta.get("model_id")
         max_length = max_length or meta.get("max_length")
     kwargs = {} if max_length is None else {"max_length": int(max_length)}
-    model = KaLMModel.from_pretrained(model_name, device=opts.device, **kwargs)  # type: ignore[arg-type]
+    from kalm_store.dtypes import resolve_dtype
+
+    model = KaLMModel.from_pretrained(model_name, device=opts.device,  # type: ignore[arg-type]
+                                      dtype=resolve_dtype(args.dtype, opts.device), **kwargs)
 
     if store is not None:
         from kalm_store.store import check_compatible

@@ -124,3 +124,10 @@ def record_compute_dtype(table: object, compute_dtype: str) -> list[str]:
         schema.encode_metadata({"compute_dtypes": recorded}))
     table.checkout_latest()  # type: ignore[attr-defined]
     return recorded
+
+
+def torch_dtype(name: str) -> object:
+    """``"bfloat16"`` -> ``torch.bfloat16``."""
+    import torch
+
+    return getattr(torch, name)

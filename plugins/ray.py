@@ -216,8 +216,9 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     if model is None:
         model = KaLMModel.from_pretrained(model_ref, revision=options.revision, device="cpu",
                                           max_length=options.max_length)
-    # the workers encode, in options.dtype; None lets each pick by its own device, unknown here
-    compute_dtype = options.dtype or "unknown"
+    # the workers encode, on the device _run_window gives them, in options.dtype or that device's default
+    worker_device = "cuda" if ray_options.gpus_per_worker > 0 else (options.device or "cpu")
+    compute_dtype = options.dtype or ("bfloat16" if worker_device.startswith("cuda") else "float32")
     store, stored, embedder = open_target(replace(options, db=db_uri), model, storage_options, compute_dtype)
     vector_dim = store.metadata.get("vector_dim") if store is not None and options.vector_field else None
 

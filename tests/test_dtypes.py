@@ -153,3 +153,32 @@ def test_resumed_build_in_another_dtype_records_both(tmp_path, tiny_model_dir):
     st.refresh()
     assert "compute_dtypes" not in st.metadata
     assert record_compute_dtype(st.table, "float32") == ["float32", "unknown"]
+
+
+def test_plan_compare_dtypes_reports_bf16_fidelity_on_the_sample(tmp_path, tiny_model_dir, model, bf16_model,
+                                                                   capsys):
+    corpus = _corpus(tmp_path)
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps({"id": f"q{i}", "text": q}) + "\n" for i, q in enumerate(QUERIES)))
+    argv = ["plan", str(corpus), "--model", str(tiny_model_dir), "--sample", "8", "--ratios", "1,4",
+            "--queries", str(queries), "--compare-dtypes"]
+    assert main(argv + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["path"]: r for r in out["dtype_fidelity"]}
+    assert set(rows) == {"score", "build+score"}
+    r = out["recommended"]
+    assert all(row["ratio"] == r and row["queries"] == 4 and row["candidates"] == 8 for row in rows.values())
+    # the sample is the whole corpus (8 of 8): recompute both paths directly
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    m32, m16 = model.encode(texts, ratio=r), bf16_model.encode(texts, ratio=r)
+    ref = np.stack([model.score(q, m32) for q in QUERIES])
+    for path, got in (("score", np.stack([bf16_model.score(q, m32) for q in QUERIES])),
+                      ("build+score", np.stack([bf16_model.score(q, m16) for q in QUERIES]))):
+        assert rows[path]["max_abs_delta"] == pytest.approx(float(np.abs(got - ref).max()), abs=1e-6)
+        assert rows[path]["mean_abs_delta"] == pytest.approx(float(np.abs(got - ref).mean()), abs=1e-6)
+        assert 1e-4 < rows[path]["max_abs_delta"] <= BF16_TOL
+        assert -1.0 <= rows[path]["kendall_tau"] <= 1.0 and 0.0 <= rows[path]["top10_overlap"] <= 1.0
+    assert main(argv) == 0
+    assert "bfloat16 vs float32 at r=" in capsys.readouterr().out
+    assert main(argv[:-3] + ["--compare-dtypes"]) == 1  # without --queries: refused before loading
+    assert "--compare-dtypes needs --queries" in capsys.readouterr().err

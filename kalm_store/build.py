@@ -15,13 +15,15 @@ input is skipped and counted (``duplicates``). A record whose id is already stor
 row's: then it is re-encoded and replaces that row in the chunk's commit (``updated``). With
 ``delete_missing=True``, once the whole input has been read and committed, stored ids it does not
 hold are deleted (``deleted``); with ``update=True`` as well, the table then mirrors the input. An
-input with no valid record never deletes anything: it is refused. Memory
+input with no valid record never deletes anything: it is refused, and so is a deletion of more than
+half of the stored rows unless ``allow_mass_delete=True``. Memory
 grows with the number of distinct ids only (a set of id strings, about 100 bytes each); texts and
 matrices stream in chunks of ``chunk_size`` records.
 """
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
@@ -37,8 +39,12 @@ from .records import (STDIN, BadRecordError, Fields, InputFormat, Record, count_
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow as pa
 
+    from .input_columns import InputColumns
     from .model import EncodedPassages, KaLMModel
     from .store import PassageStore
+
+# --delete-missing refuses to delete more than this fraction of the stored rows unless allow_mass_delete
+MASS_DELETE_FRACTION = 0.5
 
 Embedder = Literal["sentence-transformers"]
 EMBEDDERS: tuple[str, ...] = ("sentence-transformers",)
@@ -52,7 +58,10 @@ class BuildOptions:
     db: str  # LanceDB URI (folder, s3://...)
     table: str  # table name (created if missing, else resumed)
     model: str  # KaLM hub id or local folder
-    ratios: list[int] = field(default_factory=lambda: [4])  # MEP ratios, one kalm_r{r} column each
+    # MEP ratios, one kalm_r{r} column each. None: the table's ratios, or [4] for a new table. A build
+    # writes every ratio the table stores (so after `repool --from 4 --to 8` the same command goes on
+    # working); asking for one it does not store is refused.
+    ratios: list[int] | None = None
     id_field: str = "id"
     text_field: str = "text"
     vector_field: str | None = None  # input field holding brought embeddings
@@ -72,6 +81,8 @@ class BuildOptions:
     storage_options: dict[str, str] | None = None  # object-store options for db (kalm_store.storage)
     update: bool = False  # re-encode and replace stored rows whose text (or brought vector) changed
     delete_missing: bool = False  # after the whole input: delete stored ids the input does not hold
+    keep_fields: list[str] | None = None  # other input fields kept as columns; None: every one, []: none
+    allow_mass_delete: bool = False  # let delete_missing delete more than half of the stored rows
 
     def validate(self) -> None:
         """Check the options without touching disk or loading anything."""
@@ -79,9 +90,10 @@ class BuildOptions:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-        if not self.ratios:
-            raise ValueError("give at least one --ratio (one of 1, 2, 4, 8, 16, 32)")
-        self.ratios = sorted({check_ratio(r, "--ratio") for r in self.ratios})
+        if self.ratios is not None:
+            if not self.ratios:
+                raise ValueError("give at least one --ratio (one of 1, 2, 4, 8, 16, 32)")
+            self.ratios = sorted({check_ratio(r, "--ratio") for r in self.ratios})
         resolve_format(self.input, self.input_format)
         for name in ("chunk_size", "batch_size", "max_length"):
             value = getattr(self, name)
@@ -99,6 +111,28 @@ class BuildOptions:
             raise ValueError(f"update and delete_missing must be bools, got {self.update!r}, {self.delete_missing!r}")
         if len({self.id_field, self.text_field, self.vector_field} - {None}) < 2 + (self.vector_field is not None):
             raise ValueError("--id-field, --text-field and --vector-field must name different fields")
+        if self.keep_fields is not None:
+            from .input_columns import check_keep
+
+            if isinstance(self.keep_fields, str):
+                raise TypeError(f"keep_fields must be a list of field names, got {self.keep_fields!r}")
+            check_keep(self.keep_fields)
+            taken = [k for k in self.keep_fields if k in (self.id_field, self.text_field, self.vector_field)]
+            if taken:
+                raise ValueError(f"--keep-field {taken[0]!r} is the id, text or vector field already")
+
+    @property
+    def fields(self) -> Fields:
+        """Which input fields hold what, and which others are kept."""
+        keep = None if self.keep_fields is None else tuple(dict.fromkeys(self.keep_fields))
+        return Fields(id=self.id_field, text=self.text_field, vector=self.vector_field, keep=keep)
+
+    def ratios_for(self, store: PassageStore | None) -> list[int]:
+        """The ratios a build writes: every one the table stores, or those asked for (default [4]) in a
+        new table."""
+        if store is not None:
+            return store.ratios
+        return list(self.ratios) if self.ratios is not None else [4]
 
     @property
     def vectors(self) -> Literal["brought", "embedder", "none"]:
@@ -116,6 +150,7 @@ class BuildSummary:
     deleted: int = 0  # stored rows whose id the input does not hold, deleted (delete_missing=True)
     duplicates: int = 0  # skipped: id repeated later in the input (first occurrence wins)
     bad: int = 0  # skipped bad records (only with an ``on_bad`` handler)
+    ratios: list[int] = field(default_factory=list)  # ratios written (every one the table stores)
     tokens: int = 0  # encoder tokens of the written rows
     truncated: int = 0  # written passages that reached max_length tokens (cut there, or exactly that long)
     max_length: int = 0  # the encoder's max_length the passages were cut at
@@ -197,40 +232,59 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     start = time.perf_counter()
     if options.input != STDIN and not Path(options.input).is_file():
         raise FileNotFoundError(f"input {options.input!r} does not exist or is not a file")
+    from .input_columns import InputColumns, declared_types
     from .model import KaLMModel
     from .store import PassageStore
 
+    # Everything that needs no model comes first (the table's layout, the input's header and first
+    # record), so that a mistake costs a second, not a model load.
+    target = check_target(options, options.storage_options, max_length=options.max_length if model is None else None)
+    fields = options.fields
+    columns = InputColumns(target.schema if target is not None else None, fields.keep,
+                           declared=declared_types(options.input, options.input_format))
+    vector_dim = None
+    if target is not None and options.vector_field:
+        from .schema import decode_metadata
+
+        vector_dim = decode_metadata(target.schema.metadata).get("vector_dim")
+    summary = BuildSummary(max_length=options.max_length)
+    records = open_input(options, fields, vector_dim, columns, summary, on_bad)
     if model is None:
         model = KaLMModel.from_pretrained(options.model, revision=options.revision, device=options.device,
                                           dtype=options.dtype, max_length=options.max_length)
-    store, stored, embedder = open_target(options, model, options.storage_options)
-    vector_dim = store.metadata.get("vector_dim") if store is not None and options.vector_field else None
+    store, stored, embedder = open_target(options, model, options.storage_options, target=target)
+    summary.max_length = model.max_length
+    ratios = options.ratios_for(store)
+    summary.ratios = ratios
 
-    summary = BuildSummary(max_length=model.max_length)
-    fields = Fields(id=options.id_field, text=options.text_field, vector=options.vector_field)
     total = count_records(options.input, options.input_format)
     bar = _progress(total, options.progress)
     summary.setup_seconds = time.perf_counter() - start
     writer: _Writer | None = None
     seen: set[str] = set()
     try:
-        for chunk in read_chunks(options, fields, vector_dim, summary, on_bad):
-            if store is None:  # first chunk of a new table: now the vector width is known
+        for chunk in read_chunks(options, fields, vector_dim, summary, on_bad, records=records, columns=columns):
+            if store is None:  # first chunk of a new table: now the vector width and the input's columns are known
                 width = len(chunk[0].vector) if options.vector_field and chunk[0].vector else None
-                store = PassageStore.create(options.db, options.table, model, options.ratios,
+                store = PassageStore.create(options.db, options.table, model, ratios,
                                             vector_dim=width, embedder=embedder,
-                                            storage_options=options.storage_options)
+                                            storage_options=options.storage_options, columns=columns.take_new())
             if writer is None:
                 writer = _Writer(store, summary, on_commit)
+            if new_columns := columns.take_new():  # fields met first in this chunk: columns before rows
+                writer.drain()
+                store.add_input_columns(new_columns)
             stored_again: list[Record] | None = [] if options.update else None
             todo = select_new(chunk, seen, stored, summary, stored_again)
-            changed = select_changed(store, stored_again, summary) if stored_again else []
+            changed, fields_only = select_changed(store, stored_again, summary, columns) if stored_again else ([], [])
             todo += changed
             if todo:
-                enc = model.encode_ratios([r.text for r in todo], options.ratios, batch_size=options.batch_size)
+                enc = model.encode_ratios([r.text for r in todo], ratios, batch_size=options.batch_size)
                 summary.tokens += sum(enc.token_counts)
                 summary.truncated += sum(n >= model.max_length for n in enc.token_counts)
-                writer.submit(todo, enc, fields.vector is not None, replaced=len(changed))
+                writer.submit(todo, enc, fields.vector is not None, replaced=len(changed), extras=columns.table(todo))
+            if fields_only:
+                writer.submit_fields(fields_only, columns)
             bar.update(len(chunk))
             elapsed = max(time.perf_counter() - start - summary.setup_seconds, 1e-9)
             bar.set_postfix_str(f"{summary.tokens / elapsed:.0f} tok/s, {summary.written} written", refresh=False)
@@ -247,8 +301,15 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
         if not seen:  # an empty file or a failed producer piped in must not read as "delete everything"
             raise ValueError(f"input {options.input!r} holds no valid record: --delete-missing would delete all "
                              f"{len(stored)} stored rows, so nothing was deleted")
+        doomed = stored - seen
+        if len(doomed) > MASS_DELETE_FRACTION * len(stored) and not options.allow_mass_delete:
+            # a truncated export or a file read wrongly looks like this: far fewer records than stored rows
+            raise ValueError(f"input {options.input!r} holds {len(stored) - len(doomed)} of the {len(stored)} stored "
+                             f"ids: --delete-missing would delete {len(doomed)} rows, more than half of the table, so "
+                             "nothing was deleted (the input's own records are stored); if the input is complete, "
+                             "run the same command with --allow-mass-delete")
         t = time.perf_counter()
-        summary.deleted, commits = store.delete_ids(sorted(stored - seen))
+        summary.deleted, commits = store.delete_ids(sorted(doomed))
         summary.commits += commits
         summary.delete_seconds = time.perf_counter() - t
     return finish_build(store, options, summary, start)
@@ -268,30 +329,60 @@ def finish_build(store: PassageStore | None, options: BuildOptions, summary: Bui
     return summary
 
 
-def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[str, str] | None,
-                compute_dtype: str | None = None) -> tuple[PassageStore | None, set[str], Any]:
-    """The build's table checked against its options, before any encoding (one place for both engines).
+def check_target(options: BuildOptions, storage_options: dict[str, str] | None, *,
+                 max_length: int | None = None) -> Any:
+    """The build's existing table (a LanceDB table, ``None`` when there is none yet), checked against the
+    options without a model: ratios, vector setup, embedder name and, with ``max_length``, the encoder's
+    truncation (and the template version). Cheap, so both engines run it before loading the model."""
+    from . import prompts
+    from .storage import connect
+    from .store import PassageStore, StoreMismatchError, UncommittedTableError, _table_names
 
-    Returns the open store (``None`` when the table does not exist yet), the ids it already holds, and
-    the LanceDB embedding function of ``--embedder`` (``None`` without one). Refuses another model,
-    other ratios or another vector setup, naming the difference. An existing table gets the encoder's
+    db = connect(options.db, storage_options)
+    if options.table not in _table_names(db):
+        return None
+    try:
+        store = PassageStore.open(options.db, options.table, storage_options=storage_options)
+    except UncommittedTableError:  # a creation killed before its first commit: nothing stored, start anew
+        return None
+    meta = store.metadata
+    if max_length is not None and meta.get("max_length") != max_length:
+        raise StoreMismatchError(f"table {options.table!r} was built with another configuration (max_length: table "
+                                 f"has {meta.get('max_length')!r}, build asks for {max_length}); pass --max-length "
+                                 f"{meta.get('max_length')}, or build a new table")
+    if meta.get("template_version") != prompts.TEMPLATE_VERSION:
+        raise StoreMismatchError(f"table {options.table!r} was built with another configuration (template_version: "
+                                 f"table has {meta.get('template_version')!r}, this kalm-store uses "
+                                 f"{prompts.TEMPLATE_VERSION!r}); use the kalm-store version that built it, or build "
+                                 "a new table")
+    emb_meta = None
+    if options.embedder:  # compare before loading the embedder's weights
+        emb_meta = {"name": options.embedder, "model": _embedder_model_name(options.embedder_model or "")}
+    store.check_layout(options.ratios if options.ratios is not None else store.ratios, vectors=options.vectors,
+                       embedder=emb_meta)
+    return store.table
+
+
+def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[str, str] | None, *,
+                target: Any = None, compute_dtype: str | None = None) -> tuple[PassageStore | None, set[str], Any]:
+    """The build's table checked against its options and the model, before any encoding (one place for
+    both engines).
+
+    ``target`` is what :func:`check_target` returned (run here when not given). Returns the open store
+    (``None`` when the table does not exist yet), the ids it already holds, and the LanceDB embedding
+    function of ``--embedder`` (``None`` without one). Refuses another model, a ratio the table does not
+    store or another vector setup, naming the difference. An existing table gets the encoder's
     ``compute_dtype`` (default: ``model``'s) added to its ``compute_dtypes`` before anything is encoded.
     """
     from .dtypes import dtype_name, record_compute_dtype
+    from .store import PassageStore, StoreMismatchError, embedder_metadata
 
-    from .storage import connect
-    from .store import PassageStore, StoreMismatchError, _table_names, embedder_metadata
-
-    db = connect(options.db, storage_options)
+    if target is None:
+        target = check_target(options, storage_options)
     store: PassageStore | None = None
     stored: set[str] = set()
-    if options.table in _table_names(db):
-        store = PassageStore.open(options.db, options.table, model=model,  # refuses another model
-                                  storage_options=storage_options)
-        emb_meta = None
-        if options.embedder:  # compare before loading the embedder's weights
-            emb_meta = {"name": options.embedder, "model": _embedder_model_name(options.embedder_model or "")}
-        store.check_layout(options.ratios, vectors=options.vectors, embedder=emb_meta)
+    if target is not None:
+        store = PassageStore(target, model)  # refuses another model (fingerprint, d, max_length...)
         stored = store.all_ids()
         record_compute_dtype(store.table, compute_dtype or dtype_name(model.dtype))
     embedder = make_embedder(options.embedder, options.embedder_model or "", options.embedder_device) \
@@ -307,23 +398,49 @@ def _embedder_model_name(model: str) -> str:
     return str(path.resolve()) if path.is_dir() else model
 
 
-def read_chunks(options: BuildOptions, fields: Fields, vector_dim: int | None, summary: BuildSummary,
-            on_bad: Callable[[BadRecordError], None] | None) -> Iterator[list[Record]]:
-    """Valid records in lists of ``chunk_size``; a bad record ends the stream after the records before it."""
-    chunk: list[Record] = []
-    error: BadRecordError | None = None
+def open_input(options: BuildOptions, fields: Fields, vector_dim: int | None, columns: InputColumns | None,
+               summary: BuildSummary, on_bad: Callable[[BadRecordError], None] | None
+               ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The input's ``(where, raw)`` records, with its header and first record read and checked now: a
+    wrong field name, a bad CSV header or a JSON array input fails before the model is loaded.
 
+    A bad first record raises here unless ``on_bad`` is given (then :func:`read_chunks` skips it).
+    """
     def unreadable(e: BadRecordError) -> None:  # a line that is not a JSON object, skipped with on_bad
         summary.read += 1
         summary.bad += 1
         on_bad(e)  # type: ignore[misc]
 
+    records = read_records(options.input, options.input_format, fields=fields,
+                           on_bad=unreadable if on_bad is not None else None)
+    head = list(itertools.islice(records, 1))
+    if head and on_bad is None:
+        rec = validate_record(head[0][1], head[0][0], fields=fields, vector_dim=vector_dim)
+        if columns is not None:
+            columns.check(rec)  # reserved names, a type the table's column cannot hold (again, harmlessly, later)
+    return itertools.chain(head, records)
+
+
+def read_chunks(options: BuildOptions, fields: Fields, vector_dim: int | None, summary: BuildSummary,
+                on_bad: Callable[[BadRecordError], None] | None, *,
+                records: Iterator[tuple[str, dict[str, Any]]] | None = None,
+                columns: InputColumns | None = None) -> Iterator[list[Record]]:
+    """Valid records in lists of ``chunk_size``; a bad record ends the stream after the records before it.
+
+    ``records`` is :func:`open_input`'s stream (opened here when not given); ``columns`` checks the
+    kept input fields of each record against their columns' types (``None``: no checks).
+    """
+    chunk: list[Record] = []
+    error: BadRecordError | None = None
+    if records is None:
+        records = open_input(options, fields, vector_dim, None, summary, on_bad)
     try:
-        for where, raw in read_records(options.input, options.input_format, fields=fields,
-                                       on_bad=unreadable if on_bad is not None else None):
+        for where, raw in records:
             summary.read += 1
             try:
                 rec = validate_record(raw, where, fields=fields, vector_dim=vector_dim)
+                if columns is not None:
+                    columns.check(rec)
             except BadRecordError as e:
                 if on_bad is None:
                     raise
@@ -358,33 +475,63 @@ class _Writer:
         self.store = store
         self.summary = summary
         self.on_commit = on_commit
-        self.queue: queue.Queue[tuple[pa.Table, int] | None] = queue.Queue(maxsize=1)
+        # (rows, rows replacing stored ones, fields only): full rows, or id + kept fields of unchanged texts
+        self.queue: queue.Queue[tuple[pa.Table, int, bool] | None] = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="kalm-store-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue  # drain after a failure
-            rows, replaced = item
+        while True:
+            item = self.queue.get()
             try:
-                self.store.write(rows, replace=replaced > 0)
-                self.summary.written += rows.num_rows
-                self.summary.updated += replaced
-                self.summary.commits += 1
-                if self.on_commit is not None:
-                    self.on_commit(self.summary)
-            except BaseException as e:  # re-raised in the main thread
-                self.error = e
+                if item is None:
+                    return
+                if self.error is not None:
+                    continue  # drain after a failure
+                rows, replaced, fields_only = item
+                try:
+                    if fields_only:
+                        self.store.replace_fields(rows)
+                        self.summary.written += rows.num_rows
+                    else:
+                        result = self.store.write(rows, replace=replaced > 0)
+                        self.summary.written += result.inserted + result.replaced
+                        self.summary.already_stored += result.skipped  # a concurrent writer stored them first
+                    self.summary.updated += replaced
+                    self.summary.commits += 1
+                    if self.on_commit is not None:
+                        self.on_commit(self.summary)
+                except BaseException as e:  # re-raised in the main thread
+                    self.error = e
+            finally:
+                self.queue.task_done()
 
-    def submit(self, records: list[Record], enc: EncodedPassages, with_vectors: bool, replaced: int = 0) -> None:
+    def submit(self, records: list[Record], enc: EncodedPassages, with_vectors: bool, replaced: int = 0,
+               extras: pa.Table | None = None) -> None:
         """Queue one chunk's commit; ``replaced`` of the records replace stored rows of the same id."""
         if self.error is not None:
             raise self.error
         rows = self.store.rows_table([r.id for r in records], [r.text for r in records], enc,
-                                     [r.vector for r in records] if with_vectors else None)
-        self.queue.put((rows, replaced))
+                                     [r.vector for r in records] if with_vectors else None, extras=extras)
+        self.queue.put((rows, replaced, False))
+
+    def submit_fields(self, records: list[Record], columns: InputColumns) -> None:
+        """Queue the replacement of the kept input fields of stored rows whose text is unchanged."""
+        if self.error is not None:
+            raise self.error
+        import pyarrow as pa
+
+        extras = columns.table(records)
+        assert extras is not None  # only records whose kept fields differ come here
+        rows = extras.add_column(0, "id", pa.array([r.id for r in records], pa.string()))
+        self.queue.put((rows, len(records), True))
+
+    def drain(self) -> None:
+        """Wait until every queued commit is done (before changing the table's schema)."""
+        self.queue.join()
+        if self.error is not None:
+            raise self.error
 
     def close(self, reraise: bool = True) -> None:
         self.queue.put(None)
@@ -425,11 +572,23 @@ def select_new(chunk: list[Record], seen: set[str], stored: set[str], summary: B
     return todo
 
 
-def select_changed(store: PassageStore, records: list[Record], summary: BuildSummary) -> list[Record]:
+def select_changed(store: PassageStore, records: list[Record], summary: BuildSummary,
+                   columns: InputColumns | None = None) -> tuple[list[Record], list[Record]]:
     """``update=True``: of records whose id is stored, those whose text (or brought vector) differs from
-    the stored row; the others are counted as ``already_stored``."""
+    the stored row (to re-encode), and of the others those whose kept input fields differ from the
+    stored columns (``columns``; only those values are replaced, nothing is encoded). The rest are
+    counted as ``already_stored``."""
+    from .input_columns import same_value
+
     vectors = [r.vector for r in records] if store.brings_vectors else None
     flags = store.changed([r.id for r in records], [r.text for r in records], vectors)
     changed = [r for r, c in zip(records, flags) if c]
-    summary.already_stored += len(records) - len(changed)
-    return changed
+    same_text = [r for r, c in zip(records, flags) if not c]
+    fields_only: list[Record] = []
+    if columns is not None and columns.types and same_text:
+        names = list(columns.types)
+        stored = store.column_values([r.id for r in same_text], names)
+        fields_only = [r for r in same_text
+                       if r.id in stored and not all(same_value(stored[r.id][n], r.extra.get(n)) for n in names)]
+    summary.already_stored += len(same_text) - len(fields_only)
+    return changed, fields_only

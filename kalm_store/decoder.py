@@ -69,13 +69,22 @@ class ScoringDecoder:
 
 @dataclass
 class Prompt:
-    """Work that depends on the prompt alone: done once per query, shared by all candidates and batches."""
+    """Work that depends on the prompts alone: done once per query (or per group of queries), shared by
+    all candidates and batches.
 
-    length: int  # L prompt tokens
-    x: torch.Tensor  # (1, L, d) embedded prompt, compute dtype
+    One prompt (:func:`prepare`) has ``Q = 1`` and ``lengths = None``: its last position is ``L - 1``.
+    Several (:func:`prepare_many`) are right-padded to the longest, ``L``; ``lengths`` holds each one's
+    own length and every candidate reads the last position of its own prompt. Padding never changes a
+    real position: attention is causal, so a real position only sees keys at or before it, and the
+    padding comes after every real token (positions are ``arange(L)`` for every prompt).
+    """
+
+    length: int  # L prompt tokens (the longest, when several)
+    x: torch.Tensor  # (Q, L, d) embedded prompts, compute dtype
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # kind -> cos, sin, (L, 1, hd) each
     self_masks: dict[str, torch.Tensor]  # kind -> (L, L) bool, causal (and sliding)
-    qkv0: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # layer 0: q (1, H, L, hd), k and v (1, KV, L, hd)
+    qkv0: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # layer 0: q (Q, H, L', hd), k and v (Q, KV, L, hd)
+    lengths: torch.Tensor | None = None  # (Q,) long: each prompt's own length; None for one unpadded prompt
 
 
 def supports(hf_model: Any) -> bool:
@@ -148,19 +157,25 @@ def self_mask(length: int, window: int | None, device: torch.device) -> torch.Te
 
 
 def _prompt_qkv(dec: ScoringDecoder, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                last_only: bool = False, last: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normed, rotated q, k, v of the prompt rows ``x`` (N, L, d) for one layer.
 
     Returns q ``(N, H, L', hd)`` (L' = 1 with ``last_only``) and k, v ``(N, KV, L, hd)``; q and k are
-    written contiguous in the layout attention reads, through transposed views.
+    written contiguous in the layout attention reads, through transposed views. With ``last_only``,
+    ``last`` (N,) names each row's last real position (default: ``L - 1`` for every row).
     """
     n, length, _ = x.shape
     h, kv, hd = dec.n_heads, dec.n_kv, dec.head_dim
     normed = rms_norm(x, layer.pre_attn, dec.eps)  # (N, L, d)
     if last_only:  # the query of the last position only; keys and values of every position
-        q = normed[:, -1:] @ layer.w_qkv[: h * hd].T  # (N, 1, H*hd)
+        if last is None:
+            q_rows, cos_q, sin_q = normed[:, -1:], cos[-1:], sin[-1:]  # (N, 1, d); (1, 1, hd)
+        else:  # padded prompts: each row's own last position
+            q_rows = normed[torch.arange(n, device=x.device), last][:, None]  # (N, 1, d)
+            cos_q, sin_q = cos[last][:, None], sin[last][:, None]  # (N, 1, 1, hd): broadcast over heads
+        q = q_rows @ layer.w_qkv[: h * hd].T  # (N, 1, H*hd)
         k, v = (normed @ layer.w_qkv[h * hd:].T).split([kv * hd, kv * hd], dim=-1)  # (N, L, KV*hd) each
-        cos_q, sin_q = cos[-1:], sin[-1:]  # (1, 1, hd)
     else:
         q, k, v = (normed @ layer.w_qkv.T).split([h * hd, kv * hd, kv * hd], dim=-1)  # (N, L, .*hd)
         cos_q, sin_q = cos, sin
@@ -186,6 +201,32 @@ def prepare(dec: ScoringDecoder, prompt: torch.Tensor, dtype: torch.dtype) -> Pr
     first = dec.layers[0]
     qkv0 = _prompt_qkv(dec, first, x, *rope[first.kind], last_only=len(dec.layers) == 1)
     return Prompt(length=length, x=x, rope=rope, self_masks=masks, qkv0=qkv0)
+
+
+def prepare_many(dec: ScoringDecoder, prompts: list[torch.Tensor], dtype: torch.dtype, pad_id: int = 0) -> Prompt:
+    """:func:`prepare` for several prompts at once, right-padded to the longest (see :class:`Prompt`).
+
+    ``prompts`` are ``(L_i,)`` id tensors on one device; ``pad_id`` fills the padding (its value never
+    reaches a real position). :func:`margins` then needs ``owner``: the prompt of each candidate.
+    """
+    if not prompts:
+        raise ValueError("prompts is empty: give at least one prompt")
+    device = prompts[0].device
+    length = max(int(p.shape[0]) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long, device=device)  # (Q, L) right-padded
+    for row, p in enumerate(prompts):
+        ids[row, : p.shape[0]] = p
+    lengths = torch.tensor([int(p.shape[0]) for p in prompts], dtype=torch.long, device=device)  # (Q,)
+    x = dec.embed(ids).to(dtype)  # (Q, L, d)
+    positions = torch.arange(length, device=device)[None]  # (1, L): the same positions for every prompt
+    rope, masks = {}, {}
+    for kind in {layer.kind for layer in dec.layers}:
+        cos, sin = dec.rotary(x[:1], positions, kind)  # (1, L, hd) each
+        rope[kind] = (cos[0, :, None].to(dtype), sin[0, :, None].to(dtype))  # (L, 1, hd)
+        masks[kind] = self_mask(length, dec.sliding_window if kind == "sliding_attention" else None, device)
+    first = dec.layers[0]
+    qkv0 = _prompt_qkv(dec, first, x, *rope[first.kind], last_only=len(dec.layers) == 1, last=lengths - 1)
+    return Prompt(length=length, x=x, rope=rope, self_masks=masks, qkv0=qkv0, lengths=lengths)
 
 
 def project_states(dec: ScoringDecoder, states: torch.Tensor) -> torch.Tensor:
@@ -222,13 +263,14 @@ def _batch_masks(prompt: Prompt, mask: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def margins(dec: ScoringDecoder, prompt: torch.Tensor | Prompt, states: torch.Tensor | None, mask: torch.Tensor,
-            cross: torch.Tensor | None = None) -> torch.Tensor:
+            cross: torch.Tensor | None = None, owner: torch.Tensor | None = None) -> torch.Tensor:
     """``z_yes - z_no`` at the last prompt position for every candidate.
 
     Parameters
     ----------
     prompt : torch.Tensor or Prompt
-        ``(L,)`` prompt token ids shared by all candidates, or :func:`prepare`'s result for them.
+        ``(L,)`` prompt token ids shared by all candidates, or :func:`prepare`'s result for them, or
+        :func:`prepare_many`'s result for several prompts (then ``owner`` is required).
     states : torch.Tensor or None
         ``(B, m, d)`` stored (pooled) encoder states in the compute dtype, right-padded; may be None
         when ``cross`` is given.
@@ -236,6 +278,9 @@ def margins(dec: ScoringDecoder, prompt: torch.Tensor | Prompt, states: torch.Te
         ``(B, m)`` bool, True for real rows.
     cross : torch.Tensor, optional
         :func:`project_states` of ``states``, when already computed (e.g. cached).
+    owner : torch.Tensor, optional
+        ``(B,)`` long: the row of :func:`prepare_many`'s prompts each candidate is scored against. A
+        candidate's margin is the one it gets scored alone with its own prompt (float tolerance).
     """
     if cross is None:
         if states is None:
@@ -243,8 +288,13 @@ def margins(dec: ScoringDecoder, prompt: torch.Tensor | Prompt, states: torch.Te
         cross = project_states(dec, states)  # (B, m, layers, 2, KV, hd)
     b, m = cross.shape[:2]
     dtype = cross.dtype
+    several = isinstance(prompt, Prompt) and prompt.lengths is not None
+    if several != (owner is not None):
+        raise ValueError("owner= goes with several prompts (prepare_many), and only with them")
     if not isinstance(prompt, Prompt):
         prompt = prepare(dec, prompt, dtype)
+    # Several prompts: each candidate's own last position (B,); None reads position L - 1 for all.
+    last_pos = None if owner is None else prompt.lengths[owner] - 1
     length = prompt.length
     h, kv, hd = dec.n_heads, dec.n_kv, dec.head_dim
     masks = _batch_masks(prompt, mask)
@@ -252,22 +302,31 @@ def margins(dec: ScoringDecoder, prompt: torch.Tensor | Prompt, states: torch.Te
     values = cross.new_empty(b, kv, length + m, hd)  # (B, KV, L+m, hd)
 
     x = prompt.x  # (1, L, d) until layer 0's attention mixes in the stored rows
+    q0, k0, v0 = prompt.qkv0
+    if owner is not None:  # several prompts: each candidate takes its own prompt's rows
+        x, q0, k0, v0 = x[owner], q0[owner], k0[owner], v0[owner]  # (B, L, d), (B, H, L', hd), (B, KV, L, hd)
     last = len(dec.layers) - 1
+    rows = torch.arange(b, device=mask.device)  # (B,) for gathering each candidate's last position
     for i, layer in enumerate(dec.layers):
         cos, sin = prompt.rope[layer.kind]  # (L, 1, hd) each
         if i == 0:
-            q, k, v = prompt.qkv0  # (1, H, L', hd), (1, KV, L, hd), (1, KV, L, hd)
+            q, k, v = q0, k0, v0  # (1 or B, H, L', hd), (1 or B, KV, L, hd), (1 or B, KV, L, hd)
         else:
-            q, k, v = _prompt_qkv(dec, layer, x, cos, sin, last_only=i == last)
+            q, k, v = _prompt_qkv(dec, layer, x, cos, sin, last_only=i == last, last=last_pos)
         keys[:, :, :length] = k  # broadcast over B at layer 0
         keys[:, :, length:] = cross[:, :, i, 0].transpose(1, 2)  # (B, KV, m, hd)
         values[:, :, :length] = v
         values[:, :, length:] = cross[:, :, i, 1].transpose(1, 2)  # (B, KV, m, hd)
         attn_mask = masks[layer.kind]  # (B, 1, L, L+m)
-        if i == last:  # only the last position is read: one query row per candidate from here on
+        if i == last and last_pos is None:  # only the last position is read: one query row per candidate
             attn_mask = attn_mask[..., -1:, :]  # (B, 1, 1, L+m)
             x = x[:, -1:]  # (1 or B, 1, d)
             q = q[..., -1:, :]  # (., H, 1, hd) (already one row unless layer 0 is the last)
+        elif i == last:  # several prompts: the row of each candidate's own last position
+            attn_mask = attn_mask[rows, :, last_pos][:, :, None]  # (B, 1, 1, L+m)
+            x = x[rows, last_pos][:, None]  # (B, 1, d)
+            if q.shape[2] != 1:  # layer 0 is the last only in one-layer models: q holds every position
+                q = q[rows, :, last_pos][:, :, None]  # (B, H, 1, hd)
         out = F.scaled_dot_product_attention(q.expand(b, -1, -1, -1), keys, values, attn_mask=attn_mask,
                                              scale=dec.scaling, enable_gqa=h != kv)  # (B, H, L', hd)
         out = out.transpose(1, 2).reshape(b, q.shape[2], h * hd) @ layer.w_o.T  # (B, L', d)

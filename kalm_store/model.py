@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -219,7 +219,9 @@ class KaLMModel:
         -------
         KaLMModel
         """
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import AutoModelForSeq2SeqLM
+
+        from .checkpoint import load_config, load_tokenizer, weight_shapes
 
         dev, dt = _resolve_device_dtype(device, dtype)  # validate before touching disk
         _check_lengths(max_length, query_max_length)
@@ -232,17 +234,19 @@ class KaLMModel:
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{folder} holds no config.json; a KaLM checkpoint folder needs config.json, "
                                  "*.safetensors and the tokenizer files")
-        config = AutoConfig.from_pretrained(folder)
+        # headers and sizes first: a damaged file or an absurd config is named before any model is built
+        config = load_config(folder, weight_shapes(folder))
         if config.model_type != "t5gemma2":
             raise ModelLoadError(f"{name!r} is a {config.model_type!r} model; KaLM-Reranker-V1 is 't5gemma2'")
+        tokenizer = load_tokenizer(folder)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as e:  # transformers says "couldn't find a tokenizer" in either class
-            raise ModelLoadError(f"{folder} has no loadable tokenizer (tokenizer.json / tokenizer_config.json): "
-                                 f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
-        hf_model = AutoModelForSeq2SeqLM.from_pretrained(
-            folder, dtype=dt, use_safetensors=True, attn_implementation="sdpa"
-        )
+            hf_model = AutoModelForSeq2SeqLM.from_pretrained(
+                folder, config=config, dtype=dt, use_safetensors=True, attn_implementation="sdpa"
+            )
+        except Exception as e:  # weights that do not fit the config arrive in several classes
+            raise ModelLoadError(f"{folder}: the weights cannot be loaded with its config.json ({type(e).__name__}: "
+                                 f"{' '.join(str(e).split())[:300]}); download the checkpoint again (or restore "
+                                 "the folder)") from e
         # The SigLIP vision tower is never used for text reranking: free its memory.
         encoder = hf_model.get_encoder()
         encoder.vision_tower = None
@@ -292,11 +296,16 @@ class KaLMModel:
 
     # ------------------------------------------------------------------ passages -> pooled matrices
     def tokenize_passages(self, passages: Sequence[str]) -> list[list[int]]:
-        """Encoder ids of each passage: ``<Document>: {p}``, no special tokens, cut to ``max_length``."""
+        """Encoder ids of each passage: ``<Document>: {p}``, no special tokens, cut to ``max_length``.
+
+        Long passages are tokenized from a prefix long enough for ``max_length`` tokens (same ids as
+        tokenizing all of it, see :mod:`kalm_store.truncation`): a 10 MB passage costs what a short one does.
+        """
+        from .truncation import token_ids
+
         passages = _check_passages(passages)
         texts = [prompts.document_text(p) for p in passages]
-        enc = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length)
-        return [list(ids) for ids in enc["input_ids"]]
+        return token_ids(self.tokenizer, texts, self.max_length)
 
     def encode_ratios(
         self,
@@ -390,7 +399,9 @@ class KaLMModel:
         query = _check_query(query)
         if instruction is not None and not isinstance(instruction, str):
             raise TypeError(f"instruction must be a str or None, got {type(instruction).__name__}")
-        q_ids = self.tokenizer.encode(query, add_special_tokens=False)[: self.query_max_length]
+        from .truncation import token_ids
+
+        q_ids = token_ids(self.tokenizer, [query], self.query_max_length)[0]  # bounded work for a huge query
         query = self.tokenizer.decode(q_ids)
         text = prompts.prompt_text(query, self.instruction if instruction is None else instruction)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -411,9 +422,7 @@ class KaLMModel:
             if m.ndim != 2 or m.shape[0] < 1 or m.shape[1] != self.dim:
                 raise ValueError(f"matrices[{i}] has shape {tuple(m.shape)}; expected (rows >= 1, d={self.dim}) "
                                  "for this model")
-            finite = np.isfinite(m).all() if isinstance(m, np.ndarray) else bool(torch.isfinite(m).all())
-            if not finite:
-                raise ValueError(f"matrices[{i}] holds non-finite values")
+            _check_float16_range(m, f"matrices[{i}]")
         return list(matrices)
 
     def score(
@@ -446,36 +455,118 @@ class KaLMModel:
         numpy.ndarray
             float32, one score per matrix, in input order.
         """
+        return self.score_many([query], [matrices], [instruction], batch_size=batch_size,
+                               return_margin=return_margin)[0]
+
+    def score_many(
+        self,
+        queries: Sequence[str],
+        matrices: Sequence[Sequence[np.ndarray]],
+        instructions: Sequence[str | None] | None = None,
+        *,
+        batch_size: int = 32,
+        max_rows: int | None = None,
+        return_margin: bool = False,
+        on_pass: Callable[[int, int, int], None] | None = None,
+    ) -> list[np.ndarray]:
+        """Score several queries, each against its own stored matrices, packing them into shared passes.
+
+        The candidates of all queries are sorted by length and cut into decoder passes of at most
+        ``batch_size`` candidates and ``max_rows`` padded stored rows; a pass may hold the candidates of
+        several queries (their prompts right-padded, each candidate reading its own prompt's last
+        position). Every query's scores equal what :meth:`score` gives it alone (float tolerance).
+        :meth:`score` is this method with one query; the HTTP server's batcher calls it with the
+        queries waiting in its queue.
+
+        Parameters
+        ----------
+        queries : list of str
+            The queries.
+        matrices : list of list of numpy.ndarray
+            ``matrices[i]`` are the ``(rows, d)`` pooled matrices scored against ``queries[i]`` (not empty).
+        instructions : list of (str or None), optional
+            Per-query instruction; default ``None`` uses the model's default for every query.
+        batch_size : int, default 32
+            Candidates per decoder pass (scores do not depend on it).
+        max_rows : int, optional
+            Padded stored rows per decoder pass (candidates x the pass's longest matrix); default
+            ``None`` is 8192, which bounds memory. One candidate per pass at least.
+        return_margin : bool, default False
+            Return raw ``z_yes - z_no`` margins instead of ``P(yes)``.
+        on_pass : callable, optional
+            Called after each decoder pass with (candidates, queries, padded stored rows) of the pass.
+
+        Returns
+        -------
+        list of numpy.ndarray
+            float32 scores per query, each in the order of its matrices.
+        """
         import torch
 
-        prompt = self.prompt_ids(query, instruction)
-        mats = self._check_matrices(matrices)
+        if isinstance(queries, str) or not isinstance(queries, Sequence):
+            raise TypeError(f"queries must be a list of strings, got {type(queries).__name__}")
+        if isinstance(matrices, (str, np.ndarray)) or not isinstance(matrices, Sequence) or len(matrices) != len(queries):
+            raise ValueError(f"matrices must be a list with one list of matrices per query ({len(queries)})")
+        if instructions is None:
+            instructions = [None] * len(queries)
+        elif len(instructions) != len(queries):
+            raise ValueError(f"instructions has {len(instructions)} entries for {len(queries)} queries")
         _check_batch_size(batch_size)
-        order = sorted(range(len(mats)), key=lambda i: -mats[i].shape[0])  # longest first: little padding
-        margins = np.empty(len(mats), dtype=np.float32)
-        prompt_t = torch.tensor([prompt], dtype=torch.long, device=self.device)  # (1, L)
+        if max_rows is None:
+            max_rows = _ROWS_PER_BATCH
+        elif isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be a positive int or None, got {max_rows!r}")
+        prompts = [self.prompt_ids(q, ins) for q, ins in zip(queries, instructions)]
+        per_query = [self._check_matrices(m) for m in matrices]
+        # flat candidate list: (query, matrix) pairs, longest first across queries (little padding)
+        owner = [q for q, mats in enumerate(per_query) for _ in mats]
+        flat = [m for mats in per_query for m in mats]
+        order = sorted(range(len(flat)), key=lambda i: -flat[i].shape[0])
+        margins = np.empty(len(flat), dtype=np.float32)
         with torch.inference_mode():
+            prompt_ts = [torch.tensor(p, dtype=torch.long, device=self.device) for p in prompts]  # (L_q,) each
             prepared = None
-            if self._decoder is not None:  # the prompt's own work, once per query for every batch
+            if self._decoder is not None:  # the prompts' own work, once per call for every pass
                 from . import decoder
 
-                prepared = decoder.prepare(self._decoder, prompt_t[0], self.dtype)
-            for batch in _batches(order, [mats[i].shape[0] for i in order], batch_size, _ROWS_PER_BATCH):
-                margins[batch] = self._margins(prompt_t, [mats[i] for i in batch], prepared).cpu().numpy()
-        if return_margin:
-            return margins
-        return (1.0 / (1.0 + np.exp(-margins.astype(np.float64)))).astype(np.float32)
+                prepared = (decoder.prepare(self._decoder, prompt_ts[0], self.dtype) if len(prompts) == 1 else
+                            decoder.prepare_many(self._decoder, prompt_ts, self.dtype,
+                                                 pad_id=self.tokenizer.pad_token_id or 0))
+            for batch in _batches(order, [flat[i].shape[0] for i in order], batch_size, max_rows):
+                mats = [flat[i] for i in batch]
+                if prepared is None:  # transformers reference path: one query per forward
+                    for q in sorted({owner[i] for i in batch}):
+                        part = [i for i in batch if owner[i] == q]
+                        margins[part] = self._margins(prompt_ts[q][None], [flat[i] for i in part]).cpu().numpy()
+                elif len(prompts) == 1:
+                    margins[batch] = self._margins(prompt_ts[0][None], mats, prepared).cpu().numpy()
+                else:
+                    owners = torch.tensor([owner[i] for i in batch], dtype=torch.long, device=self.device)  # (B,)
+                    margins[batch] = self._margins(None, mats, prepared, owners).cpu().numpy()
+                if on_pass is not None:
+                    on_pass(len(batch), len({owner[i] for i in batch}), len(batch) * flat[batch[0]].shape[0])
+        if not return_margin:
+            margins = (1.0 / (1.0 + np.exp(-margins.astype(np.float64)))).astype(np.float32)
+        out, start = [], 0
+        for mats in per_query:
+            out.append(margins[start:start + len(mats)])
+            start += len(mats)
+        return out
 
-    def _margins(self, prompt: torch.Tensor, mats: list[Any], prepared: Any = None) -> torch.Tensor:
+    def _margins(self, prompt: torch.Tensor | None, mats: list[Any], prepared: Any = None,
+                 owner: torch.Tensor | None = None) -> torch.Tensor:
         """``z_yes - z_no`` at the last prompt position for one padded batch of matrices.
 
-        ``prepared`` is :func:`kalm_store.decoder.prepare` of ``prompt`` (computed here when None).
+        ``prepared`` is :func:`kalm_store.decoder.prepare` of ``prompt`` (computed here when None), or
+        :func:`kalm_store.decoder.prepare_many` of several prompts with ``owner`` (B,) naming each
+        candidate's prompt.
         """
         states, mask = self._pad(mats)
         if self._decoder is not None:
             from . import decoder
 
-            return decoder.margins(self._decoder, prompt[0] if prepared is None else prepared, states, mask.bool())
+            return decoder.margins(self._decoder, prompt[0] if prepared is None else prepared, states, mask.bool(),
+                                   owner=owner)
         return self._margins_transformers(prompt, states, mask)
 
     def _pad(self, mats: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -594,6 +685,32 @@ def _batches(order: list[int], rows: list[int], batch_size: int, max_rows: int) 
             batches.append([i])
             width = r
     return batches
+
+
+_FLOAT16_MAX = 65504.0
+
+
+def _check_float16_range(m: Any, what: str) -> None:
+    """Refuse a matrix the decoder cannot score: non-finite values, or values float16 cannot hold.
+
+    Stored matrices are float16, so every stored value is finite and within +-65504; a float32 or
+    float64 matrix given directly must be too: 3e38 is finite in float32 but overflows the decoder's
+    arithmetic (NaN scores), and float64 1e300 becomes inf in float32 before the decoder even sees it.
+    """
+    import torch
+
+    wide = m.dtype not in (np.float16, torch.float16)  # a finite float16 value is within range by definition
+    if isinstance(m, np.ndarray):
+        finite = bool(np.isfinite(m).all())
+        peak = float(np.abs(m).max()) if finite and wide else 0.0
+    else:
+        finite = bool(torch.isfinite(m).all())
+        peak = float(m.detach().abs().max()) if finite and wide else 0.0
+    if not finite:
+        raise ValueError(f"{what} holds non-finite values (NaN or inf)")
+    if peak > _FLOAT16_MAX:
+        raise ValueError(f"{what} holds values beyond float16 range (max |x| = {peak:.3g}; stored matrices are "
+                         f"float16, |x| <= {_FLOAT16_MAX:g}): the decoder would score it as NaN")
 
 
 def _check_lengths(max_length: object, query_max_length: object) -> None:

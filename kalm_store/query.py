@@ -43,14 +43,9 @@ def check_search_args(query: object, k: object, candidates: object, mode: object
         raise TypeError(f"query_vector must be a sequence of floats or None, got {type(query_vector).__name__}")
 
 
-def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vector: Sequence[float] | None = None,
-                columns: list[str] | None = None, where: str | None = None) -> Any:
-    """The LanceDB query builder of the first stage (not executed), with ``columns`` selected and the
-    SQL filter ``where`` applied before the ``candidates`` limit (LanceDB's prefilter).
-
-    Vectors are computed from ``query`` by the table's registered embedding function when it has one;
-    tables with brought vectors need ``query_vector`` for "vector" and "hybrid" modes.
-    """
+def check_first_stage(tbl: Any, mode: Mode, query_vector: Sequence[float] | None = None) -> None:
+    """Refuse a first stage the table cannot run: vectors it lacks, a query vector of another width, or
+    none where the table has no embedding function to compute it."""
     meta = decode_metadata(tbl.schema.metadata)
     if mode != "fts":
         if meta.get("vector_dim") is None:
@@ -62,6 +57,53 @@ def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vect
         if query_vector is None and not meta.get("embedder"):
             raise ValueError(f"table {tbl.name!r} holds brought vectors (no embedding function recorded): pass "
                              f"query_vector= (CLI: --query-vector) for mode={mode!r}, or use mode='fts'")
+
+
+def check_fields(tbl: Any, fields: Sequence[str]) -> None:
+    """Refuse ``fields`` that are not columns of the table, or that a hit cannot carry."""
+    missing = [f for f in fields if f not in tbl.schema.names]
+    if missing:
+        raise ValueError(f"fields {missing} are not columns of table {tbl.name!r} (it has {tbl.schema.names})")
+    internal = [f for f in fields if f in ("rank", "score", DIGEST_COLUMN) or ratio_of_column(f) is not None]
+    if internal:
+        raise ValueError(f"fields {internal} cannot be returned: rank and score are the hit's own keys, and the "
+                         "stored matrices and text digests stay in the table")
+
+
+def check_against_table(tbl: Any, *, mode: Mode, ratio: int | None, query_vector: Sequence[float] | None = None,
+                        fields: Sequence[str] = (), where: str | None = None) -> None:
+    """Everything about a search that the table alone can refuse, checked before a model is loaded (a
+    mistake costs a second): the ratio (stored?), the first stage (vectors, query vector width, the
+    full-text index), the ``fields`` and the ``where`` filter (parsed and planned by Lance, not run)."""
+    from .store import check_ratio_stored
+
+    if ratio is not None:
+        check_ratio_stored(decode_metadata(tbl.schema.metadata), ratio, what=f"table {tbl.name!r}")
+    check_first_stage(tbl, mode, query_vector)
+    check_fields(tbl, fields)
+    if mode != "vector" and not any(list(ix.columns) == ["text"] and "fts" in str(ix.index_type).lower()
+                                    for ix in tbl.list_indices()):
+        raise ValueError(f"mode={mode!r} needs a full-text index on 'text' of table {tbl.name!r}: create it "
+                         "with `tbl.create_index('text', config=lancedb.index.FTS())`")
+    if where is not None:
+        import re
+
+        try:
+            tbl.to_lance().scanner(filter=where, columns=["id"], limit=1).explain_plan()
+        except ValueError as e:  # Lance: "Invalid user input: Schema error: No field named x ..., <file.rs:line>"
+            reason = re.sub(r",\s*\S+\.rs:\d+:\d+\s*$", "", str(e)).removeprefix("Invalid user input: ")
+            raise ValueError(f"where {where!r} is not a filter table {tbl.name!r} can run: {reason}") from None
+
+
+def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vector: Sequence[float] | None = None,
+                columns: list[str] | None = None, where: str | None = None) -> Any:
+    """The LanceDB query builder of the first stage (not executed), with ``columns`` selected and the
+    SQL filter ``where`` applied before the ``candidates`` limit (LanceDB's prefilter).
+
+    Vectors are computed from ``query`` by the table's registered embedding function when it has one;
+    tables with brought vectors need ``query_vector`` for "vector" and "hybrid" modes.
+    """
+    check_first_stage(tbl, mode, query_vector)
     if mode == "fts":
         q = tbl.search(query, query_type="fts")
     elif mode == "vector":
@@ -161,6 +203,7 @@ def search(
     from .store import PassageStore
 
     tbl = PassageStore.open(db_uri, table, storage_options=storage_options).table  # before loading a model
+    check_against_table(tbl, mode=mode, ratio=ratio, query_vector=query_vector, fields=fields, where=where)
     if not isinstance(model, KaLMModel):
         model = KaLMModel.from_pretrained(model, device=device, dtype=dtype)
     rr = KaLMReranker(model, table=tbl, ratio=ratio, instruction=instruction, batch_size=batch_size)
@@ -174,13 +217,7 @@ def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, can
     """Like :func:`search` with an open table and a ready reranker (no re-loading between queries)."""
     check_search_args(query, k, candidates, mode, reranker.ratio, query_vector, where, fields)
     fields = list(dict.fromkeys(fields))  # a column asked for twice is returned once
-    missing = [f for f in fields if f not in tbl.schema.names]
-    if missing:
-        raise ValueError(f"fields {missing} are not columns of table {tbl.name!r} (it has {tbl.schema.names})")
-    internal = [f for f in fields if f in ("rank", "score", DIGEST_COLUMN) or ratio_of_column(f) is not None]
-    if internal:
-        raise ValueError(f"fields {internal} cannot be returned: rank and score are the hit's own keys, and the "
-                         "stored matrices and text digests stay in the table")
+    check_fields(tbl, fields)
     extra = [f for f in fields if f not in ["text"] + reranker.columns]
     q = first_stage(tbl, query, mode=mode, candidates=candidates, query_vector=query_vector,
                     columns=["text"] + reranker.columns + extra, where=where)
@@ -190,14 +227,26 @@ def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, can
         q = q.rerank(reranker)
     try:
         hits = q.to_arrow()
-    except Exception as e:  # LanceDB reports a missing FTS index in several exception classes
-        if mode != "vector" and "index" in str(e).lower():
+    except Exception as e:
+        # Classified by the table, not by the message: Lance's messages carry Rust source paths
+        # (".../index.crates.io-.../"), so "index" appears in a division by zero in `where` too.
+        if mode != "vector" and _has_fts_index(tbl) is False:
             raise ValueError(f"mode={mode!r} needs a full-text index on 'text' of table {tbl.name!r}: create it "
-                             f"with `tbl.create_index('text', config=lancedb.index.FTS())` ({type(e).__name__}: {e})") from e
+                             f"with `kalm-store optimize --db URI --table {tbl.name}` ({type(e).__name__}: {e})") from e
         raise
     rows = hits.slice(0, k).to_pylist()
     return [{"rank": i + 1, "id": r["id"], "score": float(r["_relevance_score"]), "text": r["text"]}
             | {f: r[f] for f in fields} for i, r in enumerate(rows)]
 
 
-__all__ = ["search", "run_search", "first_stage", "MODES", "Mode"]
+def _has_fts_index(tbl: Any) -> bool | None:
+    """Whether ``tbl`` has a full-text (inverted) index on ``text``; ``None`` when its indices cannot be listed
+    (a damaged table: the caller's own error says more than a guess would)."""
+    try:
+        indices = tbl.list_indices()
+    except Exception:  # noqa: BLE001 - only asked to explain another error, which is raised instead
+        return None
+    return any(str(ix.index_type).upper() in ("FTS", "INVERTED") and "text" in list(ix.columns) for ix in indices)
+
+
+__all__ = ["search", "run_search", "first_stage", "check_against_table", "MODES", "Mode"]

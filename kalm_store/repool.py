@@ -12,7 +12,8 @@ does not know the new ratio hold null in it (so do rows such a writer replaces);
 command again re-derives exactly those rows (:func:`fill_nulls`). ``kalm-store build`` resumes on
 such a table only when given every ratio its metadata lists (and then writes them all). The table
 metadata ``ratios`` is updated in a second commit; a run interrupted between the two is finished by
-running the same command again.
+running the same command again, and so is a ``drop_source`` run killed between its metadata commit
+and the column drop. A finished run, run again, writes nothing (``nothing_to_do``).
 
 A finer ratio can never be recovered from a coarser one: that is refused, with the reason.
 """
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from . import schema
-from .codec import decode_matrix, encode_matrix, to_float16
+from .codec import CorruptMatrixError, decode_matrix, encode_matrix, to_float16
 from .pooling import check_ratio, pooled_rows, repool
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,6 +53,7 @@ class RepoolResult:
     version: int  # table version afterwards
     conflicts: int = 0  # commit races lost to concurrent writers (each one re-derived from the latest version)
     filled: int = 0  # rows that held null at the target ratio, re-derived (see fill_nulls)
+    nothing_to_do: bool = False  # the same run had finished before: nothing was written
 
 
 def check_repool(stored: list[int], from_ratio: object, to_ratio: object, *, columns: list[str] | None = None,
@@ -151,9 +153,16 @@ def repool_store(
     if dst in columns and f in stored and src in columns:
         if t not in stored:  # add_columns committed but the metadata update did not: finish the interrupted run
             set_ratios(table, stored + [t])
-        elif not _has_nulls(store, f, t):
-            check_repool(stored, f, t, columns=columns)  # "already stores r=t; nothing to do"
+        elif not _has_nulls(store, f, t) and not drop_source:  # a finished run, run again
+            return _finish(store, f, t, 0, False, nothing_to_do=True)
         return _finish(store, f, t, 0, drop_source, filled=fill_nulls(store, f, t, batch_size=batch_size))
+    if drop_source and t in stored and f not in stored and dst in columns:
+        # a --drop-source run whose metadata commit no longer lists r=f: finish the drop, or it was finished
+        if src in columns:  # killed between that commit and the column drop
+            table.to_lance().drop_columns([src])
+            table.checkout_latest()
+            return _finish(store, f, t, 0, False, dropped=f)
+        return _finish(store, f, t, 0, False, nothing_to_do=True)
     check_repool(stored, f, t, columns=columns)
     if dst in columns:
         raise RepoolError(f"column {dst} exists although the metadata does not list r={t}; "
@@ -168,9 +177,15 @@ def repool_store(
 
         bar = tqdm(total=rows, desc=f"repool r={f}->{t}", unit="row")
 
+    damaged: list[CorruptMatrixError] = []
+
     @lance.batch_udf(output_schema=out_schema)
     def derive(batch: pa.RecordBatch) -> pa.RecordBatch:
-        out = repool_batch(batch, f, t, dim)
+        try:
+            out = repool_batch(batch, f, t, dim)
+        except CorruptMatrixError as e:
+            damaged.append(e)  # Lance hands what a UDF raises back as OSError: keep ours to raise it as it is
+            raise
         if bar is not None:
             bar.update(batch.num_rows)
         return out
@@ -179,7 +194,12 @@ def repool_store(
     try:
         for attempt in range(CONFLICT_RETRIES + 1):
             try:
-                ds.add_columns(derive, read_columns=["id", "n_tokens", src], batch_size=batch_size)
+                try:
+                    ds.add_columns(derive, read_columns=["id", "n_tokens", src], batch_size=batch_size)
+                except OSError:
+                    if damaged:
+                        raise damaged[0] from None
+                    raise
                 break
             except CommitConflictError as e:
                 # a concurrent commit (e.g. a build appending rows) won: re-read the latest version, whose
@@ -202,12 +222,11 @@ def repool_store(
 
 
 def _finish(store: PassageStore, f: int, t: int, rows: int, drop_source: bool, conflicts: int = 0,
-            filled: int = 0) -> RepoolResult:
-    dropped = None
+            filled: int = 0, dropped: int | None = None, nothing_to_do: bool = False) -> RepoolResult:
     if drop_source:
         dropped = drop_ratio(store, f)
     return RepoolResult(from_ratio=f, to_ratio=t, rows=rows, ratios=store.ratios, dropped=dropped,
-                        version=store.table.version, conflicts=conflicts, filled=filled)
+                        version=store.table.version, conflicts=conflicts, filled=filled, nothing_to_do=nothing_to_do)
 
 
 def _missing_filter(from_ratio: int, to_ratio: int) -> str:

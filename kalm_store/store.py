@@ -22,6 +22,7 @@ from .codec import STORED_DTYPE, CorruptMatrixError, decode_matrix, encode_matri
 from .pooling import check_ratio, pooled_rows
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .commit import CommitResult
     from .model import EncodedPassages, KaLMModel
 
 
@@ -31,6 +32,10 @@ class StoreMismatchError(ValueError):
 
 class StaleMatrixError(ValueError):
     """A row's text no longer matches the text its stored matrices were encoded from."""
+
+
+class UncommittedTableError(ValueError):
+    """A table folder that holds no committed version yet (its creation was interrupted, or is under way)."""
 
 
 class MissingRowError(KeyError):
@@ -207,6 +212,7 @@ class PassageStore:
         storage_options: dict[str, str] | None = None,
         exist_ok: bool = False,
         compute_dtype: str | None = None,
+        columns: Sequence[pa.Field] = (),
     ) -> PassageStore:
         """Create an empty passage store (or open a compatible existing one with ``exist_ok``).
 
@@ -232,6 +238,9 @@ class PassageStore:
         compute_dtype : str, optional
             Compute dtype of the encoder that fills the table, recorded as ``compute_dtypes``; default
             ``None``: ``model``'s (pass ``"unknown"`` when other processes encode, e.g. Ray workers).
+        columns : sequence of pyarrow.Field, default ()
+            More (nullable) columns, e.g. input fields kept by a build
+            (:class:`kalm_store.input_columns.InputColumns`).
         """
         from .dtypes import dtype_name
         from .storage import connect
@@ -258,7 +267,7 @@ class PassageStore:
             "compute_dtypes": [compute_dtype or dtype_name(model.dtype)],
         }
         db = connect(db_uri, storage_options)
-        if table in _table_names(db):
+        if table in _table_names(db) and _has_version(db_uri, table, storage_options):
             if not exist_ok:
                 raise ValueError(f"table {table!r} already exists in {db_uri}; open it or pass exist_ok=True")
             store = cls.open(db_uri, table, model=model, storage_options=storage_options)
@@ -268,6 +277,10 @@ class PassageStore:
                     f"asked for ratios {ratios} and vector_dim {vector_dim}")
             return store
         arrow_schema = schema.arrow_schema(ratios, vector_dim, meta)
+        for f in columns:
+            if f.name in arrow_schema.names:
+                raise ValueError(f"column {f.name!r} is one of kalm-store's own ({arrow_schema.names})")
+            arrow_schema = arrow_schema.append(f)
         tbl = db.create_table(table, schema=arrow_schema, embedding_functions=functions,
                               storage_options=storage_options)
         return cls(tbl, model)
@@ -286,8 +299,10 @@ class PassageStore:
         except ValueError as e:  # listed but no committed version yet: another process is creating it
             if "was not found" not in str(e):  # LanceDB's own test for a missing table (lancedb.namespace)
                 raise
-            raise ValueError(f"no table {table!r} in {db_uri} yet: its folder holds no committed version "
-                             "(a build creating it has not made its first commit)") from e
+            raise UncommittedTableError(
+                f"no table {table!r} in {db_uri} yet: its folder holds no committed version, so a build creating "
+                "it was stopped before its first commit (or is still making it); run that build again, which "
+                "starts the table anew (nothing was stored)") from e
         if not schema.decode_metadata(tbl.schema.metadata):
             raise StoreMismatchError(
                 f"table {table!r} in {db_uri} has no kalm-store metadata: it is a plain LanceDB table. Build a "
@@ -364,24 +379,18 @@ class PassageStore:
             commits += 1
         return deleted, commits
 
-    def write(self, rows: pa.Table, *, replace: bool = False) -> None:
-        """Commit ``rows`` (from :meth:`rows_table`) in one atomic Lance commit.
+    def write(self, rows: pa.Table, *, replace: bool = False) -> CommitResult:
+        """Commit ``rows`` (from :meth:`rows_table`) in one atomic Lance commit; returns what it did.
 
-        ``replace=True`` also replaces the stored rows with the same ids (a merge-insert on ``id``:
-        old rows deleted, new ones written, in the same commit); otherwise the rows are appended.
+        Rows whose id is stored by the time of the commit are skipped (another writer was first), so
+        concurrent builds never store an id twice. ``replace=True`` instead replaces the stored rows
+        with the same ids (a merge-insert on ``id``: old rows deleted, new ones written, in the same
+        commit), with null at any ``kalm_r*`` column the rows lack (a ratio a concurrent ``repool``
+        added), never the old text's matrix. See :mod:`kalm_store.commit`.
         """
-        if replace:
-            # A merge-insert keeps the old values of every column the rows lack. For a kalm_r* column this
-            # store does not list (a repool unfinished, or committed since this handle was opened) that
-            # would pair the new text, and its new digest, with the old text's matrix: write null there,
-            # which every read and `verify` report, and a repool of that ratio fills.
-            self.table.checkout_latest()
-            for f in self.table.schema:
-                if schema.ratio_of_column(f.name) is not None and f.name not in rows.column_names:
-                    rows = rows.append_column(f, pa.nulls(rows.num_rows, f.type))
-            self.table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(rows)
-        else:
-            self.table.add(rows)
+        from .commit import commit_rows
+
+        return commit_rows(self.table, rows, replace=replace)
 
     def encode_records(self, records: Sequence[dict[str, Any]], *, batch_size: int = 16) -> pa.Table:
         """Encode the texts of ``records`` at every stored ratio into an Arrow table of this schema."""
@@ -403,13 +412,16 @@ class PassageStore:
         return self.metadata.get("vector_dim") is not None and not self.metadata.get("embedder")
 
     def rows_table(self, ids: Sequence[str], texts: Sequence[str], encoded: EncodedPassages,
-                   vectors: Sequence[Sequence[float] | None] | None = None) -> pa.Table:
+                   vectors: Sequence[Sequence[float] | None] | None = None,
+                   extras: pa.Table | None = None) -> pa.Table:
         """Arrow rows of this table's schema from encoder output (matrices compressed here).
 
         With an embedding function the ``vector`` column is left out (LanceDB computes it on ``add``)
         unless ``vectors`` are given: Ray actors compute them with the table's own function, because
-        fragments written straight to Lance bypass LanceDB's ``add``. Columns a user added to the table
-        are left out too: appended rows hold null there, and a replacing merge-insert keeps their values.
+        fragments written straight to Lance bypass LanceDB's ``add``. ``extras`` holds the input fields
+        kept as columns (:class:`kalm_store.input_columns.InputColumns`, one row per id), each a column
+        of the table already. Other columns a user added to the table are left out: appended rows hold
+        null there, and a replacing merge-insert keeps their values.
         """
         embeds = self.metadata.get("vector_dim") is not None and bool(self.metadata.get("embedder"))
         columns: dict[str, Any] = {
@@ -429,28 +441,86 @@ class PassageStore:
             flat = np.asarray(vectors, dtype=np.float32)
             columns["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim)
         for r in self.ratios:
-            columns[schema.column_name(r)] = pa.array([encode_matrix(m) for m in encoded.matrices[r]],
-                                                      pa.large_binary())
+            # a ratio the encoder was not asked for (a repool committed it during a build) holds null:
+            # reads name such rows and running that repool again derives them
+            columns[schema.column_name(r)] = pa.array([encode_matrix(m) for m in encoded.matrices[r]]
+                                                      if r in encoded.matrices else [None] * len(ids), pa.large_binary())
         table_schema = self.table.schema
+        for name in extras.column_names if extras is not None else ():
+            if name not in table_schema.names:
+                raise ValueError(f"input field {name!r} is not a column of table {self.table.name!r} yet; "
+                                 "add it first (PassageStore.add_input_columns)")
+            columns[name] = extras.column(name).cast(table_schema.field(name).type)  # type: ignore[union-attr]
         target = pa.schema([f for f in table_schema if f.name in columns], metadata=table_schema.metadata)
         return pa.table({f.name: columns[f.name] for f in target}, schema=target)
 
+    def add_input_columns(self, fields: Sequence[pa.Field]) -> None:
+        """Add columns for input fields a build met first (all null in the rows stored so far).
+
+        Lance writes only the new columns' metadata. A concurrent writer's commit makes Lance refuse
+        ours with a retryable conflict: we look again (another build may have added the same column)
+        and retry. A column of that name with another type is refused, naming both types.
+        """
+        from lance.commit import CommitConflictError
+
+        for attempt in range(8):
+            self.table.checkout_latest()
+            have = self.table.schema
+            clash = [f"{f.name!r} is {have.field(f.name).type} in the table, {f.type} in the input"
+                     for f in fields if f.name in have.names and have.field(f.name).type != f.type]
+            if clash:
+                raise StoreMismatchError(f"table {self.table.name!r}: column {'; '.join(clash)}")
+            todo = [f for f in fields if f.name not in have.names]
+            if not todo:
+                return
+            try:
+                self.table.add_columns(todo)
+                self.table.checkout_latest()
+                return
+            except CommitConflictError:
+                if attempt == 7:
+                    raise
+
+    def column_values(self, ids: Sequence[str], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The stored values of ``columns`` for ``ids`` (those stored): ``{id: {column: value}}``."""
+        out: dict[str, dict[str, Any]] = {}
+        for part in self._rows_by_id(ids, ["id", *columns]):
+            for row in part.to_pylist():
+                out[row.pop("id")] = row
+        return out
+
+    def replace_fields(self, rows: pa.Table) -> None:
+        """Replace the values of ``rows``' columns (``id`` plus input-field columns) in the stored rows of
+        those ids, in one atomic commit; text, matrices, digests and vectors stay as they are (a Lance
+        merge-insert of those columns only, so nothing is re-encoded)."""
+        self.table.merge_insert("id").when_matched_update_all().execute(rows)
+
     def check_layout(self, ratios: Sequence[int], *, vectors: Literal["brought", "embedder", "none"],
                      embedder: dict[str, Any] | None = None, vector_dim: int | None = None) -> None:
-        """Refuse, naming what differs, when a build asks for other ratios or another vector setup.
+        """Refuse, naming what differs, when a build asks for a ratio the table does not store or another
+        vector setup.
 
-        ``vectors`` says where the build's vectors come from; ``embedder`` is the
-        :func:`embedder_metadata` of its embedding function; ``vector_dim`` the width of brought
-        vectors when already known.
+        A build appends at every ratio the table stores, so asking for some of them is no conflict
+        (after ``repool --from 4 --to 8`` the build command that made the table still adds rows, at
+        r=4 and r=8); asking for one it does not store is, since the rows already there cannot have it
+        (``repool`` derives a coarser ratio, nothing derives a finer one). ``vectors`` says where the
+        build's vectors come from; ``embedder`` is the :func:`embedder_metadata` of its embedding
+        function; ``vector_dim`` the width of brought vectors when already known.
         """
         meta = self.metadata
         ratios = sorted({check_ratio(r) for r in ratios})
         table_vectors = "embedder" if meta.get("embedder") else ("brought" if meta.get("vector_dim") else "none")
         diffs = []
-        if ratios != self.ratios:
+        missing = [r for r in ratios if r not in self.ratios]
+        if missing:
             flags = " ".join(f"--ratio {r}" for r in self.ratios)
-            diffs.append(f"ratios: table has {self.ratios}, build asks for {ratios} (to add rows, pass {flags}; "
-                         "`kalm-store repool` adds coarser ratios to a table)")
+            fixes = []
+            for r in missing:
+                sources = [f for f in self.ratios if f < r and r % f == 0]
+                fixes.append(f"`kalm-store repool --from {max(sources)} --to {r}` adds r={r}" if sources else
+                             f"r={r} is finer than every stored ratio and cannot be derived (build a new table)")
+            diffs.append(f"ratios: table has {self.ratios}, build asks for {ratios}, which the table does not "
+                         f"store: {missing} (to add rows, pass {flags} or no --ratio; {'; '.join(fixes)})")
         if table_vectors != vectors:
             diffs.append(f"vectors: table's are {table_vectors!r}, build's are {vectors!r}")
         elif vectors == "embedder" and meta.get("embedder") != embedder:
@@ -473,17 +543,23 @@ class PassageStore:
         """See commits made by other handles or processes."""
         self.table.checkout_latest()
 
-    def update_indices(self, *, fts: bool = True, id_index: bool = True) -> list[str]:
-        """Create the full-text index on ``text`` and the BTREE index on ``id``, or add new rows to them.
+    def update_indices(self, *, fts: bool = True, id_index: bool = True, digest_index: bool = True) -> list[str]:
+        """Create the full-text index on ``text`` and the BTREE indices on ``id`` and ``text_digest``
+        (tables of schema version 2 on; the server finds a posted text's stored row by it), or add new
+        rows to them.
 
         Existing indices are updated incrementally (only rows they do not cover are indexed);
         returns the names of the indices created or updated.
         """
+        from .commit import retry_conflicts
+
         wanted = []
         if fts:
             wanted.append("text")
         if id_index:
             wanted.append("id")
+        if digest_index and self.has_digests:
+            wanted.append(schema.DIGEST_COLUMN)
         if not wanted or self.table.count_rows() == 0:
             return []
         have = {tuple(ix.columns): ix for ix in self.table.list_indices()}
@@ -496,10 +572,15 @@ class PassageStore:
             else:
                 from lancedb.index import FTS, BTree
 
-                self.table.create_index(col, config=FTS() if col == "text" else BTree(), replace=True)
+                # another writer committing meanwhile is Lance's retryable conflict: index the latest version
+                retry_conflicts(lambda c=col: self.table.create_index(c, config=FTS() if c == "text" else BTree(),
+                                                                      replace=True),
+                                f"creating the {col} index of table {self.table.name!r}",
+                                before_retry=self.table.checkout_latest)
                 done.append(f"{col}_idx")
         if stale:
-            self.table.to_lance().optimize.optimize_indices(index_names=stale)
+            retry_conflicts(lambda: self.table.to_lance().optimize.optimize_indices(index_names=stale),
+                            f"updating the indices of table {self.table.name!r}", before_retry=self.table.checkout_latest)
             self.table.checkout_latest()
             done.extend(stale)
         return done
@@ -542,8 +623,8 @@ class PassageStore:
         changed = [r for r, c in zip(old, flags) if c]
         if not new and not changed:
             return 0
-        self.write(self.encode_records(new + changed, batch_size=batch_size), replace=bool(changed))
-        return len(new) + len(changed)
+        result = self.write(self.encode_records(new + changed, batch_size=batch_size), replace=bool(changed))
+        return result.inserted + result.replaced
 
     # ------------------------------------------------------------------ read
     def matrices(self, ids: Sequence[str], ratio: int) -> list[np.ndarray]:
@@ -604,6 +685,19 @@ class PassageStore:
                 "columns": columns, "indices": [{"name": ix.name, "type": str(ix.index_type), "columns": list(ix.columns)}
                                                 for ix in self.table.list_indices()],
                 "version": self.table.version, "metadata": meta}
+
+
+def _has_version(db_uri: str, table: str, storage_options: dict[str, str] | None) -> bool:
+    """False for a listed table whose folder holds no committed version: a creation killed before its first
+    commit leaves only ``_transactions/``. Such a folder is safe to create anew: Lance commits version 1
+    only if no other writer has (put-if-absent), so two creators cannot both win."""
+    try:
+        PassageStore.open(db_uri, table, storage_options=storage_options)
+    except UncommittedTableError:
+        return False
+    except (ValueError, OSError):  # opened but refused (no kalm-store metadata, damaged): it has a version
+        return True
+    return True
 
 
 def _bytes_on_disk(ds: Any) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""Checking a whole passage store: every stored matrix decodes, every text matches its digest.
+"""Checking a whole passage store: every stored matrix decodes, every text matches its digest, no id is
+stored twice, and every index the table lists can be read.
 
 Every read already checks the rows it fetches (``decode_rows``), so a damaged or stale row is refused
 when a query meets it. ``verify_store`` runs the same checks over the whole table, streaming, so that
@@ -17,6 +18,7 @@ import pyarrow as pa
 
 from . import schema
 from .codec import CorruptMatrixError
+from .maintenance import IndexProblem, check_indices, missing_indices
 from .store import check_ratio_stored, decode_rows, stale_ids
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,10 +43,14 @@ class VerifyReport:
     ratios: list[int]
     columns: dict[str, ColumnReport]
     digests: bool  # False for schema-version-1 tables, which keep no text digest
+    duplicate_ids: int = 0  # extra copies of ids stored more than once (searches return each hit twice)
+    duplicate_examples: list[tuple[str, int]] = field(default_factory=list)  # (id, copies), the first few
+    index_problems: list[IndexProblem] = field(default_factory=list)  # listed indices that cannot be read
+    missing_indices: list[str] = field(default_factory=list)  # of `text` (full-text) and `id`: not a failure
 
     @property
     def ok(self) -> bool:
-        return not any(c.bad for c in self.columns.values())
+        return not any(c.bad for c in self.columns.values()) and not self.duplicate_ids and not self.index_problems
 
 
 def verify_store(store: PassageStore, *, ratios: Sequence[int] | None = None, batch_rows: int = 1024,
@@ -82,10 +88,16 @@ def verify_store(store: PassageStore, *, ratios: Sequence[int] | None = None, ba
     from tqdm.auto import tqdm
 
     ds = store.table.to_lance()
+    seen: set[str] = set()  # memory: one id string per row, as a build holds
+    copies: dict[str, int] = {}
     with tqdm(total=ds.count_rows(), unit="row", desc="verify", disable=not progress) as bar:
         for batch in ds.to_batches(columns=cols, batch_size=batch_rows):
             rows = pa.Table.from_batches([batch])
             report.rows += rows.num_rows
+            for pid in rows.column("id").to_pylist():
+                if pid in seen:
+                    copies[pid] = copies.get(pid, 1) + 1
+                seen.add(pid)
             if digests:
                 stale = stale_ids(rows.column("id").to_pylist(), rows.column("text").to_pylist(),
                                   rows.column(schema.DIGEST_COLUMN).to_pylist())
@@ -95,6 +107,10 @@ def verify_store(store: PassageStore, *, ratios: Sequence[int] | None = None, ba
                 _count(report.columns[schema.column_name(r)], rows.num_rows,
                        _damaged(rows.select(["id", "n_tokens", schema.column_name(r)]), r, store), examples)
             bar.update(rows.num_rows)
+    report.duplicate_ids = sum(n - 1 for n in copies.values())
+    report.duplicate_examples = list(copies.items())[:examples]
+    report.index_problems = check_indices(store)
+    report.missing_indices = missing_indices(store)
     return report
 
 

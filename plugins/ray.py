@@ -119,7 +119,9 @@ class EncodeActor:
             vectors = item.get("vectors")
             if self.embedder is not None:
                 vectors = self.embedder.compute_source_embeddings_with_retry(pa.array(item["texts"], pa.string()))
-            rows = self.store.rows_table(item["ids"], item["texts"], enc, vectors)
+            # the kept input fields travel as Arrow IPC bytes: typed as the driver checked them, no pickle
+            extras = pa.ipc.open_stream(item["extras"]).read_all() if item.get("extras") else None
+            rows = self.store.rows_table(item["ids"], item["texts"], enc, vectors, extras=extras)
             rows = rows.append_column("_chunk", pa.array([item["chunk"]] * rows.num_rows, pa.int64()))
             out.append(rows.append_column("_tokens", pa.array(enc.token_counts, pa.int64())))
         return pa.concat_tables(out)
@@ -194,9 +196,11 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     BuildSummary
         ``commits`` counts windows.
     """
-    from kalm_store.build import BuildSummary, finish_build, open_target, read_chunks, select_new
+    from kalm_store.build import (BuildSummary, check_target, finish_build, open_input, open_target, read_chunks,
+                                  select_new)
+    from kalm_store.input_columns import InputColumns, declared_types
     from kalm_store.model import KaLMModel
-    from kalm_store.records import STDIN, Fields
+    from kalm_store.records import STDIN
     from kalm_store.store import PassageStore
 
     ray_options = ray_options or RayOptions()
@@ -213,34 +217,53 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
 
     db_uri = _absolute(options.db)
     model_ref = _absolute(options.model) if Path(options.model).expanduser().is_dir() else options.model
+    # as the local builder: what needs no model (table layout, input header, first record) comes first
+    target = check_target(replace(options, db=db_uri), storage_options,
+                          max_length=options.max_length if model is None else None)
+    fields = options.fields
+    columns = InputColumns(target.schema if target is not None else None, fields.keep,
+                           declared=declared_types(options.input, options.input_format))
+    vector_dim = None
+    if target is not None and options.vector_field:
+        from kalm_store.schema import decode_metadata
+
+        vector_dim = decode_metadata(target.schema.metadata).get("vector_dim")
+    summary = BuildSummary(max_length=options.max_length)
+    records = open_input(options, fields, vector_dim, columns, summary, on_bad)
     if model is None:
         model = KaLMModel.from_pretrained(model_ref, revision=options.revision, device="cpu",
                                           max_length=options.max_length)
     # the workers encode, on the device _run_window gives them, in options.dtype or that device's default
     worker_device = "cuda" if ray_options.gpus_per_worker > 0 else (options.device or "cpu")
     compute_dtype = options.dtype or ("bfloat16" if worker_device.startswith("cuda") else "float32")
-    store, stored, embedder = open_target(replace(options, db=db_uri), model, storage_options, compute_dtype)
-    vector_dim = store.metadata.get("vector_dim") if store is not None and options.vector_field else None
+    store, stored, embedder = open_target(replace(options, db=db_uri), model, storage_options, target=target,
+                                          compute_dtype=compute_dtype)
+    summary.max_length = model.max_length
+    summary.ratios = options.ratios_for(store)
 
-    summary = BuildSummary(max_length=model.max_length)
     summary.setup_seconds = time.perf_counter() - start  # Ray's own start stays in the measured work
-    fields = Fields(id=options.id_field, text=options.text_field, vector=options.vector_field)
     started_ray = init_ray(ray_options)
     seen: set[str] = set()
     window: list[dict[str, Any]] = []
     window_rows = 0
     try:
-        for k, chunk in enumerate(read_chunks(options, fields, vector_dim, summary, on_bad)):
-            if store is None:  # first chunk of a new table: the vector width is known now
+        for k, chunk in enumerate(read_chunks(options, fields, vector_dim, summary, on_bad, records=records,
+                                              columns=columns)):
+            if store is None:  # first chunk of a new table: the vector width and the input's columns are known now
                 width = len(chunk[0].vector) if options.vector_field and chunk[0].vector else None
-                store = PassageStore.create(db_uri, options.table, model, options.ratios, vector_dim=width,
+                store = PassageStore.create(db_uri, options.table, model, summary.ratios, vector_dim=width,
                                             embedder=embedder, storage_options=storage_options,
-                                            compute_dtype=compute_dtype)
+                                            columns=columns.take_new(), compute_dtype=compute_dtype)
+            if new_columns := columns.take_new():  # fields met first in this chunk: columns before rows
+                store.add_input_columns(new_columns)
             todo = select_new(chunk, seen, stored, summary)
             if todo:
                 item: dict[str, Any] = {"chunk": k, "ids": [r.id for r in todo], "texts": [r.text for r in todo]}
                 if options.vector_field:
                     item["vectors"] = [r.vector for r in todo]
+                extras = columns.table(todo)
+                if extras is not None:
+                    item["extras"] = _ipc_bytes(extras)
                 window.append(item)
             window_rows += len(chunk)
             if window and window_rows >= ray_options.window_rows:
@@ -273,7 +296,7 @@ def _run_window(window: list[dict[str, Any]], store: PassageStore, options: Buil
     spec = {"model": model_ref, "revision": options.revision, "max_length": options.max_length,
             "device": "cuda" if gpus > 0 else (options.device or "cpu"), "dtype": options.dtype,
             "db": db_uri, "table": options.table, "storage_options": storage_options,
-            "ratios": options.ratios, "batch_size": options.batch_size,
+            "ratios": store.ratios, "batch_size": options.batch_size,
             "threads": ray_options.threads_per_worker, "embedder": options.embedder,
             "embedder_model": _absolute(options.embedder_model) if options.embedder_model
             and Path(options.embedder_model).expanduser().is_dir() else options.embedder_model,
@@ -290,13 +313,30 @@ def _run_window(window: list[dict[str, Any]], store: PassageStore, options: Buil
                    "max_length": store.model.max_length if store.model is not None else options.max_length})
     parts = sorted(written.take_all(), key=lambda r: (r["chunk"], r["part"]))  # commit in input order
     fragments = [lance.fragment.FragmentMetadata.from_json(p["fragment"]) for p in parts]  # JSON: no pickle
-    lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Append(fragments), read_version=read_version,
-                              storage_options=storage_options)
+    committed = lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Append(fragments), read_version=read_version,
+                                          storage_options=storage_options)
     summary.written += sum(p["rows"] for p in parts)
+    if committed.version != read_version + 1:  # another writer committed meanwhile: it may hold our ids too
+        from kalm_store.commit import remove_duplicates
+
+        store.refresh()
+        removed = remove_duplicates(store.table, [i for item in window for i in item["ids"]])
+        summary.written -= removed
+        summary.already_stored += removed
     summary.tokens += sum(p["tokens"] for p in parts)
     summary.truncated += sum(p["truncated"] for p in parts)  # as the local builder counts them
     summary.commits += 1
     store.refresh()
+
+
+def _ipc_bytes(table: Any) -> bytes:
+    """An Arrow table as IPC stream bytes (how a chunk's kept input fields travel to the actors)."""
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 # ---------------------------------------------------------------------------------------------- repool

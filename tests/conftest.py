@@ -1,8 +1,38 @@
-"""Shared fixtures: one tiny offline T5Gemma2 checkpoint per test session, and a few passages."""
+"""Shared fixtures: one tiny offline T5Gemma2 checkpoint per test session, and a few passages.
+
+In CI (``CI=true``, as GitHub Actions and ``.ci/run`` set it) ``pytest.importorskip`` fails instead of
+skipping: every module the tests import that way is installed by the README's test command
+(``.[test,ray,s3,plot]``), so a skip there would mean a broken install passing CI. A test that needs
+something the test command does not install (a GPU, say) skips with ``pytest.skip`` and its reason.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+
+def in_ci(environ: dict[str, str] | None = None) -> bool:
+    """True where ``CI`` is set to true (any case) or 1."""
+    return (os.environ if environ is None else environ).get("CI", "").strip().lower() in ("true", "1")
+
+
+_importorskip = pytest.importorskip
+
+
+def _import_or_fail(modname: str, minversion: str | None = None, reason: str | None = None, **kwargs):
+    """``pytest.importorskip`` that fails in CI: there the module must be there."""
+    __tracebackhide__ = True
+    try:
+        return _importorskip(modname, minversion=minversion, reason=reason, **kwargs)
+    except pytest.skip.Exception as e:
+        pytest.fail(f"CI=true: {modname!r} is not importable ({e.msg}); the README test command installs it, "
+                    "so skipping would hide a broken install", pytrace=False)
+
+
+if in_ci():
+    pytest.importorskip = _import_or_fail
 
 
 @pytest.fixture(scope="session")

@@ -166,11 +166,19 @@ def test_pooled_ratio_equals_decoder_over_loop_pooling(model, passages, r):
 
 
 def test_encode_ratios_matches_encode_per_ratio(model, passages):
-    enc = model.encode_ratios(passages, ratios=(1, 4, 32), storage_dtype="float32")
+    """One batched encoder pass for every ratio equals each passage encoded alone by the model's own encoder
+    and pooled by the formula (loop_pool), at every ratio, and equals encode() per ratio."""
+    enc = model.encode_ratios(passages, ratios=(1, 4, 32), storage_dtype="float32", batch_size=4)
     assert enc.token_counts == [len(ref_doc_ids(model.tokenizer, p)) for p in passages]
+    for i, p in enumerate(passages):
+        states = encoder_states(model, ref_doc_ids(model.tokenizer, p))  # (n, d), this passage alone
+        for r in (1, 4, 32):
+            want = loop_pool(states, r).numpy()
+            assert enc.matrices[r][i].shape == want.shape, (i, r)
+            np.testing.assert_allclose(enc.matrices[r][i], want, rtol=0, atol=2e-5)
     for r in (1, 4, 32):
         for a, b in zip(enc.matrices[r], model.encode(passages, ratio=r, storage_dtype="float32")):
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
 
 
 # --------------------------------------------------------------------------- batching and padding never change results
@@ -260,7 +268,17 @@ def test_return_margin_is_the_logit_of_the_score(model, passages):
     scores = model.score(QUERY, mats)
     assert margins.dtype == np.float32
     np.testing.assert_allclose(1.0 / (1.0 + np.exp(-margins.astype(np.float64))), scores, rtol=0, atol=1e-6)
-    assert (margins < 0).any() or (margins > 0).any()
+    # and the margin is the model's own: logit(yes) - logit(no) of the transformers forward over the matrix
+    yes, no = yes_no_ids(model.tokenizer)
+    prompt = ref_prompt_ids(model.tokenizer, QUERY)
+    for mat, margin in zip(mats, margins):
+        with torch.inference_mode():
+            out = model.hf_model(encoder_outputs=BaseModelOutput(last_hidden_state=torch.from_numpy(
+                mat.astype(np.float32))[None]), attention_mask=torch.ones(1, mat.shape[0], dtype=torch.long),
+                decoder_input_ids=torch.tensor([prompt]))
+        want = float(out.logits[0, -1, yes] - out.logits[0, -1, no])
+        assert abs(float(margin) - want) < 1e-4, (margin, want)
+    assert np.ptp(margins) > 0.01  # distinct passages, distinct margins
 
 
 @torch.inference_mode()

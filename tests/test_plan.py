@@ -144,6 +144,34 @@ def test_without_a_sample_the_plan_says_raw(model, built) -> None:
     assert plan.recommended == 4 and p.fits_budget  # the only ratio costed
 
 
+def _tau_by_hand(x, y) -> float:
+    """Kendall tau-b from the definition: (concordant - discordant) / sqrt((n0 - ties_x)(n0 - ties_y))."""
+    c = d = tx = ty = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            a, b = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+            tx += a == 0
+            ty += b == 0
+            c += a * b > 0
+            d += a * b < 0
+    n0 = len(x) * (len(x) - 1) / 2
+    return (c - d) / np.sqrt((n0 - tx) * (n0 - ty))
+
+
+def _ndcg10_by_hand(scores, rel) -> float:
+    ranked = sorted(range(len(scores)), key=lambda i: -scores[i])[:10]
+    dcg = sum(rel[i] / np.log2(k + 2) for k, i in enumerate(ranked))
+    idcg = sum(g / np.log2(k + 2) for k, g in enumerate(sorted(rel, reverse=True)[:10]))
+    return dcg / idcg
+
+
+def _auc_by_hand(scores, labels) -> float:
+    """P(a positive outscores a negative), ties one half, over every (positive, negative) pair."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
 def test_fidelity_is_measured_against_r1(model, built) -> None:
     corpus, _ = built
     texts = [r["text"] for r in corpus[:12]]
@@ -153,10 +181,27 @@ def test_fidelity_is_measured_against_r1(model, built) -> None:
     qrels = {"a": {"p0": 1.0, "p3": 2.0}, "b": {"p5": 1.0}}
     rep = measure_fidelity(model, queries, enc.matrices, passage_ids=ids, qrels=qrels)
     assert rep.queries == 2 and rep.candidates == 12 and rep.judged_queries == 2
-    one = rep.by_ratio()[1]
-    assert one.mean_abs_delta == 0 and one.kendall_tau == pytest.approx(1.0) and one.top10_overlap == 1.0
-    for f in rep.ratios:
-        assert 0 <= f.ndcg_at_10 <= 1 and 0 <= f.roc_auc <= 1 and -1 <= f.kendall_tau <= 1
+    # every figure recomputed independently: scores from KaLMModel.score, metrics by hand (pair loops)
+    scores = {r: np.stack([model.score(q.text, enc.matrices[r]) for q in queries]) for r in (1, 4, 32)}
+    relevance = np.array([[qrels.get(q.id, {}).get(pid, 0.0) for pid in ids] for q in queries])
+    assert np.abs(scores[32] - scores[1]).mean() > 1e-3  # r matters here: the orders below really differ
+    assert _tau_by_hand(scores[32][0], scores[1][0]) < 0.99 or _tau_by_hand(scores[32][1], scores[1][1]) < 0.99
+    got = rep.by_ratio()
+    for r in (1, 4, 32):
+        s, ref = scores[r], scores[1]
+        want_tau = np.mean([_tau_by_hand(s[i], ref[i]) for i in range(2)])
+        want_overlap = np.mean([len(set(np.argsort(-s[i])[:10]) & set(np.argsort(-ref[i])[:10])) / 10
+                                for i in range(2)])
+        want_ndcg = np.mean([_ndcg10_by_hand(s[i], relevance[i]) for i in range(2)])
+        want_auc = _auc_by_hand(s.ravel(), relevance.ravel() > 0)
+        f = got[r]
+        assert f.mean_abs_delta == pytest.approx(np.abs(s - ref).mean(), abs=1e-7), r
+        assert f.kendall_tau == pytest.approx(want_tau, abs=1e-9), r
+        assert f.top10_overlap == pytest.approx(want_overlap), r
+        assert f.ndcg_at_10 == pytest.approx(want_ndcg, abs=1e-9), r
+        assert f.roc_auc == pytest.approx(want_auc, abs=1e-9), r
+    assert got[1].mean_abs_delta == 0 and got[1].kendall_tau == pytest.approx(1.0)
+    assert got[32].mean_abs_delta > 1e-3 and got[32].kendall_tau < 1.0
     with pytest.raises(ValueError, match="r=1"):
         measure_fidelity(model, queries, {4: enc.matrices[4]})
 

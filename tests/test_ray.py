@@ -97,7 +97,7 @@ def test_ray_build_equals_local_build(built):
     assert resumed.duplicates == local.duplicates
     a, b = _snapshot(built["tmp"] / "local"), _snapshot(built["tmp"] / "ray")
     assert a["schema"] == b["schema"] and a["schema"].metadata == b["schema"].metadata
-    assert a["indices"] == b["indices"] == [(("id",), "BTree"), (("text",), "FTS")]
+    assert a["indices"] == b["indices"] == [(("id",), "BTree"), (("text",), "FTS"), (("text_digest",), "BTree")]
     assert [r["id"] for r in a["rows"]] == [r["id"] for r in b["rows"]]
     for x, y in zip(a["rows"], b["rows"]):
         assert x == y, f"row {x['id']} differs"  # every column, kalm_r* bytes included
@@ -161,7 +161,7 @@ def test_repool_on_ray_matches_local_repool(built, ray_local):
     assert res.ratios == b.ratios == [2, 4, 16] and res.rows == 60
     ids = sorted(a.all_ids())
     assert all((x == y).all() for x, y in zip(a.matrices(ids, 16), b.matrices(ids, 16)))
-    assert {tuple(ix.columns) for ix in a.table.list_indices()} == {("id",), ("text",)}
+    assert {tuple(ix.columns) for ix in a.table.list_indices()} == {("id",), ("text",), ("text_digest",)}
 
 
 def test_cli_build_with_engine_ray_equals_the_local_build(built, tiny_model_dir, capsys):
@@ -205,3 +205,32 @@ def test_ray_appends_to_a_table_with_a_column_a_user_added(built, tiny_model_dir
     rows = {r["id"]: r for r in lancedb.connect(str(tmp_path / "db")).open_table("docs").to_arrow().to_pylist()}
     assert rows["new3"]["url"] is None and rows["p0"]["url"] == "https://docs/p0"
     assert rows["new3"]["text_digest"] is not None and rows["new3"]["kalm_r4"] is not None
+
+
+def test_ray_build_keeps_input_fields_as_the_local_build_does(built, tiny_model_dir, model, tmp_path):
+    """Kept input fields travel to the actors typed (Arrow IPC) and land in the same columns as a local
+    build's, including one first met in a later chunk (a column the driver adds before the window)."""
+    import torch
+
+    from kalm_store.build import build
+    from kalm_store.input_columns import is_input_column
+    from kalm_store.plugins.ray import RayOptions, build_on_ray
+
+    rows = [dict(r, module=["json", "os"][i % 2], year=2000 + i) for i, r in
+            enumerate(json.loads(line) for line in built["corpus"].read_text().splitlines())]
+    assert rows[-1]["text"] == "a later duplicate that must be skipped"
+    rows[-2]["late"] = {"a": 1}  # first met in the last chunk: a struct column, null before
+    corpus = tmp_path / "fields.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    local = build(_options(corpus, tmp_path / "local", tiny_model_dir), model=model)
+    remote = build_on_ray(_options(corpus, tmp_path / "ray", tiny_model_dir),
+                          RayOptions(workers=1, threads_per_worker=torch.get_num_threads()), model=model)
+    assert remote.written == local.written == 60
+    a, b = _snapshot(tmp_path / "local"), _snapshot(tmp_path / "ray")
+    assert a["schema"] == b["schema"] and is_input_column(b["schema"].field("late"))
+    assert str(b["schema"].field("year").type) == "int64" and str(b["schema"].field("late").type) == "struct<a: int64>"
+    for x, y in zip(a["rows"], b["rows"]):
+        assert x == y, f"row {x['id']} differs"  # kept fields, matrices and vectors alike
+    by_id = {r["id"]: r for r in b["rows"]}
+    assert by_id["p0"]["module"] == "json" and by_id["p0"]["late"] is None
+    assert by_id[rows[-2]["id"]]["late"] == {"a": 1}

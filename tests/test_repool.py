@@ -82,8 +82,8 @@ def test_refusals(model, tmp_path) -> None:
         repool_store(store, 4, 4)
     with pytest.raises(RepoolError, match="not the source r=2"):
         repool_store(store, 2, 16)
-    with pytest.raises(RepoolError, match="already stores r=8"):
-        repool_store(store, 4, 8)
+    again = repool_store(store, 4, 8)  # a finished run, run again: not an error, nothing written
+    assert again.nothing_to_do and again.rows == again.filled == 0 and again.ratios == [4, 8]
     with pytest.raises(ValueError, match="to_ratio must be one of"):
         repool_store(store, 4, 12)
     version = store.table.version
@@ -108,6 +108,35 @@ def test_interrupted_run_is_finished_by_running_again(model, tmp_path) -> None:
     assert store.ratios == [2] and "kalm_r4" in store.table.schema.names
     again = repool_store(store, 2, 4)
     assert again.rows == 0 and store.ratios == [2, 4]
+
+
+def test_an_interrupted_drop_source_run_is_finished_by_the_same_command(model, tmp_path, capsys) -> None:
+    """Killed between the metadata commit (r=4 no longer listed) and the column drop, the source column
+    stays on disk. Before: the same command exited 1 ("not the source r=4"). Now it drops the column;
+    run once more, and a finished run without --drop-source, it exits 0 with "nothing to do"."""
+    from kalm_store.cli import main
+
+    store = make_store(model, tmp_path, [4])
+    repool_store(store, 4, 8)
+    set_ratios(store.table, [8])  # the kill: drop_ratio's metadata commit landed, drop_columns did not
+    assert "kalm_r4" in store.table.schema.names and store.ratios == [8]
+    argv = ["repool", "--db", str(tmp_path), "--table", "docs", "--from", "4", "--to", "8", "--drop-source"]
+    assert main(argv) == 0
+    assert "completed an interrupted re-pool to r=8; dropped r=4" in capsys.readouterr().out
+    store.refresh()
+    assert "kalm_r4" not in store.table.schema.names and store.ratios == [8]
+    assert len(store.matrices(["p0", "p1"], 8)) == 2
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith("nothing to do: table 'docs' stores r=8 for every row")
+
+    other = make_store(model, tmp_path / "b", [2])
+    argv = ["repool", "--db", str(tmp_path / "b"), "--table", "docs", "--from", "2", "--to", "4"]
+    assert main(argv) == 0 and "re-pooled 50 rows" in capsys.readouterr().out
+    other.refresh()
+    version = other.table.version
+    assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
+    other.refresh()
+    assert other.table.version == version  # the second run wrote nothing
 
 
 def test_an_update_during_an_unfinished_repool_leaves_null_which_repool_fills(model, tmp_path, capsys) -> None:
@@ -140,8 +169,7 @@ def test_an_update_during_an_unfinished_repool_leaves_null_which_repool_fills(mo
     got = store.table.to_lance().to_table(columns=["id", "n_tokens", "kalm_r4"], filter="id = 'p1'").to_pylist()[0]
     want = repool(store.matrices(["p1"], 2)[0], got["n_tokens"], 2, 4)  # from the edited text's own r=2 matrix
     assert got["kalm_r4"] == encode_matrix(to_float16(want)) and got["kalm_r4"] != old_r4
-    with pytest.raises(RepoolError, match="already stores r=4"):  # nothing left to fill
-        repool_store(store, 2, 4)
+    assert repool_store(store, 2, 4).nothing_to_do  # nothing left to fill
 
 
 def test_fill_skips_a_row_replaced_since_it_was_read(model, tmp_path) -> None:

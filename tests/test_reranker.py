@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-lancedb = pytest.importorskip("lancedb")
+import lancedb  # a core dependency: never skipped
+from lancedb.index import FTS
 
-from kalm_store.codec import CorruptMatrixError  # noqa: E402
-from lancedb.index import FTS  # noqa: E402
-from kalm_store.plugins.lancedb import KaLMReranker, finish_results  # noqa: E402
+from kalm_store.codec import CorruptMatrixError
+from kalm_store.plugins.lancedb import KaLMReranker, finish_results
 from kalm_store.store import PassageStore, StoreMismatchError  # noqa: E402
 
 QUERY = "how do I parse json?"

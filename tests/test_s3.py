@@ -54,8 +54,10 @@ def test_storage_options_from_environment_and_flags():
     assert storage_options("gs://b/db", {"service_account": "x"}, environ=env) == {"service_account": "x"}
     with pytest.raises(ValueError, match="unsupported database URI scheme 'ftp'"):
         storage_options("ftp://b/db")
-    with pytest.raises(Exception, match="KEY=VALUE"):
-        parse_storage_option("region")
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^storage option must look like KEY=VALUE .*got 'region'$"):
+        parse_storage_option("region")  # an argparse type: the CLI turns it into a usage error
 
 
 def test_cli_build_info_plan_search_repool_on_s3(aws_env, tmp_path, tiny_model_dir, passages, capsys):
@@ -78,10 +80,19 @@ def test_cli_build_info_plan_search_repool_on_s3(aws_env, tmp_path, tiny_model_d
     planned = json.loads(capsys.readouterr().out)["ratios"][0]  # the store's own model, read from its metadata
     stored = PassageStore.open(db, "docs", storage_options=storage_options(db)).info()["columns"]["kalm_r2"]
     assert planned["stored_bytes_total"] == pytest.approx(stored["stored_bytes"], rel=0.02)
-    assert main(["search", "what is JSON?", "--db", db, "--table", "docs", "--model", str(tiny_model_dir),
+    assert main(["search", "JSON file text", "--db", db, "--table", "docs", "--model", str(tiny_model_dir),
                  "--mode", "fts", "-k", "2", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)["results"]
-    assert 1 <= len(hits) <= 2
+    # the right hits: the FTS candidates read from the bucket, ranked by KaLMModel.score of their stored matrices
+    from kalm_store import KaLMModel
+
+    s3_store = PassageStore.open(db, "docs", storage_options=storage_options(db))
+    cand = s3_store.table.search("JSON file text", query_type="fts").limit(100).select(["id"]).to_arrow()
+    cand_ids = cand.column("id").to_pylist()
+    scores = KaLMModel.from_pretrained(tiny_model_dir).score("JSON file text", s3_store.matrices(cand_ids, 2))
+    want = sorted(zip(cand_ids, scores.tolist()), key=lambda t: -t[1])[:2]
+    assert len(cand_ids) >= 3 and [h["id"] for h in hits] == [i for i, _ in want]
+    assert [h["score"] for h in hits] == pytest.approx([s for _, s in want], abs=1e-6)
     assert main(["repool", "--db", db, "--table", "docs", "--from", "2", "--to", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ratios"] == [2, 8]
     store = PassageStore.open(db, "docs", storage_options=storage_options(db))

@@ -172,13 +172,31 @@ def test_stdlib_corpus():
         stdlib_passages(0)
 
 
-def test_cli_demo_with_model_folder(tiny_model_dir, tmp_path, capsys):
+def test_cli_demo_with_model_folder(tiny_model_dir, tmp_path, capsys, model):
+    import lancedb
+
+    from kalm_store.corpus import stdlib_passages
+
     rc = main(["demo", "--model", str(tiny_model_dir), "--db", str(tmp_path), "--passages", "24",
                "--no-embedder", "-k", "3", "how do I parse json?"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "first stage is full-text search only" in out
     assert "query: how do I parse json?" in out and "FALLING BACK" not in out
+    # the printed hits are the right ones: the demo table holds the 24 stdlib passages, and the top 3 are
+    # the FTS candidates (50 asked) ranked by KaLMModel.score over the passages encoded here, afresh
+    block = out.split("query: how do I parse json?", 1)[1].splitlines()[2:5]
+    printed = [(line.split()[2], float(line.split()[1])) for line in block]
+    docs = {d["id"]: d["text"] for d in stdlib_passages(24)}
+    tbl = lancedb.connect(str(tmp_path)).open_table("stdlib")
+    assert dict(zip(*tbl.to_arrow().select(["id", "text"]).to_pydict().values())) == docs
+    cands = tbl.search("how do I parse json?", query_type="fts").limit(50).select(["id"]).to_arrow()
+    ids = cands.column("id").to_pylist()
+    assert len(ids) >= 3
+    scores = model.score("how do I parse json?", model.encode([docs[i] for i in ids], ratio=4))
+    want = sorted(zip(ids, scores.tolist()), key=lambda t: -t[1])[:3]
+    assert [i for i, _ in printed] == [i for i, _ in want]
+    np.testing.assert_allclose([s for _, s in printed], [s for _, s in want], atol=1e-4)
 
 
 def test_cli_demo_falls_back_to_test_model_plainly(tmp_path, capsys):

@@ -146,7 +146,10 @@ def test_version_1_tables_without_digests_are_read_and_appended_to(tmp_path, mod
     assert [m.tobytes() for m in old.matrices([f"p{i}" for i in range(6)], 4)] == [m.tobytes() for m in want]
     rr = KaLMReranker(model, table=old.table)
     assert rr.columns == ["id", "n_tokens", "kalm_r4"]
-    assert rr.rerank_table("q", old.table.search().select(["text"] + rr.columns).limit(10).to_arrow()).num_rows == 6
+    ranked = rr.rerank_table("q", old.table.search().select(["text"] + rr.columns).limit(10).to_arrow())
+    want_scores = model.score("q", want)  # the v1 rows score as their matrices do (no digest check to pass)
+    assert ranked.column("id").to_pylist() == [f"p{i}" for i in np.argsort(-want_scores, kind="stable")]
+    np.testing.assert_allclose(ranked.column("_relevance_score").to_numpy(), np.sort(want_scores)[::-1], atol=1e-6)
     assert old.upsert([{"id": "p0", "text": "new text"}]) == 1
 
 
@@ -175,8 +178,10 @@ def test_open_refuses_another_model_and_plain_tables(tmp_path, store, model):
 
 def test_check_layout_names_each_difference(store):
     store.check_layout([8, 4], vectors="none")
-    with pytest.raises(StoreMismatchError, match=r"ratios: table has \[4, 8\], build asks for \[4\]"):
-        store.check_layout([4], vectors="none")
+    store.check_layout([4], vectors="none")  # some of the stored ratios: the build writes them all
+    with pytest.raises(StoreMismatchError, match=r"ratios: table has \[4, 8\], build asks for \[4, 16\], which the "
+                                                 r"table does not store: \[16\]"):
+        store.check_layout([4, 16], vectors="none")
     with pytest.raises(StoreMismatchError, match="vectors: table's are 'none', build's are 'brought'"):
         store.check_layout([4, 8], vectors="brought", vector_dim=3)
 
@@ -193,7 +198,7 @@ def test_info_bytes_are_bytes_on_disk(store, tmp_path):
         assert c["value_bytes"] <= c["stored_bytes"] <= c["value_bytes"] + 4096  # no Lance compression layer
         raw = sum(-(-n // r) for n in store.table.to_arrow().column("n_tokens").to_pylist()) * store.dim * 2
         assert c["raw_float16_bytes"] == raw
-    assert {ix["name"] for ix in info["indices"]} == {"text_idx", "id_idx"}
+    assert {ix["name"] for ix in info["indices"]} == {"text_idx", "id_idx", "text_digest_idx"}  # the server looks texts up by digest
 
 
 def test_decode_rows_and_ratio_check(store):

@@ -8,8 +8,13 @@ import sys
 from importlib import import_module
 
 # Lance deletes rows and drops columns in metadata, rewriting nothing: said by repool and build.
-COMPACT_HINT = ("bytes leave the disk when the data files are compacted and old versions cleaned up "
-                "(LanceDB: tbl.optimize(cleanup_older_than=timedelta(0)))")
+def compact_hint(db: str = "URI", table: str = "NAME") -> str:
+    """How the bytes of deleted rows and dropped columns leave the disk, naming the command to run."""
+    return ("bytes leave the disk when the data files are compacted and old versions cleaned up "
+            f"(`kalm-store optimize --db {db} --table {table}`)")
+
+
+COMPACT_HINT = compact_hint()
 
 # sub-command -> module under kalm_store.cli; modules import torch/lancedb only inside ``run``.
 COMMANDS = {
@@ -19,9 +24,11 @@ COMMANDS = {
     "build": "build",
     "info": "info",
     "verify": "verify",
+    "optimize": "optimize",
     "search": "search",
     "eval": "eval",
     "finetune": "finetune",
+    "serve": "serve",
     "demo": "demo",
 }
 
@@ -35,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "rerank LanceDB searches from them with the decoder alone.",
     )
     parser.add_argument("--version", action="version", version=f"kalm-store {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the Python traceback instead of the one-line message; put it "
+                             "before the command: kalm-store --debug build ... (default: one line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
         import_module(f"kalm_store.cli.{module}").register(sub, name)
@@ -60,19 +70,23 @@ def main(argv: list[str] | None = None) -> int:
         # Python would report the pipe again while flushing stdout at exit: point stdout at devnull first
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, TypeError, OSError) as e:  # user-facing errors: one line, no traceback
-        print(f"kalm-store {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyError as e:
-        from kalm_store.store import MissingRowError
-
-        if not isinstance(e, MissingRowError):  # any other KeyError is a bug: keep its traceback
-            raise
-        print(f"kalm-store {args.command}: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"kalm-store {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # one line naming the input and what to do; the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"kalm-store {args.command}: error: {_message(e, args)}", file=sys.stderr)
+        return 1
+
+
+def _message(e: Exception, args: argparse.Namespace) -> str:
+    from kalm_store.cli.errors import describe
+    from kalm_store.store import MissingRowError
+
+    if isinstance(e, MissingRowError):  # a KeyError of ours, not a bug
+        return str(e)
+    return describe(e, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from kalm_store.build import EMBEDDERS, BuildOptions, BuildSummary
-from kalm_store.cli import COMPACT_HINT
+from kalm_store.cli import compact_hint
 from kalm_store.records import FORMATS
 
 _EPILOG = """\
@@ -24,12 +24,21 @@ new rows (a Lance merge-insert on id); unchanged records cost one read of their 
 with the input's current version of the corpus; re-running it changes nothing more. Deleting passages
 is plain LanceDB, tbl.delete("id IN ('a', 'b')"), or --delete-missing: once the whole input has been
 read and committed, stored ids it does not hold are deleted, so that the table mirrors the input
-(with --update: edits, additions and removals in one run). It refuses --skip-bad, and a build
-stopped by an error deletes nothing.
+(with --update: edits, additions and removals in one run). It refuses --skip-bad, a build
+stopped by an error deletes nothing, and it refuses to delete more than half of the stored rows (the
+input is more likely truncated or misread) unless --allow-mass-delete is given.
 
-Refusals (before anything is encoded): an existing table built with another model fingerprint,
-template version, max_length, d, other ratios, or another vector setup. A bad record (missing field,
-non-string text, wrong vector width, non-finite vector) stops the build with an error naming its line;
+Other input fields (url, title, date...) are kept as columns, to filter (search --where) and show
+(search --field): each column's Arrow type is set by the field's first value (or the table's column)
+and held for every later record and build; a value of another type stops the build naming the line
+and the field. --keep-field NAME keeps only the fields named, --drop-fields none. With --update, a
+record whose text is unchanged but whose kept fields differ has only those values replaced.
+
+Refusals (before the model is loaded): an existing table built with another template version,
+max_length, a ratio it does not store, or another vector setup; an input whose header or first record
+is wrong. After loading: another model fingerprint or d. A bad record (missing field,
+non-string text, wrong vector width, non-finite vector; in CSV a record with another number of fields
+than the header, or a quote not closed where it should be) stops the build with an error naming its line;
 the valid records before it are committed, nothing stored is lost. With --skip-bad, bad records are
 skipped instead and each is written to the --skip-report file as one JSON line
 {"where": "corpus.jsonl:17", "id": "p17" or null, "error": "..."}; the summary counts them.
@@ -56,13 +65,22 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--table", required=True, help="table name; created if missing, else resumed (required)")
     p.add_argument("--model", required=True, help="KaLM checkpoint: hub id or local folder (required)")
     p.add_argument("--ratio", type=int, action="append", dest="ratios", metavar="R",
-                   help="MEP ratio to store, one of 1 2 4 8 16 32; repeat for several (default: 4)")
+                   help="MEP ratio to store, one of 1 2 4 8 16 32; repeat for several (default: 4 for a new "
+                        "table). Rows added to an existing table get every ratio it stores (also those a "
+                        "repool added); a ratio it does not store is refused")
     p.add_argument("--id-field", default=d.id_field, help=f"input field holding the passage id (default: {d.id_field})")
     p.add_argument("--text-field", default=d.text_field,
                    help=f"input field holding the passage text (default: {d.text_field})")
     p.add_argument("--vector-field", default=None,
                    help="input field holding a brought retrieval embedding (a list of numbers; in CSV a JSON "
                         "array); all the same width (default: none)")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--keep-field", action="append", dest="keep_fields", default=None, metavar="NAME",
+                      help="keep only this other input field as a column (repeatable); default: every field "
+                           "besides id, text and vector is kept, with its Arrow type inferred from its first "
+                           "value and held by the table (filter with search --where, show with --field)")
+    keep.add_argument("--drop-fields", action="store_true",
+                      help="keep no other input field: store id, text, vector and the matrices only")
     p.add_argument("--embedder", choices=EMBEDDERS, default=None,
                    help="compute the vector column with this LanceDB embedding-registry function, recorded in "
                         "the table so searches embed queries the same way (default: none)")
@@ -95,6 +113,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                         "those rows (default: skip every stored id)")
     p.add_argument("--delete-missing", action="store_true",
                    help="after the whole input: delete stored rows whose id it does not hold (default: keep them)")
+    p.add_argument("--allow-mass-delete", action="store_true",
+                   help="let --delete-missing delete more than half of the stored rows (default: refuse; such an "
+                        "input is more likely truncated or misread than the corpus)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad records (invalid JSON or UTF-8, missing or wrongly typed fields, wrong vector "
                         "width, NaN) and report them instead of stopping (default: stop at the first one)")
@@ -113,13 +134,14 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
     """The typed options of parsed ``build`` flags (validated)."""
     opts = BuildOptions(
-        input=args.input, db=args.db, table=args.table, model=args.model, ratios=args.ratios or [4],
+        input=args.input, db=args.db, table=args.table, model=args.model, ratios=args.ratios,
         id_field=args.id_field, text_field=args.text_field, vector_field=args.vector_field,
         embedder=args.embedder, embedder_model=args.embedder_model, embedder_device=args.embedder_device,
         input_format=args.input_format, chunk_size=args.chunk_size, batch_size=args.batch_size,
         max_length=args.max_length, revision=args.revision, device=args.device, dtype=_dtype(args),
         fts_index=args.fts_index, id_index=args.id_index, progress=args.progress and sys.stderr.isatty(),
-        update=args.update, delete_missing=args.delete_missing)
+        update=args.update, delete_missing=args.delete_missing, allow_mass_delete=args.allow_mass_delete,
+        keep_fields=[] if args.drop_fields else args.keep_fields)
     from kalm_store.storage import options_from_args as storage_from_args
 
     opts.storage_options = storage_from_args(args)
@@ -159,9 +181,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         summary = build(opts, on_commit=on_commit)
     print(f"kalm-store build: {opts.db} / {opts.table}: {summary.line()}")
+    if opts.ratios is not None and summary.ratios and summary.ratios != opts.ratios:
+        print(f"kalm-store build: the table stores ratios {summary.ratios}: rows were written at each of them "
+              f"(--ratio asked for {opts.ratios}; the others pooled from the same encoder states)")
     if summary.updated or summary.deleted:
         print(f"kalm-store build: replaced and deleted rows stay in `kalm-store info`'s bytes until compacted: "
-              f"their {COMPACT_HINT}")
+              f"their {compact_hint(opts.db, opts.table)}")
     if args.skip_bad and getattr(args, "engine", "local") != "ray":
         print(f"kalm-store build: {summary.bad} bad records skipped; report: {report}")
     return 0

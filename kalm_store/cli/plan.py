@@ -146,7 +146,7 @@ def _read_corpus(opts: PlanOptions) -> tuple[list[str], list[str]]:
     """Ids and texts of the input file, first occurrence of an id wins (as `kalm-store build` stores)."""
     from kalm_store.records import Fields, read_records, validate_record
 
-    fields = Fields(id=opts.id_field, text=opts.text_field)
+    fields = Fields(id=opts.id_field, text=opts.text_field, keep=())  # other fields: not read at all
     ids, texts, seen = [], [], set()
     assert opts.input is not None
     for where, raw in read_records(opts.input, opts.format, fields=fields):  # type: ignore[arg-type]
@@ -184,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
         meta = store.metadata
         model_name = model_name or meta.get("model_id")
         max_length = max_length or meta.get("max_length")
+    else:  # the whole input is read and checked before the model loads: a bad file costs a second
+        ids, texts = _read_corpus(opts)
     kwargs = {} if max_length is None else {"max_length": int(max_length)}
     from kalm_store.dtypes import resolve_dtype, torch_dtype
 
@@ -200,7 +202,6 @@ def run(args: argparse.Namespace) -> int:
         counts = meta_rows.column("n_tokens").to_numpy().astype(np.int64)
         texts = None
     else:
-        ids, texts = _read_corpus(opts)
         counts = token_counts(model, texts, show_progress=progress)
 
     must: list[int] = []

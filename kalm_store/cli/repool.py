@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
-from kalm_store.cli import COMPACT_HINT
+from kalm_store.cli import COMPACT_HINT, compact_hint
 
 
 @dataclass(frozen=True)
@@ -87,13 +87,17 @@ def run(args: argparse.Namespace) -> int:
     if opts.json:
         print(json.dumps(asdict(result)))
         return 0
+    if result.nothing_to_do:
+        print(f"nothing to do: table {opts.table!r} stores r={result.to_ratio} for every row (ratios "
+              f"{result.ratios}, version {result.version})")
+        return 0
     if result.rows:
         done = f"re-pooled {result.rows:,} rows from r={result.from_ratio} to r={result.to_ratio}"
     elif result.filled:
         done = (f"re-derived {result.filled:,} rows that held null at r={result.to_ratio} (written by a writer "
                 f"unaware of it) from r={result.from_ratio}")
-    else:
-        done = f"completed an interrupted re-pool: r={result.to_ratio} recorded in the table metadata"
-    dropped = f"; dropped r={result.dropped} (its {COMPACT_HINT})" if result.dropped is not None else ""
+    else:  # an interrupted run: its metadata commit, or (with --drop-source) its column drop, was missing
+        done = f"completed an interrupted re-pool to r={result.to_ratio}"
+    dropped = f"; dropped r={result.dropped} (its {compact_hint(opts.db, opts.table)})" if result.dropped is not None else ""
     print(f"{done}{dropped}; table {opts.table!r} stores ratios {result.ratios} (version {result.version})")
     return 0

@@ -18,9 +18,15 @@ checks each query makes for its own candidates; verify runs them over the whole 
 Exit status: 0 when every row passes, 3 when any fails (the report names them), 1 when the check could
 not run (a wrong --db, --table or --ratio, as for every command), so a cron job can tell them apart.
 
+Also checked: no id is stored twice (two builds racing before kalm-store stored ids only if absent),
+and every index the table lists answers a query that reads it (a removed or truncated index folder
+fails). A missing full-text or id index is reported, not failed (a build with --no-fts-index).
+
 Repairs: a stale text is re-encoded by `kalm-store build INPUT --update` with the current corpus. A
 damaged value is not (its text is unchanged): delete those rows (tbl.delete("id IN (...)")) and run
-the build again, which stores them anew. A null value at a repooled ratio comes from a writer unaware
+the build again, which stores them anew. Duplicate ids: `kalm-store optimize --db URI --table NAME
+--dedupe` (the first committed copy stays). A damaged or missing index: `kalm-store optimize --db URI
+--table NAME` creates it anew. A null value at a repooled ratio comes from a writer unaware
 of that ratio (an append, or an update during an unfinished repool): run the same
 `kalm-store repool --from R --to R2` again, which re-derives exactly those rows.
 """
@@ -65,5 +71,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<10} ok {col.ok}, {kind} {col.bad}")
         for pid, reason in col.examples:
             print(f"      {pid}: {reason}")
+    repair = f"kalm-store optimize --db {args.db} --table {args.table}"
+    print(f"  {'id':<10} duplicated {report.duplicate_ids}"
+          + (f" (repair: `{repair} --dedupe` keeps the first committed copy)" if report.duplicate_ids else ""))
+    for pid, n in report.duplicate_examples:
+        print(f"      {pid}: stored {n} times")
+    for problem in report.index_problems:
+        print(f"  index {problem.name} on {problem.columns} cannot be read: {problem.error} (repair: `{repair}` "
+              "creates it anew)")
+    if report.missing_indices:
+        print(f"  no index on {report.missing_indices} (searches needing it refuse; `{repair}` creates it)")
     print("all rows pass" if report.ok else "problems found: see `kalm-store verify --help` for repairs")
     return 0 if report.ok else PROBLEMS_FOUND

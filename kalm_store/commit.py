@@ -1,0 +1,197 @@
+"""Committing rows to a passage store while other processes write it too.
+
+Two rules hold for every chunk a writer commits, whoever else commits meanwhile:
+
+* **No id is stored twice.** Rows are inserted only where their id is absent (a Lance merge-insert on
+  ``id`` whose not-matched rows are inserted), checked against the version the merge reads. Lance
+  does not detect two concurrent inserts of one key (pylance 14: both commit), so when other commits
+  landed between the version read and ours, the ids just written are counted again and any extra copy
+  is deleted: the copy with the lowest ``_rowid`` (the first committed) stays, so every writer that
+  checks keeps the same one. A writer killed between its commit and that check can leave a duplicate:
+  ``kalm-store verify`` names it and ``kalm-store optimize --dedupe`` removes it.
+* **A replaced row never keeps another text's matrix.** A merge-insert keeps the old value of every
+  column the new rows lack. The rows are therefore completed with null for every ``kalm_r*`` column of
+  the very version the merge reads (pinned), and Lance's own retry, which would run the same rows
+  against a newer version whose ``repool`` added a column, is off: a conflict re-reads the latest
+  version, completes the rows for its columns, and merges again. Where Lance instead rebases our
+  commit over a column added meanwhile, the new rows' fragments lack that column, which reads as null.
+  Null is what reads and ``verify`` name and what ``repool`` re-derives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyarrow as pa
+
+from . import schema
+
+CONFLICT_RETRIES = 16  # merges re-run (from the latest version) after a retryable commit conflict
+
+T = TypeVar("T")
+
+
+def is_retryable_conflict(error: BaseException) -> bool:
+    """True for Lance's retryable commit conflict: another writer committed first, try again.
+
+    Lance raises it as ``lance.commit.CommitConflictError`` from some calls and as an ``OSError`` whose
+    text says so from others (merge-insert with its own retries off, index creation through LanceDB).
+    """
+    from lance.commit import CommitConflictError
+
+    if isinstance(error, CommitConflictError):
+        return True
+    text = str(error)
+    return isinstance(error, (OSError, RuntimeError, ValueError)) and (
+        "Retryable commit conflict" in text or "etryable" in text and "conflict" in text.lower()
+        or "Too many concurrent writers" in text)
+
+
+def retry_conflicts(action: Callable[[], T], what: str, *, retries: int = CONFLICT_RETRIES,
+                    before_retry: Callable[[], None] | None = None) -> T:
+    """Run ``action``; after a retryable commit conflict, back off and run it again (``retries`` times).
+
+    ``before_retry`` (for example ``table.checkout_latest``) runs before each new attempt. The last
+    conflict is raised as a ``RuntimeError`` naming ``what`` and saying to run the command again.
+    """
+    for attempt in range(retries + 1):
+        try:
+            return action()
+        except Exception as e:  # noqa: BLE001 - only retryable conflicts are caught, the rest re-raised
+            if not is_retryable_conflict(e):
+                raise
+            if attempt == retries:
+                raise RuntimeError(f"{what} lost {attempt + 1} commit races to concurrent writers; run the same "
+                                   "command again once they have finished") from e
+            time.sleep(min(0.02 * 2**attempt, 1.0))
+            if before_retry is not None:
+                before_retry()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """What :func:`commit_rows` did."""
+
+    inserted: int  # rows whose id was absent, inserted
+    replaced: int  # stored rows replaced (``replace=True`` only)
+    skipped: int  # rows whose id was stored by the time of the commit (another writer was first)
+    duplicates_removed: int  # extra copies of our ids, committed concurrently by another writer, deleted
+    version: int  # table version after the commit (and any clean-up)
+
+
+def commit_rows(table: Any, rows: pa.Table, *, replace: bool = False) -> CommitResult:
+    """Commit ``rows`` to the LanceDB ``table`` in one Lance commit, under the rules of this module.
+
+    Parameters
+    ----------
+    table : lancedb.table.LanceTable
+        The passage store's table; it is checked out at the latest version afterwards.
+    rows : pyarrow.Table
+        Rows of the table's schema (:meth:`PassageStore.rows_table`), ids distinct. Columns they lack
+        hold null in inserted rows; in replaced rows user columns keep their values and every
+        ``kalm_r*`` column they lack holds null.
+    replace : bool, default False
+        Also replace the stored rows of the same ids; otherwise rows whose id is stored are skipped.
+
+    Returns
+    -------
+    CommitResult
+    """
+    ids = rows.column("id").to_pylist()
+    for attempt in range(CONFLICT_RETRIES + 1):
+        table.checkout_latest()
+        ds = table.to_lance()  # pinned: the merge reads exactly this version
+        read_version = ds.version
+        full = complete_rows(table, ds.schema, rows, replace=replace)
+        merge = ds.merge_insert("id")
+        if replace:
+            merge = merge.when_matched_update_all()
+        merge = merge.when_not_matched_insert_all().conflict_retries(0)
+        try:
+            stats = merge.execute(full)
+            break
+        except Exception as e:  # noqa: BLE001 - only retryable conflicts are caught, the rest re-raised
+            if not is_retryable_conflict(e):
+                raise
+            if attempt == CONFLICT_RETRIES:
+                raise RuntimeError(f"a commit to table {table.name!r} lost {attempt + 1} races to concurrent "
+                                   "writers; run the same command again (it resumes)") from e
+            time.sleep(min(0.02 * 2**attempt, 1.0))
+    inserted, replaced = int(stats["num_inserted_rows"]), int(stats["num_updated_rows"])
+    removed = 0
+    table.checkout_latest()
+    if ds.version != read_version + 1:  # other commits landed in between: one may hold our ids as well
+        removed = remove_duplicates(table, ids)
+    return CommitResult(inserted=inserted, replaced=replaced, skipped=len(ids) - inserted - replaced,
+                        duplicates_removed=removed, version=table.version)
+
+
+def complete_rows(table: Any, target: pa.Schema, rows: pa.Table, *, replace: bool) -> pa.Table:
+    """``rows`` with the columns a merge into ``target`` needs: vectors an embedding function computes,
+    and (``replace=True``) null at each ``kalm_r*`` column of ``target`` the rows lack."""
+    rows = _with_embeddings(table, target, rows)
+    if replace:
+        for f in target:
+            if schema.ratio_of_column(f.name) is not None and f.name not in rows.column_names:
+                rows = rows.append_column(f, pa.nulls(rows.num_rows, f.type))
+    return rows
+
+
+def _with_embeddings(table: Any, target: pa.Schema, rows: pa.Table) -> pa.Table:
+    """Compute the vector columns of the table's LanceDB embedding functions that ``rows`` lack.
+
+    LanceDB does this inside its own ``add`` / ``merge_insert``; a merge pinned to one version goes to
+    Lance directly, so it is done here, with the function the table records (as LanceDB would).
+    """
+    from lancedb.embeddings import EmbeddingFunctionRegistry
+
+    functions = EmbeddingFunctionRegistry.get_instance().parse_functions(target.metadata)
+    for column, conf in functions.items():
+        if column in rows.column_names or column not in target.names:
+            continue
+        field = target.field(column)
+        vectors = conf.function.compute_source_embeddings_with_retry(rows.column(conf.source_column))
+        rows = rows.append_column(field, pa.array([list(v) for v in vectors], type=field.type))
+    return rows
+
+
+def duplicate_ids(table: Any, ids: Sequence[str] | None = None) -> dict[str, list[int]]:
+    """Ids stored more than once (among ``ids``, default every stored id) -> their ``_rowid`` values, sorted."""
+    from .store import sql_in
+
+    ds = table.to_lance()
+    seen: dict[str, list[int]] = {}
+    chunks = [None] if ids is None else [list(ids)[i:i + 1000] for i in range(0, len(ids), 1000)]
+    for part in chunks:
+        scanner = ds.to_batches(columns=["id"], with_row_id=True,
+                                filter=None if part is None else sql_in("id", part))
+        for batch in scanner:
+            for pid, rowid in zip(batch.column("id").to_pylist(), batch.column("_rowid").to_pylist()):
+                seen.setdefault(pid, []).append(rowid)
+    return {pid: sorted(r) for pid, r in seen.items() if len(r) > 1}
+
+
+def remove_duplicates(table: Any, ids: Sequence[str] | None = None) -> int:
+    """Delete every copy but the first committed (lowest ``_rowid``) of ids stored more than once.
+
+    Returns the copies deleted. Every writer keeps the same copy, so two of them removing the same
+    duplicates at once delete the same rows (Lance retries the losing delete).
+    """
+    dups = duplicate_ids(table, ids)
+    extra = [r for rowids in dups.values() for r in rowids[1:]]
+    removed = 0
+    for i in range(0, len(extra), 1000):
+        where = f"_rowid IN ({', '.join(map(str, extra[i:i + 1000]))})"
+        retry_conflicts(lambda w=where: table.to_lance().delete(w), f"removing duplicate ids from table {table.name!r}",
+                        before_retry=table.checkout_latest)
+        removed += len(extra[i:i + 1000])
+    table.checkout_latest()
+    return removed
+
+
+__all__ = ["CommitResult", "commit_rows", "duplicate_ids", "is_retryable_conflict", "remove_duplicates",
+           "retry_conflicts"]

@@ -141,6 +141,7 @@ def search(
     batch_size: int = 32,
     storage_options: dict[str, str] | None = None,
     device: str | None = None,
+    dtype: str | None = None,
 ) -> list[dict[str, Any]]:
     """Search a kalm-store table and rerank the candidates with KaLM from their stored matrices.
 
@@ -180,6 +181,9 @@ def search(
         Object-store options for ``lancedb.connect``.
     device : str, optional
         Device of a model loaded here from a hub id or folder; default ``None`` picks CUDA when available.
+    dtype : {"float32", "bfloat16"}, optional
+        Compute dtype of a model loaded here (any table scores in either: storage is float16); default
+        ``None``: bfloat16 on CUDA, float32 on CPU. ``"auto"`` is resolved by :func:`kalm_store.dtypes.resolve_dtype`.
 
     Returns
     -------
@@ -201,7 +205,7 @@ def search(
     tbl = PassageStore.open(db_uri, table, storage_options=storage_options).table  # before loading a model
     check_against_table(tbl, mode=mode, ratio=ratio, query_vector=query_vector, fields=fields, where=where)
     if not isinstance(model, KaLMModel):
-        model = KaLMModel.from_pretrained(model, device=device)
+        model = KaLMModel.from_pretrained(model, device=device, dtype=dtype)
     rr = KaLMReranker(model, table=tbl, ratio=ratio, instruction=instruction, batch_size=batch_size)
     return run_search(tbl, rr, query, k=k, candidates=candidates, mode=mode, query_vector=query_vector,
                       where=where, fields=fields)

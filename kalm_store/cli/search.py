@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="candidates per decoder pass (default: 32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    from kalm_store.dtypes import add_dtype_argument
+
+    add_dtype_argument(p, "decoder")  # any table scores in either: storage is float16
     from kalm_store.storage import add_storage_arguments  # --storage-option KEY=VALUE for --db s3://...
 
     add_storage_arguments(p)
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
 
+    from kalm_store.dtypes import resolve_dtype
     from kalm_store.query import search
     from kalm_store.storage import options_from_args
 
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     hits = search(args.db, args.table, args.query, model=args.model, device=args.device, k=args.k,
                   candidates=args.candidates, mode=args.mode, instruction=args.instruction, ratio=args.ratio,
                   query_vector=vector, where=args.where, fields=args.fields, batch_size=args.batch_size,
-                  storage_options=options_from_args(args))
+                  storage_options=options_from_args(args), dtype=resolve_dtype(args.dtype, args.device))
     if args.json:
         json.dump({"query": args.query, "results": hits}, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")

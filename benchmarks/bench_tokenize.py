@@ -83,7 +83,7 @@ def main() -> None:
     results = ROOT / "benchmarks" / "results"
     (results / "tokenize_bound.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# One {args.mb} MB passage cut at {args.max_length} tokens: tokenization before / after the bound",
-             "", f"`{meta['command']}` on {meta['date']}; {meta['machine']}.", "",
+             "", f"Command: `{meta['command']}`  ", f"Run on {meta['date']}; {meta['machine']}.", "",
              "| tokenizer | before: s | before: added peak RSS MB | after: s | after: added peak RSS MB | same ids |",
              "|---|---|---|---|---|---|"]
     for r in rows:

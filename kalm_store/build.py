@@ -390,15 +390,17 @@ def check_target(options: BuildOptions, storage_options: dict[str, str] | None, 
 
 
 def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[str, str] | None, *,
-                target: Any = None) -> tuple[PassageStore | None, set[str], Any]:
+                target: Any = None, compute_dtype: str | None = None) -> tuple[PassageStore | None, set[str], Any]:
     """The build's table checked against its options and the model, before any encoding (one place for
     both engines).
 
     ``target`` is what :func:`check_target` returned (run here when not given). Returns the open store
     (``None`` when the table does not exist yet), the ids it already holds, and the LanceDB embedding
     function of ``--embedder`` (``None`` without one). Refuses another model, a ratio the table does not
-    store or another vector setup, naming the difference.
+    store or another vector setup, naming the difference. An existing table gets the encoder's
+    ``compute_dtype`` (default: ``model``'s) added to its ``compute_dtypes`` before anything is encoded.
     """
+    from .dtypes import dtype_name, record_compute_dtype
     from .store import PassageStore, StoreMismatchError, embedder_metadata
 
     if target is None:
@@ -408,6 +410,7 @@ def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[s
     if target is not None:
         store = PassageStore(target, model)  # refuses another model (fingerprint, d, max_length...)
         stored = store.all_ids()
+        record_compute_dtype(store.table, compute_dtype or dtype_name(model.dtype))
     embedder = make_embedder(options.embedder, options.embedder_model or "", options.embedder_device) \
         if options.embedder else None
     if embedder is not None and store is not None and embedder_metadata(embedder) != store.metadata.get("embedder"):

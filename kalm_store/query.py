@@ -164,6 +164,7 @@ def search(
     batch_size: int = 32,
     storage_options: dict[str, str] | None = None,
     device: str | None = None,
+    dtype: str | None = None,
     on_stale: OnStale = "raise",
 ) -> list[dict[str, Any]]:
     """Search a kalm-store table and rerank the candidates with KaLM from their stored matrices.
@@ -205,6 +206,9 @@ def search(
         Object-store options for ``lancedb.connect``.
     device : str, optional
         Device of a model loaded here from a hub id or folder; default ``None`` picks CUDA when available.
+    dtype : {"float32", "bfloat16"}, optional
+        Compute dtype of a model loaded here (any table scores in either: storage is float16); default
+        ``None``: bfloat16 on CUDA, float32 on CPU. ``"auto"`` is resolved by :func:`kalm_store.dtypes.resolve_dtype`.
     on_stale : {"raise", "skip"}, default "raise"
         A candidate whose text changed after its matrices were stored: "raise" refuses the query
         (``StaleMatrixError``), "skip" leaves it out and names it in a ``StaleCandidatesWarning``.
@@ -233,7 +237,7 @@ def search(
         raise ValueError(f"on_stale must be one of ['raise', 'skip'], got {on_stale!r}")
     check_against_table(tbl, mode=mode, ratio=ratio, query_vector=query_vector, fields=fields, where=where)
     if not isinstance(model, KaLMModel):
-        model = KaLMModel.from_pretrained(model, device=device)
+        model = KaLMModel.from_pretrained(model, device=device, dtype=dtype)
     rr = KaLMReranker(model, table=tbl, ratio=ratio, instruction=instruction, batch_size=batch_size,
                       on_stale=on_stale)
     return run_search(tbl, rr, query, k=k, candidates=candidates, mode=mode, query_vector=query_vector,

@@ -218,6 +218,7 @@ class PassageStore:
         embedder: Any | None = None,
         storage_options: dict[str, str] | None = None,
         exist_ok: bool = False,
+        compute_dtype: str | None = None,
         columns: Sequence[pa.Field] = (),
     ) -> PassageStore:
         """Create an empty passage store (or open a compatible existing one with ``exist_ok``).
@@ -241,10 +242,14 @@ class PassageStore:
             Object-store options passed to ``lancedb.connect``.
         exist_ok : bool, default False
             Open an existing table instead of failing, if it is compatible.
+        compute_dtype : str, optional
+            Compute dtype of the encoder that fills the table, recorded as ``compute_dtypes``; default
+            ``None``: ``model``'s (pass ``"unknown"`` when other processes encode, e.g. Ray workers).
         columns : sequence of pyarrow.Field, default ()
             More (nullable) columns, e.g. input fields kept by a build
             (:class:`kalm_store.input_columns.InputColumns`).
         """
+        from .dtypes import dtype_name
         from .storage import connect
 
         ratios = sorted({check_ratio(r) for r in ratios})
@@ -266,6 +271,7 @@ class PassageStore:
             "ratios": ratios,
             "vector_dim": vector_dim,
             "embedder": embedder_meta,
+            "compute_dtypes": [compute_dtype or dtype_name(model.dtype)],
         }
         db = connect(db_uri, storage_options)
         if table in _table_names(db) and _has_version(db_uri, table, storage_options):

@@ -233,7 +233,11 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     if model is None:
         model = KaLMModel.from_pretrained(model_ref, revision=options.revision, device="cpu",
                                           max_length=options.max_length)
-    store, stored, embedder = open_target(replace(options, db=db_uri), model, storage_options, target=target)
+    # the workers encode, on the device _run_window gives them, in options.dtype or that device's default
+    worker_device = "cuda" if ray_options.gpus_per_worker > 0 else (options.device or "cpu")
+    compute_dtype = options.dtype or ("bfloat16" if worker_device.startswith("cuda") else "float32")
+    store, stored, embedder = open_target(replace(options, db=db_uri), model, storage_options, target=target,
+                                          compute_dtype=compute_dtype)
     summary.max_length = model.max_length
     summary.ratios = options.ratios_for(store)
 
@@ -249,7 +253,7 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
                 width = len(chunk[0].vector) if options.vector_field and chunk[0].vector else None
                 store = PassageStore.create(db_uri, options.table, model, summary.ratios, vector_dim=width,
                                             embedder=embedder, storage_options=storage_options,
-                                            columns=columns.take_new())
+                                            columns=columns.take_new(), compute_dtype=compute_dtype)
             if new_columns := columns.take_new():  # fields met first in this chunk: columns before rows
                 store.add_input_columns(new_columns)
             todo = select_new(chunk, seen, stored, summary)

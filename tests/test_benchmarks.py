@@ -99,3 +99,15 @@ def test_bench_finetune_quick_writes_the_table(tmp_path):
     # gradients through the encoder keep its activations for backward: more memory per batch
     assert rows["joint, encoder trained"]["saved_for_backward_bytes"] > rows["store"]["saved_for_backward_bytes"]
     assert "| store |" in proc.stdout and "--quick" in (tmp_path / "finetune_cpu.md").read_text()
+
+
+def test_bench_bf16_quick_writes_both_dtypes_and_their_fidelity(tmp_path):
+    prefix = tmp_path / "bf16_quick"
+    run_bench("bench_bf16.py", "--quick", "--threads", "1", "--out", str(prefix))
+    md = Path(f"{prefix}.md").read_text()
+    assert "| measure | float32 | bfloat16 | bf16 speed-up |" in md and "shared by ~8 engineers" in md
+    res = json.loads(Path(f"{prefix}.json").read_text())
+    assert set(res["score_ms_per_100"]) == {"float32", "bfloat16"}
+    assert all(v > 0 for v in res["encode_passages_per_s"].values())
+    for paths in res["fidelity"].values():  # bf16 really differs from float32, within the tests' bound
+        assert all(1e-5 < v["max_abs_delta"] <= 0.03 and v["kendall_tau"] > 0.5 for v in paths.values())

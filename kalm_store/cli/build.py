@@ -103,8 +103,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                    help=f"encoder tokens kept per passage; must match an existing table (default: {d.max_length})")
     p.add_argument("--revision", default=None, help="hub revision of --model (default: main)")
     p.add_argument("--device", default=None, help="encoder device, e.g. cpu, cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="encoder compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    from kalm_store.dtypes import add_dtype_argument
+
+    add_dtype_argument(p, "encoder")  # recorded in the table (`kalm-store info`)
     p.add_argument("--no-fts-index", dest="fts_index", action="store_false",
                    help="skip the native full-text index on text (default: create or update it)")
     p.add_argument("--no-id-index", dest="id_index", action="store_false",
@@ -141,7 +142,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
         id_field=args.id_field, text_field=args.text_field, vector_field=args.vector_field,
         embedder=args.embedder, embedder_model=args.embedder_model, embedder_device=args.embedder_device,
         input_format=args.input_format, chunk_size=args.chunk_size, batch_size=args.batch_size,
-        max_length=args.max_length, revision=args.revision, device=args.device, dtype=args.dtype,
+        max_length=args.max_length, revision=args.revision, device=args.device, dtype=_dtype(args),
         fts_index=args.fts_index, id_index=args.id_index, progress=args.progress and sys.stderr.isatty(),
         update=args.update, delete_missing=args.delete_missing, allow_mass_delete=args.allow_mass_delete,
         keep_fields=[] if args.drop_fields else args.keep_fields)
@@ -150,6 +151,12 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
     opts.storage_options = storage_from_args(args)
     opts.validate()
     return opts
+
+
+def _dtype(args: argparse.Namespace) -> str | None:
+    from kalm_store.dtypes import resolve_dtype  # auto -> float32 or bfloat16 (probe, cached per process)
+
+    return resolve_dtype(args.dtype, args.device)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"model        {meta.get('model_id')}{revision}, d={info['dim']}, "
           f"max_length={meta.get('max_length')}, template {meta.get('template_version')}")
     print(f"fingerprint  {info['fingerprint']}")
+    dtypes = meta.get("compute_dtypes")  # absent: a table of a kalm-store that did not record it
+    print(f"built in     {' + '.join(dtypes) if dtypes else 'unknown'} compute dtype (stored as float16)")
     emb, dim = meta.get("embedder"), meta.get("vector_dim")
     if dim is None:
         vectors = "none"

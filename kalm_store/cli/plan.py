@@ -75,6 +75,12 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--max-length", type=int, help="encoder truncation in tokens (default: 1024, or the table's)")
     p.add_argument("--batch-size", type=int, default=16, help="passages per encoder pass (default: 16)")
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default: CUDA when available)")
+    from kalm_store.dtypes import add_dtype_argument
+
+    add_dtype_argument(p, "encoder and decoder")
+    p.add_argument("--compare-dtypes", action="store_true",
+                   help="with --queries: also measure bfloat16 against float32 on the sample at the recommended "
+                        "ratio (max and mean |dP|, Kendall tau, top-10 overlap; loads the model twice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the passage sample (default: 0)")
     p.add_argument("--id-field", default="id", help="input field holding the passage id (default: id)")
     p.add_argument("--text-field", default="text", help="input field holding the passage text (default: text)")
@@ -115,6 +121,8 @@ def parse_options(args: argparse.Namespace) -> PlanOptions:
             raise ValueError("--queries measures fidelity against r=1: keep 1 in --ratios")
         if not args.queries.is_file():
             raise ValueError(f"--queries {args.queries} is not a file")
+    if args.compare_dtypes and args.queries is None:
+        raise ValueError("--compare-dtypes needs --queries (the queries to score in both dtypes)")
     if args.qrels is not None:
         if args.queries is None:
             raise ValueError("--qrels needs --queries")
@@ -186,7 +194,10 @@ def run(args: argparse.Namespace) -> int:
     else:  # the whole input is read and checked before the model loads: a bad file costs a second
         ids, texts = _read_corpus(opts)
     kwargs = {} if max_length is None else {"max_length": int(max_length)}
-    model = KaLMModel.from_pretrained(model_name, device=opts.device, **kwargs)  # type: ignore[arg-type]
+    from kalm_store.dtypes import resolve_dtype, torch_dtype
+
+    model = KaLMModel.from_pretrained(model_name, device=opts.device,  # type: ignore[arg-type]
+                                      dtype=resolve_dtype(args.dtype, opts.device), **kwargs)
 
     if store is not None:
         from kalm_store.store import check_compatible
@@ -215,12 +226,30 @@ def run(args: argparse.Namespace) -> int:
                      sample_ids=[ids[i] for i in index], ratios=opts.ratios, budget=opts.budget,
                      passages=opts.passages, queries=queries, qrels=qrels, batch_size=opts.batch_size,
                      show_progress=progress)
+    dtype_rows = None
+    if args.compare_dtypes:  # queries and a sample are guaranteed by parse_options
+        from kalm_store.dtype_fidelity import compare_dtypes
+
+        load = {"device": opts.device, **kwargs}
+        f32 = model if model.dtype == torch_dtype("float32") else KaLMModel.from_pretrained(
+            model_name, dtype="float32", **load)  # type: ignore[arg-type]
+        bf16 = model if model.dtype == torch_dtype("bfloat16") else KaLMModel.from_pretrained(
+            model_name, dtype="bfloat16", **load)  # type: ignore[arg-type]
+        dtype_rows = compare_dtypes(f32, bf16, queries or [], sample_texts,
+                                    ratio=plan.recommended or min(opts.ratios), batch_size=opts.batch_size)
     if opts.plot is not None:
         plot_plan(plan, opts.plot)
     if opts.json:
-        print(json.dumps(plan.to_dict(), indent=2))
+        out = plan.to_dict()
+        if dtype_rows is not None:
+            out["dtype_fidelity"] = [r.to_dict() for r in dtype_rows]
+        print(json.dumps(out, indent=2))
     else:
         print(format_plan(plan))
+        if dtype_rows is not None:
+            from kalm_store.dtype_fidelity import format_dtype_fidelity
+
+            print(format_dtype_fidelity(dtype_rows))
         if opts.plot is not None:
             print(f"plot written to {opts.plot}")
     return 0

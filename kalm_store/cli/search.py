@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                         "update that bypassed kalm-store), naming them in a warning on stderr (default: refuse "
                         "the query, naming them)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    from kalm_store.dtypes import add_dtype_argument
+
+    add_dtype_argument(p, "decoder")  # any table scores in either: storage is float16
     from kalm_store.storage import add_storage_arguments  # --storage-option KEY=VALUE for --db s3://...
 
     add_storage_arguments(p)
@@ -84,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive int, got {args.batch_size}")
 
+    from kalm_store.dtypes import resolve_dtype
     from kalm_store.query import search
     from kalm_store.storage import options_from_args
 
@@ -95,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         hits = search(args.db, args.table, args.query, model=args.model, device=args.device, k=args.k,
                       candidates=args.candidates, mode=args.mode, instruction=args.instruction, ratio=args.ratio,
                       query_vector=vector, where=args.where, fields=args.fields, batch_size=args.batch_size,
-                      storage_options=options_from_args(args), on_stale="skip" if args.skip_stale else "raise")
+                      storage_options=options_from_args(args), on_stale="skip" if args.skip_stale else "raise",
+                      dtype=resolve_dtype(args.dtype, args.device))
     for w in caught:  # one plain line each, not Python's file:line warning format
         if issubclass(w.category, StaleCandidatesWarning):
             print(f"kalm-store search: warning: {w.message}", file=sys.stderr)

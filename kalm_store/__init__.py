@@ -13,6 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
 
+from ._quiet import quiet_lancedb_log  # noqa: E402
+
+quiet_lancedb_log()  # before lancedb is imported: Lance's scanner deprecation WARN stays off (kalm_store._quiet)
+
 _LAZY = {
     "KaLMModel": "kalm_store.model",
     "EncodedPassages": "kalm_store.model",

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._text import plural
 from .pooling import check_ratio
 from .records import (STDIN, BadRecordError, Fields, InputFormat, Record, count_records, read_records,
                       resolve_format, validate_record)
@@ -169,16 +170,17 @@ class BuildSummary:
 
     def line(self) -> str:
         work = self.work_seconds
-        replaced = f" ({self.updated} replacing changed rows)" if self.updated else ""
-        replaced += f", deleted {self.deleted} rows not in the input ({self.delete_seconds:.1f} s)" \
+        replaced = f" ({self.updated} replacing {'a changed row' if self.updated == 1 else 'changed rows'})" \
+            if self.updated else ""
+        replaced += f", deleted {plural(self.deleted, 'row')} not in the input ({self.delete_seconds:.1f} s)" \
             if self.deleted else ""
-        return (f"read {self.read}, wrote {self.written}{replaced} in {self.commits} commits "
+        return (f"read {self.read}, wrote {self.written}{replaced} in {plural(self.commits, 'commit')} "
                 f"({self.rate(self.written):.1f} "
                 f"passages/s, {self.rate(self.tokens):.0f} tokens/s over {work:.1f} s of encoding and writing; "
                 f"{self.setup_seconds:.1f} s loading and checks, {self.index_seconds:.1f} s indexing), skipped "
-                f"{self.already_stored} already stored + {self.duplicates} duplicate ids + {self.bad} bad; "
-                f"{self.truncated} passages cut at max_length {self.max_length} tokens; "
-                f"table now has {self.rows} rows")
+                f"{self.already_stored} already stored + {plural(self.duplicates, 'duplicate id')} + {self.bad} bad; "
+                f"{plural(self.truncated, 'passage')} cut at max_length {self.max_length} tokens; "
+                f"table now has {plural(self.rows, 'row')}")
 
     def rate(self, count: int) -> float:
         """``count`` per second of :attr:`work_seconds`."""
@@ -193,8 +195,27 @@ def make_embedder(name: Embedder, model: str, device: str = "cpu") -> Any:
         require("sentence_transformers", "embed")
     from lancedb.embeddings import get_registry
 
+    alias, model_name = embedder_identity(name, model)
+    if alias != name:  # an offline package's model: refuse now, in a second, if the package is missing
+        from .embedders import offline_model_path
+
+        offline_model_path(model_name)
+    return get_registry().get(alias).create(name=model_name, device=device)
+
+
+def embedder_identity(name: Embedder, model: str) -> tuple[str, str]:
+    """The registry function and model name a table records for ``--embedder NAME --embedder-model MODEL``:
+    a local folder by its absolute path; a model served offline by an installed package (such as
+    all-MiniLM-L6-v2) as ``kalm-sentence-transformers`` with its name, which each machine resolves to
+    the package's own files (see :mod:`kalm_store.embedders`); any other name as given."""
     path = Path(model).expanduser()
-    return get_registry().get(name).create(name=str(path.resolve()) if path.is_dir() else model, device=device)
+    if path.is_dir():
+        return name, str(path.resolve())
+    from .embedders import ALIAS, OFFLINE_MODELS
+
+    if name == "sentence-transformers" and model in OFFLINE_MODELS:
+        return ALIAS, model
+    return name, model
 
 
 def build(options: BuildOptions, *, model: KaLMModel | None = None,
@@ -285,7 +306,7 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
                 writer.submit(todo, enc, fields.vector is not None, replaced=len(changed), extras=columns.table(todo))
             if fields_only:
                 writer.submit_fields(fields_only, columns)
-            bar.update(len(chunk))
+            bar.update(summary.read - bar.n)  # records read, bad and duplicate ones too: the bar ends at the total
             elapsed = max(time.perf_counter() - start - summary.setup_seconds, 1e-9)
             bar.set_postfix_str(f"{summary.tokens / elapsed:.0f} tok/s, {summary.written} written", refresh=False)
     except BaseException:
@@ -295,6 +316,10 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     else:
         if writer is not None:
             writer.close()
+        bar.update(summary.read - bar.n)  # bad records after the last chunk
+        # the writer commits behind the bar: its last count is only known now
+        elapsed = max(time.perf_counter() - start - summary.setup_seconds, 1e-9)
+        bar.set_postfix_str(f"{summary.tokens / elapsed:.0f} tok/s, {summary.written} written", refresh=False)
     finally:
         bar.close()
     if options.delete_missing and store is not None:  # only here: the whole input was read and committed
@@ -357,7 +382,8 @@ def check_target(options: BuildOptions, storage_options: dict[str, str] | None, 
                                  "a new table")
     emb_meta = None
     if options.embedder:  # compare before loading the embedder's weights
-        emb_meta = {"name": options.embedder, "model": _embedder_model_name(options.embedder_model or "")}
+        alias, model_name = embedder_identity(options.embedder, options.embedder_model or "")
+        emb_meta = {"name": alias, "model": model_name}
     store.check_layout(options.ratios if options.ratios is not None else store.ratios, vectors=options.vectors,
                        embedder=emb_meta)
     return store.table
@@ -391,11 +417,6 @@ def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[s
         raise StoreMismatchError(f"table {options.table!r} was embedded by {store.metadata.get('embedder')!r}, "
                                  f"not {embedder_metadata(embedder)!r}")
     return store, stored, embedder
-
-
-def _embedder_model_name(model: str) -> str:
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.is_dir() else model
 
 
 def open_input(options: BuildOptions, fields: Fields, vector_dim: int | None, columns: InputColumns | None,

@@ -109,9 +109,10 @@ def ensure_store(coll: Collection, model: KaLMModel, *, db: str, table: str, rat
         meta = store.metadata
         table_emb = meta.get("embedder")
         if embedder is not None:
-            from .build import _embedder_model_name
+            from .build import embedder_identity
 
-            want = {"name": embedder, "model": _embedder_model_name(embedder_model or "")}
+            alias, emb_model = embedder_identity(embedder, embedder_model or "")  # type: ignore[arg-type]
+            want = {"name": alias, "model": emb_model}
             if table_emb != want:
                 raise StoreMismatchError(f"table {table!r} in {db} was embedded by {table_emb!r}, not {want!r}; "
                                          "drop --embedder to use the table's, or evaluate into another --table")

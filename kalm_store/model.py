@@ -66,8 +66,11 @@ def _resolve_device_dtype(device: str | None, dtype: str | torch.dtype | None) -
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but this torch ({torch.__version__}) sees no CUDA device; "
-                         "use device='cpu' or None (picks CUDA when there is one)")
+        from ._hints import option
+
+        raise ValueError(f"{option(f'device={device!r}', f'--device {device}')} but this torch ({torch.__version__}) "
+                         f"sees no CUDA device; use {option('device=' + repr('cpu') + ' or None', '--device cpu, or no --device')}"
+                         " (picks CUDA when there is one)")
     if dtype is None:
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     elif isinstance(dtype, torch.dtype):
@@ -97,8 +100,12 @@ def _resolve_folder(name_or_path: str, revision: str | None, local_files_only: b
             raise ValueError(f"revision={revision!r} applies to hub ids; {name_or_path!r} is a local folder "
                              "(drop revision, or pass the hub id)")
         return path, None
-    if path.exists() or name_or_path.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model path {name_or_path!r} is not a folder with a KaLM checkpoint")
+    if path.exists():
+        raise ModelLoadError(f"model path {name_or_path!r} is a file, not a folder with a KaLM checkpoint")
+    if name_or_path.startswith((".", "/", "~")) or "/" not in name_or_path or name_or_path.count("/") > 1:
+        # hub ids are owner/name: anything else that is not a folder here is a folder that does not exist
+        raise ModelLoadError(f"model folder {name_or_path!r} does not exist ({path.resolve()}); give the folder of a "
+                             "KaLM checkpoint, or a hub id such as KaLM-Embedding/KaLM-Reranker-V1-Nano")
     from huggingface_hub import snapshot_download
 
     try:
@@ -113,7 +120,7 @@ def _resolve_folder(name_or_path: str, revision: str | None, local_files_only: b
             f"could not load model {name_or_path!r} (revision {revision or 'main'}) from the Hugging Face hub: "
             f"{type(e).__name__}: {e}. The hub may be unreachable from this machine: download the checkpoint "
             f"where it is reachable (e.g. `hf download {name_or_path} --local-dir ./{name_or_path.split('/')[-1]}`) "
-            "and pass that local folder instead of the hub id."
+            f"and pass that local folder instead of the hub id (no folder {name_or_path!r} exists here either)."
         ) from None
     folder = Path(snapshot)
     return folder, folder.name  # snapshot folders are named by their commit hash
@@ -240,9 +247,12 @@ class KaLMModel:
             raise ModelLoadError(f"{name!r} is a {config.model_type!r} model; KaLM-Reranker-V1 is 't5gemma2'")
         tokenizer = load_tokenizer(folder)
         try:
-            hf_model = AutoModelForSeq2SeqLM.from_pretrained(
-                folder, config=config, dtype=dt, use_safetensors=True, attn_implementation="sdpa"
-            )
+            from ._quiet import no_weight_bars
+
+            with no_weight_bars():  # no "Loading weights" bar for every load; transformers' warnings still show
+                hf_model = AutoModelForSeq2SeqLM.from_pretrained(
+                    folder, config=config, dtype=dt, use_safetensors=True, attn_implementation="sdpa"
+                )
         except Exception as e:  # weights that do not fit the config arrive in several classes
             raise ModelLoadError(f"{folder}: the weights cannot be loaded with its config.json ({type(e).__name__}: "
                                  f"{' '.join(str(e).split())[:300]}); download the checkpoint again (or restore "

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._text import format_bytes  # noqa: F401  (plan and info print sizes alike)
 from .codec import encode_matrix
 from .pooling import DEFAULT_RATIO, RATIOS, check_ratio
 
@@ -78,12 +79,6 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def format_bytes(n: float) -> str:
-    """``1234567`` -> ``"1.23 MB"`` (decimal units, as disks are sold)."""
-    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -259,7 +254,7 @@ def recommend(
     fidelity: FidelityReport | None = None,
 ) -> tuple[int | None, str]:
     """The finest ratio whose column fits ``budget_bytes`` (r = 4, the paper's default, without a
-    budget), and one sentence saying why."""
+    budget; the costed ratio nearest to 4 when 4 is not costed), and one sentence saying why."""
     by_ratio = {p.ratio: p for p in ratios}
     scope = f"{passages:,} passages" if passages is not None else "this corpus"
 
@@ -277,9 +272,13 @@ def recommend(
         return text
 
     if budget_bytes is None:
-        r = DEFAULT_RATIO if DEFAULT_RATIO in by_ratio else min(by_ratio)
-        return r, (f"r={r} is the paper's default (no --budget given): its column takes "
-                   f"{format_bytes(by_ratio[r].budgeted_bytes)} for {scope}{measured(r)}")
+        if DEFAULT_RATIO in by_ratio:
+            r, why = DEFAULT_RATIO, f"r={DEFAULT_RATIO} is the paper's default (no --budget given)"
+        else:  # the costed ratio nearest to it on the log2 scale, the finer one of two as near
+            r = min(by_ratio, key=lambda x: (abs(math.log2(x) - math.log2(DEFAULT_RATIO)), x))
+            why = (f"r={r} is the nearest of the costed ratios {sorted(by_ratio)} to the paper's default "
+                   f"r={DEFAULT_RATIO}, which is not among them (no --budget given)")
+        return r, (f"{why}: its column takes {format_bytes(by_ratio[r].budgeted_bytes)} for {scope}{measured(r)}")
     fitting = [p for p in sorted(ratios, key=lambda p: p.ratio) if p.budgeted_bytes <= budget_bytes]
     if not fitting:
         coarsest = max(ratios, key=lambda p: p.ratio)
@@ -527,11 +526,12 @@ def plot_plan(plan: Plan, path: str | Path) -> Path:
         ax.axvline(plan.recommended, color="grey", linestyle=":", label=f"recommended r={plan.recommended}")
         handles.append(ax.get_lines()[-1])
         labels.append(f"recommended r={plan.recommended}")
-    ax.legend(handles, labels, fontsize=8, loc="lower left")
+    # below the axes: inside them it covered the points (bytes fall to the lower right, fidelity sits on top)
+    ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
     ax.set_title(f"kalm-store plan: {plan.lengths.passages:,} passages, {plan.model}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend outside the axes stays in the picture
     plt.close(fig)
     return path
 

@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._hints import option
 from .pooling import check_ratio
 from .schema import DIGEST_COLUMN, decode_metadata, ratio_of_column
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import KaLMModel
-    from .plugins.lancedb import KaLMReranker
+    from .plugins.lancedb import KaLMReranker, OnStale
 
 Mode = Literal["vector", "fts", "hybrid"]
 MODES: tuple[str, ...] = ("vector", "fts", "hybrid")
@@ -34,8 +35,8 @@ def check_search_args(query: object, k: object, candidates: object, mode: object
     for name, value in (("k", k), ("candidates", candidates)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)} or None (what the table supports), got {mode!r}")
     if ratio is not None:
         check_ratio(ratio)
     if query_vector is not None and (isinstance(query_vector, (str, bytes)) or not isinstance(query_vector, Sequence)
@@ -47,16 +48,17 @@ def check_first_stage(tbl: Any, mode: Mode, query_vector: Sequence[float] | None
     """Refuse a first stage the table cannot run: vectors it lacks, a query vector of another width, or
     none where the table has no embedding function to compute it."""
     meta = decode_metadata(tbl.schema.metadata)
+    fts = option("mode='fts'", "--mode fts")
     if mode != "fts":
         if meta.get("vector_dim") is None:
-            raise ValueError(f"table {tbl.name!r} has no vector column, so mode={mode!r} cannot run; use mode='fts' "
+            raise ValueError(f"table {tbl.name!r} has no vector column, so mode={mode!r} cannot run; use {fts} "
                              "or build the table with vectors")
         if query_vector is not None and len(query_vector) != meta["vector_dim"]:
-            raise ValueError(f"query_vector has {len(query_vector)} values; table {tbl.name!r} holds "
-                             f"{meta['vector_dim']}-d vectors")
+            raise ValueError(f"{option('query_vector', '--query-vector')} has {len(query_vector)} values; table "
+                             f"{tbl.name!r} holds {meta['vector_dim']}-d vectors")
         if query_vector is None and not meta.get("embedder"):
             raise ValueError(f"table {tbl.name!r} holds brought vectors (no embedding function recorded): pass "
-                             f"query_vector= (CLI: --query-vector) for mode={mode!r}, or use mode='fts'")
+                             f"{option('query_vector=', '--query-vector')} for mode={mode!r}, or use {fts}")
 
 
 def check_fields(tbl: Any, fields: Sequence[str]) -> None:
@@ -83,8 +85,10 @@ def check_against_table(tbl: Any, *, mode: Mode, ratio: int | None, query_vector
     check_fields(tbl, fields)
     if mode != "vector" and not any(list(ix.columns) == ["text"] and "fts" in str(ix.index_type).lower()
                                     for ix in tbl.list_indices()):
+        how = option("`tbl.create_index('text', config=lancedb.index.FTS())`",
+                     f"`kalm-store optimize --db URI --table {tbl.name}`")
         raise ValueError(f"mode={mode!r} needs a full-text index on 'text' of table {tbl.name!r}: create it "
-                         "with `tbl.create_index('text', config=lancedb.index.FTS())`")
+                         f"with {how}")
     if where is not None:
         import re
 
@@ -124,6 +128,25 @@ def first_stage(tbl: Any, query: str, *, mode: Mode, candidates: int, query_vect
     return q.limit(candidates)
 
 
+def default_mode(tbl: Any, query_vector: Sequence[float] | None = None) -> Mode:
+    """The first stage a table supports: "hybrid" with usable vectors (an embedding function recorded,
+    or ``query_vector`` given) and a full-text index on ``text``; "vector" or "fts" with one of them."""
+    meta = decode_metadata(tbl.schema.metadata)
+    vectors = meta.get("vector_dim") is not None and (bool(meta.get("embedder")) or query_vector is not None)
+    text_index = any(list(ix.columns) == ["text"] and "fts" in str(ix.index_type).lower()
+                     for ix in tbl.list_indices())
+    if vectors and text_index:
+        return "hybrid"
+    if vectors:
+        return "vector"
+    if text_index:
+        return "fts"
+    brought = meta.get("vector_dim") is not None
+    raise ValueError(f"table {tbl.name!r} has no full-text index on 'text' and "
+                     + ("holds brought vectors: pass " + option("query_vector=", "--query-vector") if brought
+                        else "no vector column") + " (a build makes the full-text index unless --no-fts-index)")
+
+
 def search(
     db_uri: str,
     table: str,
@@ -132,7 +155,7 @@ def search(
     model: KaLMModel | str | Path,
     k: int = 10,
     candidates: int = 100,
-    mode: Mode = "hybrid",
+    mode: Mode | None = None,
     instruction: str | None = None,
     ratio: int | None = None,
     query_vector: Sequence[float] | None = None,
@@ -142,6 +165,7 @@ def search(
     storage_options: dict[str, str] | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    on_stale: OnStale = "raise",
 ) -> list[dict[str, Any]]:
     """Search a kalm-store table and rerank the candidates with KaLM from their stored matrices.
 
@@ -161,9 +185,10 @@ def search(
         Rows the first stage hands to the reranker. In "hybrid" mode each leg (vector and FTS) fetches
         this many and the reranker scores their union (up to twice as many rows), as LanceDB's hybrid
         query does for every reranker.
-    mode : {"vector", "fts", "hybrid"}, default "hybrid"
+    mode : {"vector", "fts", "hybrid"}, optional
         First stage. "fts" needs a full-text index on ``text``; "vector"/"hybrid" need the table's
-        embedding function or ``query_vector``.
+        embedding function or ``query_vector``. Default ``None``: what the table supports, "hybrid"
+        when it has both (see :func:`default_mode`).
     instruction : str, optional
         Task instruction; default ``None`` uses the model's default.
     ratio : int, optional
@@ -184,6 +209,9 @@ def search(
     dtype : {"float32", "bfloat16"}, optional
         Compute dtype of a model loaded here (any table scores in either: storage is float16); default
         ``None``: bfloat16 on CUDA, float32 on CPU. ``"auto"`` is resolved by :func:`kalm_store.dtypes.resolve_dtype`.
+    on_stale : {"raise", "skip"}, default "raise"
+        A candidate whose text changed after its matrices were stored: "raise" refuses the query
+        (``StaleMatrixError``), "skip" leaves it out and names it in a ``StaleCandidatesWarning``.
 
     Returns
     -------
@@ -203,19 +231,26 @@ def search(
     from .store import PassageStore
 
     tbl = PassageStore.open(db_uri, table, storage_options=storage_options).table  # before loading a model
+    if mode is None:
+        mode = default_mode(tbl, query_vector)
+    if on_stale not in ("raise", "skip"):  # before loading a model (KaLMReranker checks it too)
+        raise ValueError(f"on_stale must be one of ['raise', 'skip'], got {on_stale!r}")
     check_against_table(tbl, mode=mode, ratio=ratio, query_vector=query_vector, fields=fields, where=where)
     if not isinstance(model, KaLMModel):
         model = KaLMModel.from_pretrained(model, device=device, dtype=dtype)
-    rr = KaLMReranker(model, table=tbl, ratio=ratio, instruction=instruction, batch_size=batch_size)
+    rr = KaLMReranker(model, table=tbl, ratio=ratio, instruction=instruction, batch_size=batch_size,
+                      on_stale=on_stale)
     return run_search(tbl, rr, query, k=k, candidates=candidates, mode=mode, query_vector=query_vector,
                       where=where, fields=fields)
 
 
 def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, candidates: int = 100,
-               mode: Mode = "hybrid", query_vector: Sequence[float] | None = None, where: str | None = None,
+               mode: Mode | None = None, query_vector: Sequence[float] | None = None, where: str | None = None,
                fields: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Like :func:`search` with an open table and a ready reranker (no re-loading between queries)."""
     check_search_args(query, k, candidates, mode, reranker.ratio, query_vector, where, fields)
+    if mode is None:
+        mode = default_mode(tbl, query_vector)
     fields = list(dict.fromkeys(fields))  # a column asked for twice is returned once
     check_fields(tbl, fields)
     extra = [f for f in fields if f not in ["text"] + reranker.columns]
@@ -225,8 +260,11 @@ def run_search(tbl: Any, reranker: KaLMReranker, query: str, *, k: int = 10, can
         q = q.rerank(reranker, query_string=query)
     else:
         q = q.rerank(reranker)
+    from ._quiet import no_weight_bars
+
     try:
-        hits = q.to_arrow()
+        with no_weight_bars():  # the table's embedding function may load its model here, on the first query
+            hits = q.to_arrow()
     except Exception as e:
         # Classified by the table, not by the message: Lance's messages carry Rust source paths
         # (".../index.crates.io-.../"), so "index" appears in a division by zero in `where` too.
@@ -249,4 +287,4 @@ def _has_fts_index(tbl: Any) -> bool | None:
     return any(str(ix.index_type).upper() in ("FTS", "INVERTED") and "text" in list(ix.columns) for ix in indices)
 
 
-__all__ = ["search", "run_search", "first_stage", "check_against_table", "MODES", "Mode"]
+__all__ = ["search", "run_search", "first_stage", "check_against_table", "default_mode", "MODES", "Mode"]

@@ -71,11 +71,20 @@ def connect(db_uri: str, storage_options: dict[str, str] | None = None, *, must_
     """
     import lancedb
 
+    from . import embedders  # noqa: F401  (registers the embedding function tables of offline models record)
+
     if not is_object_store(db_uri):
         path = Path(db_uri[len("file://"):] if db_uri.startswith("file://") else db_uri).expanduser()
         if must_exist and not path.is_dir():
             raise FileNotFoundError(f"database {db_uri!r} does not exist (no such folder); build a store there "
                                     "first with `kalm-store build`")
+        if (path / "_versions").is_dir():  # a Lance dataset: one table's folder, NAME.lance, inside the database
+            from ._hints import option
+
+            name = path.name[:-len(".lance")] if path.name.endswith(".lance") else path.name
+            raise ValueError(f"{option('db_uri', '--db')} {db_uri!r} is the folder of one table, not a database: "
+                             f"pass its parent folder {str(path.parent)!r} as {option('db_uri', '--db')} and "
+                             f"{option(f'table={name!r}', f'--table {name}')}")
         return lancedb.connect(db_uri, storage_options=storage_options)
     try:
         return lancedb.connect(db_uri, storage_options=storage_options)

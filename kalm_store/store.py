@@ -86,8 +86,15 @@ def check_compatible(table_meta: dict[str, Any], model: KaLMModel, *, what: str 
     diffs = [f"{k}: table has {table_meta.get(k)!r}, model gives {expected[k]!r}"
              for k in keys if table_meta.get(k) != expected[k]]
     if diffs:
-        raise StoreMismatchError(f"{what} was built by another model or configuration ({'; '.join(diffs)}); "
-                                 "use the model it was built with, or build a new table")
+        # hashes alone do not tell a user which model to load: name the one that built the table
+        built = f"{table_meta.get('model_id')!r}" + (f" (revision {table_meta['model_revision']})"
+                                                     if table_meta.get("model_revision") else "")
+        loaded = f"{model.name_or_path!r}" + (f" (revision {model.revision})" if model.revision else "")
+        weights = any(d.startswith(("fingerprint:", "encoder_fingerprint:")) for d in diffs)
+        other = (f"by model {built}, not by the loaded {loaded}" if weights
+                 else f"by the same model weights ({loaded}) with another configuration")
+        raise StoreMismatchError(f"{what} was built {other} ({'; '.join(diffs)}); use the model it was built with, "
+                                 "or build a new table")
 
 
 def check_layout_file(table_schema: pa.Schema, *, what: str = "table") -> None:

@@ -155,6 +155,9 @@ def make_test_model(path: str | Path, shape: TinyShape | None = None) -> Path:
     tokenizer = build_tokenizer(shape.vocab_size)
     vocab = max(shape.vocab_size, len(tokenizer))
     model = build_model(shape, vocab)
-    model.save_pretrained(out, safe_serialization=True)
+    from ._quiet import no_weight_bars
+
+    with no_weight_bars():  # no "Writing model shards" bar for a 1 MB file
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

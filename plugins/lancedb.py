@@ -30,8 +30,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ReturnScore = Literal["relevance", "all"]
 RETURN_SCORES = ("relevance", "all")
+OnStale = Literal["raise", "skip"]
+ON_STALE = ("raise", "skip")
 SCORE_COLUMN = "_relevance_score"
 _FIRST_STAGE_SCORES = ("_distance", "_score")
+
+
+class StaleCandidatesWarning(UserWarning):
+    """Stale candidates (text changed after their matrices were stored) were left out of the results."""
 
 
 def finish_results(results: pa.Table, scores: np.ndarray, *, return_score: ReturnScore,
@@ -109,6 +115,12 @@ class _Handle:
         query = query.where(sql_in("id", ids)).select(columns).limit(len(ids))
         return self._run(query.to_arrow())
 
+    def take_where(self, where: str, columns: list[str]) -> pa.Table:
+        """Every row matching the filter ``where`` (no limit)."""
+        if self.is_async:  # an async plain query has no limit
+            return self._run(self.table.query().where(where).select(columns).to_arrow())
+        return self.table.search().where(where).select(columns).limit(None).to_arrow()
+
 
 class KaLMReranker(Reranker):
     """Rerank LanceDB search results with KaLM-Reranker-V1 from the stored pooled matrices.
@@ -132,13 +144,20 @@ class KaLMReranker(Reranker):
         "all" keeps the first-stage ``_distance``/``_score`` columns beside ``_relevance_score``.
     keep_matrices : bool, default False
         Keep the stored ``kalm_r*`` columns in the output (they are dropped by default).
+    on_stale : {"raise", "skip"}, default "raise"
+        What to do with a candidate whose text was changed after its matrices were stored (LanceDB's
+        own ``update`` or a ``merge_insert`` of ``text``): "raise" refuses the whole query with
+        :class:`~kalm_store.store.StaleMatrixError` naming it; "skip" leaves such candidates out of the
+        reranked results and names them in a :class:`StaleCandidatesWarning`.
 
     Notes
     -----
     Fastest usage: select the stored columns in the search itself (``select(["text"] + rr.columns)``);
-    the reranker then reads the matrices from the results. Without them it fetches the rows by
-    ``_rowid``, which needs ``.with_row_id(True)`` on vector and FTS searches (hybrid searches always
-    carry it); with neither it falls back to a filter on ``id``.
+    the reranker then reads the matrices from the results. Without them it fetches the rows through
+    ``table`` by ``_rowid`` (``.with_row_id(True)`` on vector and FTS searches; hybrid searches always
+    carry it), else by ``id``, else (a search that selected only ``text``) by the text's digest. The
+    fetched rows must be the results' own: their ``id`` and ``text`` are compared with the results'
+    where the results carry them, so results of another table are refused, not scored.
 
     Examples
     --------
@@ -161,6 +180,7 @@ class KaLMReranker(Reranker):
         batch_size: int = 32,
         return_score: ReturnScore = "relevance",
         keep_matrices: bool = False,
+        on_stale: OnStale = "raise",
     ) -> None:
         from kalm_store.model import KaLMModel, _check_batch_size
 
@@ -176,6 +196,8 @@ class KaLMReranker(Reranker):
         _check_batch_size(batch_size)
         if not isinstance(keep_matrices, bool):
             raise TypeError(f"keep_matrices must be a bool, got {type(keep_matrices).__name__}")
+        if on_stale not in ON_STALE:
+            raise ValueError(f"on_stale must be one of {list(ON_STALE)}, got {on_stale!r}")
         if table is None:
             raise ValueError("table is required: pass the LanceDB table (or AsyncTable) being searched")
         handle = _Handle(table)
@@ -184,6 +206,7 @@ class KaLMReranker(Reranker):
         self.instruction = instruction
         self.batch_size = batch_size
         self.keep_matrices = keep_matrices
+        self.on_stale: OnStale = on_stale
         self._handle = handle
         self._requested_ratio = ratio
         self._version = -1
@@ -238,40 +261,119 @@ class KaLMReranker(Reranker):
         return f"KaLMReranker(model={self.model.name_or_path}, ratio={self.ratio})"
 
     # ------------------------------------------------------------------ matrices of the candidates
-    def _matrices(self, results: pa.Table) -> list[np.ndarray]:
-        """Stored matrices of the result rows, in row order."""
+    def _rows(self, results: pa.Table) -> pa.Table:
+        """The stored columns :attr:`_read` of the result rows, in row order: from the results when they
+        carry them, else fetched through the table (by ``_rowid``, ``id`` or text digest) and checked to
+        be the results' own rows."""
         names = results.column_names
         if all(c in names for c in self._read):
-            rows = results.select(self._read)
-        elif "_rowid" in names or "id" in names:
-            key: Literal["_rowid", "id"] = "_rowid" if "_rowid" in names else "id"
-            if all(c in names for c in self.columns):  # matrices selected, text not: fetch the text alone
-                rows = results.select(self.columns).append_column("text", self._fetch(results, key, ["id", "text"])
-                                                                  .column("text"))
-            else:
-                rows = self._fetch(results, key, self._read)
+            # the matrices are the results' own; LanceDB hands over the searched table's schema metadata,
+            # so matrices of a table built by another model are refused too, not scored
+            meta = schema.decode_metadata(results.schema.metadata)
+            if meta.get("fingerprint") not in (None, self.model.fingerprint):
+                check_compatible(meta, self.model, what="the table of these search results")
+            return results.select(self._read)
+        if "_rowid" in names or "id" in names:
+            key: Literal["_rowid", "id", "text"] = "_rowid" if "_rowid" in names else "id"
+        elif "text" in names and self._digests:
+            key = "text"
         else:
+            by_text = " or 'text'" if self._digests else ""
             raise ValueError(
-                f"the search results carry neither the stored matrices {self.columns}, nor '_rowid', nor 'id' "
-                f"(columns: {names}); select the stored columns in the search "
+                f"the search results carry neither the stored matrices {self.columns}, nor '_rowid', nor 'id'"
+                f"{by_text} (columns: {names}); select the stored columns in the search "
                 f"(`.select([..., {', '.join(repr(c) for c in ['text', *self.columns])}])`, fastest) or add "
                 "`.with_row_id(True)` to the search")
-        return decode_rows(rows, self.ratio, self.model.dim, self.model.max_length)
+        if all(c in names for c in self.columns):  # matrices selected, text not: fetch the text alone
+            return results.select(self.columns).append_column("text", self._fetch(results, key, ["id", "text"])
+                                                              .column("text"))
+        return self._fetch(results, key, self._read)
 
-    def _fetch(self, results: pa.Table, key: Literal["_rowid", "id"], columns: list[str]) -> pa.Table:
+    def _fetch(self, results: pa.Table, key: Literal["_rowid", "id", "text"], columns: list[str]) -> pa.Table:
         """``columns`` of the result rows, fetched through the table by ``key``, in row order."""
-        keys = results.column(key).to_pylist()
-        if key == "_rowid":
-            fetched = self._handle.take_row_ids(keys, columns)
+        names = results.column_names
+        if key == "text":
+            from kalm_store.store import text_digest
+
+            texts = results.column("text").to_pylist()
+            if any(t is None for t in texts):
+                raise ValueError("a search result has a null text: it cannot be looked up by its digest; select "
+                                 "'id' or add `.with_row_id(True)` to the search")
+            keys: list[Any] = [text_digest(t) for t in texts]
+            fetch = list(dict.fromkeys(columns + ["text", schema.DIGEST_COLUMN]))
+            unique = list(dict.fromkeys(keys))
+            fetched = self._handle.take_where(
+                f"{schema.DIGEST_COLUMN} IN (" + ", ".join(f"X'{d.hex()}'" for d in unique) + ")", fetch)
+            pos: dict[Any, int] = {}
+            for i, d in enumerate(fetched.column(schema.DIGEST_COLUMN).to_pylist()):
+                pos.setdefault(d, i)  # equal texts under several ids: any of them holds this text's matrix
+            lost = list(dict.fromkeys(t for t, d in zip(texts, keys) if d not in pos))
+            if lost:  # no digest matches: a text changed behind kalm-store's back? find the row by its text
+                extra = self._handle.take_where(sql_in("text", lost), fetch)
+                for j, t in enumerate(extra.column("text").to_pylist()):
+                    pos.setdefault(text_digest(t), fetched.num_rows + j)  # its stored digest differs: stale
+                fetched = pa.concat_tables([fetched, extra])
         else:
-            fetched = self._handle.take_ids(keys, columns)
-        pos = {k: i for i, k in enumerate(fetched.column(key).to_pylist())}
+            keys = results.column(key).to_pylist()
+            fetch = list(dict.fromkeys(columns + [c for c in ("id", "text") if c in names]))
+            fetched = (self._handle.take_row_ids(keys, fetch) if key == "_rowid"
+                       else self._handle.take_ids(keys, fetch))
+            pos = {k: i for i, k in enumerate(fetched.column(key).to_pylist())}
         missing = [i for i, k in enumerate(keys) if k not in pos]
         if missing:
-            names = results.column("id").to_pylist() if "id" in results.column_names else keys
-            raise MissingRowError(f"no stored row for candidate(s) {[names[i] for i in missing[:10]]} in table "
-                           f"{self._handle.name!r} (deleted or compacted since the search?)")
-        return fetched.take(pa.array([pos[k] for k in keys]))
+            shown = results.column("id").to_pylist() if "id" in names else keys
+            if key == "text":
+                shown = [str(t)[:60] for t in results.column("text").to_pylist()]
+            raise MissingRowError(f"no stored row for candidate(s) {[shown[i] for i in missing[:10]]} in table "
+                                  f"{self._handle.name!r} (deleted or compacted since the search?)")
+        rows = fetched.take(pa.array([pos[k] for k in keys]))
+        self._check_same_rows(results, rows, key)
+        return rows.select(columns)
+
+    def _check_same_rows(self, results: pa.Table, rows: pa.Table, key: str) -> None:
+        """Refuse rows fetched through the table that are not the results' rows: a reranker built with
+        ``table=A`` and handed results of table B would otherwise score A's passages under B's rows."""
+        for col in ("id", "text"):
+            if col not in results.column_names:
+                continue
+            want, got = results.column(col).to_pylist(), rows.column(col).to_pylist()
+            bad = [i for i, (w, g) in enumerate(zip(want, got)) if w != g]
+            if bad:
+                i = bad[0]
+                what = f"id {want[i]!r}" if col == "id" else f"text {str(want[i])[:60]!r}"
+                has = f"id {got[i]!r}" if col == "id" else f"text {str(got[i])[:60]!r}"
+                raise StoreMismatchError(
+                    f"the rows fetched by {key} from table {self._handle.name!r} are not the search results' rows "
+                    f"({len(bad)} of {len(want)} differ; result {what}, fetched row {has}): the reranker is bound "
+                    f"to table {self._handle.name!r} (its table=), so rerank searches of that table only, or build "
+                    "a KaLMReranker with table= the searched table")
+        if key == "_rowid" and "id" not in results.column_names and "text" not in results.column_names:
+            raise ValueError(
+                "the search results carry only '_rowid' of the reranker's columns: select 'id' or 'text' as well, so "
+                "that the reranker can check the rows it fetches are these results' rows (or select the stored "
+                f"columns {['text', *self.columns]})")
+
+    def _matrices(self, results: pa.Table) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Stored matrices of the result rows, in row order, and (``on_stale="skip"``) which rows they are
+        of: ``None`` when every row is kept, else a boolean mask over ``results``."""
+        rows = self._rows(results)
+        keep = None
+        if self.on_stale == "skip" and schema.DIGEST_COLUMN in rows.column_names:
+            from kalm_store.store import stale_ids
+
+            ids = rows.column("id").to_pylist()
+            stale = set(stale_ids(ids, rows.column("text").to_pylist(),
+                                  rows.column(schema.DIGEST_COLUMN).to_pylist()))
+            if stale:
+                keep = np.array([i not in stale for i in ids], dtype=bool)
+                rows = rows.filter(pa.array(keep))
+                named = sorted(stale)
+                warnings.warn(
+                    f"left out {len(named)} stale candidate{'s' if len(named) != 1 else ''} of table "
+                    f"{self._handle.name!r}: passage id{'s' if len(named) != 1 else ''} {named[:10]}"
+                    f"{' ...' if len(named) > 10 else ''} (text changed after the matrices were stored; re-encode "
+                    "with `kalm-store build --update`)", StaleCandidatesWarning, stacklevel=2)
+        return decode_rows(rows, self.ratio, self.model.dim, self.model.max_length), keep
 
     # ------------------------------------------------------------------ scoring
     def score_results(self, query: str, results: pa.Table, *, instruction: str | None = None,
@@ -292,27 +394,45 @@ class KaLMReranker(Reranker):
         Returns
         -------
         numpy.ndarray
+            One score per row; with ``on_stale="skip"`` a stale row's score is NaN (and it is named in a
+            :class:`StaleCandidatesWarning`).
         """
+        scores, keep = self._score(query, results, instruction, batch_size)
+        if keep is None:
+            return scores
+        out = np.full(results.num_rows, np.nan, dtype=np.float32)
+        out[keep] = scores
+        return out
+
+    def _score(self, query: str, results: pa.Table, instruction: str | None,
+               batch_size: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores of the kept rows, and the mask of kept rows (``None``: all of them)."""
         if not isinstance(query, str):
             raise TypeError(f"the rerank query must be a str, got {type(query).__name__}; for a vector search "
                             "pass `.rerank(reranker, query_string=...)`")
         self._check_table()
         if results.num_rows == 0:
-            return np.zeros(0, dtype=np.float32)
-        mats = self._matrices(results)
+            return np.zeros(0, dtype=np.float32), None
+        mats, keep = self._matrices(results)
+        if not mats:
+            return np.zeros(0, dtype=np.float32), keep
         with warnings.catch_warnings():
             # decoded matrices are read-only views of the fetched bytes; the model only reads them
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return self.model.score(query, mats, self.instruction if instruction is None else instruction,
-                                    batch_size=self.batch_size if batch_size is None else batch_size)
+            scores = self.model.score(query, mats, self.instruction if instruction is None else instruction,
+                                      batch_size=self.batch_size if batch_size is None else batch_size)
+        return scores, keep
 
     def rerank_table(self, query: str, results: pa.Table, *, instruction: str | None = None,
                      batch_size: int | None = None) -> pa.Table:
-        """Score ``results`` and return them under the output contract (see :func:`finish_results`).
+        """Score ``results`` and return them under the output contract (see :func:`finish_results`);
+        with ``on_stale="skip"`` stale rows are left out.
 
         Per-call ``instruction``/``batch_size`` apply to this call only; the reranker is not changed.
         """
-        scores = self.score_results(query, results, instruction=instruction, batch_size=batch_size)
+        scores, keep = self._score(query, results, instruction, batch_size)
+        if keep is not None:
+            results = results.filter(pa.array(keep))
         return finish_results(results, scores, return_score=cast(ReturnScore, self.score),  # checked in __init__
                               keep_matrices=self.keep_matrices)
 
@@ -329,4 +449,4 @@ class KaLMReranker(Reranker):
         return self.rerank_table(query, self.merge_results(vector_results, fts_results))
 
 
-__all__ = ["KaLMReranker", "finish_results", "SCORE_COLUMN"]
+__all__ = ["KaLMReranker", "StaleCandidatesWarning", "finish_results", "SCORE_COLUMN", "ON_STALE", "OnStale"]

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from kalm_store._deps import require
 
@@ -403,13 +403,23 @@ def _repool_transform(f: int, t: int, dim: int) -> Callable[[Any], Any]:
 
 
 # ---------------------------------------------------------------------------------------------- CLI glue
-def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--engine local|ray`` and the Ray flags of ``kalm-store build`` (and ``repool``)."""
+def add_ray_arguments(parser: argparse.ArgumentParser, job: Literal["build", "repool"] = "build") -> None:
+    """``--engine local|ray`` and the Ray flags of ``kalm-store build``, or of ``repool`` (which encodes
+    nothing: only the cluster and the number of concurrent tasks apply)."""
     group = parser.add_argument_group("distributed (pip install \"kalm-store[ray]\")")
-    group.add_argument("--engine", choices=["local", "ray"], default="local",
-                       help="where encoding runs: this process (default) or Ray Data actors")
+    if job == "repool":
+        group.add_argument("--engine", choices=["local", "ray"], default="local",
+                           help="where re-pooling runs: this process (default) or Ray tasks, one Lance add_columns "
+                                "task per fragment")
+    else:
+        group.add_argument("--engine", choices=["local", "ray"], default="local",
+                           help="where encoding runs: this process (default) or Ray Data actors")
     group.add_argument("--ray-address", default=None, metavar="ADDR",
                        help="Ray cluster to join (auto, ray://head:10001); default: RAY_ADDRESS, else a local Ray")
+    if job == "repool":
+        group.add_argument("--workers", type=int, default=1, metavar="N",
+                           help="fragments re-pooled at once, one Ray task each (default: 1)")
+        return
     group.add_argument("--workers", type=int, default=1, metavar="N", help="encoder actors, one model each (default: 1)")
     group.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
                        help="GPUs per actor (default: 0, CPU encoding)")
@@ -423,10 +433,13 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def ray_options_from_args(args: argparse.Namespace) -> RayOptions:
-    """Typed :class:`RayOptions` from the parsed flags of :func:`add_ray_arguments` (validated)."""
-    opts = RayOptions(address=args.ray_address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                      cpus_per_worker=args.cpus_per_worker, threads_per_worker=args.threads_per_worker,
-                      window_rows=args.window_rows)
+    """Typed :class:`RayOptions` from the parsed flags of :func:`add_ray_arguments` (validated); the
+    flags ``repool`` does not take keep their defaults."""
+    opts = RayOptions(address=args.ray_address, workers=args.workers,
+                      gpus_per_worker=getattr(args, "gpus_per_worker", 0.0),
+                      cpus_per_worker=getattr(args, "cpus_per_worker", RayOptions.cpus_per_worker),
+                      threads_per_worker=getattr(args, "threads_per_worker", None),
+                      window_rows=getattr(args, "window_rows", RayOptions.window_rows))
     opts.validate()
     return opts
 

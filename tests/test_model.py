@@ -500,6 +500,22 @@ def test_missing_folder_is_a_model_load_error(tmp_path):
         KaLMModel.from_pretrained(empty)
 
 
+@pytest.mark.parametrize("name", ["tiny2", "./tiny2", "models/a/tiny2", "~/no-such-kalm-folder"])
+def test_a_folder_that_does_not_exist_is_said_so_without_the_hub(tmp_path, monkeypatch, name):
+    """`tiny2` (a folder meant, no ./) was sent to the hub, which answered about a download."""
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("asked the hub"))
+    with pytest.raises(ModelLoadError, match=f"model folder '{name}' does not exist") as info:
+        KaLMModel.from_pretrained(name)
+    assert "hub id such as KaLM-Embedding/KaLM-Reranker-V1-Nano" in str(info.value)
+    assert "download" not in str(info.value)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ModelLoadError, match="'afile' is a file, not a folder"):
+        KaLMModel.from_pretrained("afile")
+
+
 def test_unreachable_hub_id_is_a_model_load_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError) as info:

@@ -272,3 +272,46 @@ def test_cli_plan_of_an_existing_store(built, capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     col = store.info()["columns"]["kalm_r4"]
     assert out["ratios"][0]["stored_bytes_total"] == pytest.approx(col["stored_bytes"], rel=0.02)
+
+
+def test_recommend_without_the_default_ratio_does_not_call_another_the_default() -> None:
+    counts = np.array([100, 200, 300])
+    plans = {r: ratio_costs(counts, r, 64, SizeModel.raw(r, 64)) for r in (1, 2, 8, 16, 32)}
+    r, why = recommend([plans[2], plans[8]], None)
+    assert r == 2 and why.startswith("r=2 is the nearest of the costed ratios [2, 8] to the paper's default r=4, "
+                                      "which is not among them")
+    assert "r=2 is the paper's default" not in why
+    r, why = recommend([plans[1], plans[8], plans[32]], None)
+    assert r == 8 and "nearest" in why and "r=4" in why
+    assert recommend([plans[16], plans[32]], None)[0] == 16
+
+
+@pytest.mark.parametrize("flags", [["--ratios", "1", "--ratios", "4"], ["--ratio", "1", "--ratio", "4"],
+                                   ["--ratios", "1,4"], ["--ratio", "1,4"], ["--ratios", "4,1", "--ratio", "4"]])
+def test_cli_plan_takes_repeated_and_comma_ratios(flags) -> None:
+    """`--ratios 4 --ratios 8` used to keep only the last; build's repeated --ratio form was refused."""
+    from kalm_store.cli import build_parser
+    from kalm_store.cli.plan import parse_options
+
+    args = build_parser().parse_args(["plan", "c.jsonl", "--model", "m", "--sample", "0"] + flags)
+    assert parse_options(args).ratios == [1, 4]
+    default = build_parser().parse_args(["plan", "c.jsonl", "--model", "m"])
+    assert parse_options(default).ratios == [1, 2, 4, 8, 16, 32]
+
+
+def test_plot_legend_does_not_cover_the_points(model, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from kalm_store.plan import make_plan, plot_plan
+
+    plan = make_plan(model, np.array([30, 60, 90, 200]), ratios=[1, 2, 4, 8, 16, 32])
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    plot_plan(plan, tmp_path / "p.png")
+    fig = figs[0]
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.y1 <= axes_box.y0  # wholly below the plotting area: no point can sit under it
+    plt.close(fig)

@@ -55,3 +55,41 @@ def test_readme_test_command_is_what_ci_runs():
     assert "<!-- test-command -->" in text and "<!-- test-command -->" in ci
     cmd = text.split("<!-- test-command -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
     assert cmd.startswith("pip install torch==2.13.0") and cmd.endswith("pytest")
+
+
+def test_readme_example_prints_no_bars_and_no_lance_deprecation(tiny_model_dir, tmp_path):
+    """The README's own example, in a fresh process (LANCEDB_LOG is read once, at lancedb's import):
+    no transformers "Loading weights" bar, no Lance scanner deprecation WARN on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    block = re.findall(r"```python\n(.*?)```", README.read_text("utf-8"), re.S)[0]
+    code = block.replace('"KaLM-Embedding/KaLM-Reranker-V1-Nano"', repr(str(tiny_model_dir))) + "\nprint(len(hits))\n"
+    env = {k: v for k, v in os.environ.items() if k != "LANCEDB_LOG"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "2"
+    assert "Loading weights" not in done.stderr and "WARN" not in done.stderr, done.stderr
+
+
+def test_quiet_loading_keeps_real_warnings_and_restores_the_bars(caplog):
+    from transformers.utils import logging as hf_logging
+
+    from kalm_store._quiet import no_weight_bars
+
+    assert hf_logging.is_progress_bar_enabled()
+    with no_weight_bars():
+        assert not hf_logging.is_progress_bar_enabled()
+        hf_logging.get_logger("transformers.modeling_utils").warning("a real warning")
+    assert hf_logging.is_progress_bar_enabled()
+    assert "a real warning" in caplog.text  # transformers' logger is untouched: only the bars were off
+
+
+def test_make_test_model_prints_no_bars(tmp_path, capfd):
+    from kalm_store.cli import main
+
+    assert main(["make-test-model", str(tmp_path / "t")]) == 0
+    out, err = capfd.readouterr()
+    assert out.startswith("wrote a tiny random") and "Writing model shards" not in err and "Loading" not in err

@@ -247,8 +247,67 @@ def test_plain_table_refused(model, tmp_path):
 
 def test_results_without_any_key_refused(store, model):
     rr = KaLMReranker(model, table=store.table)
-    res = store.table.search(QVEC).select(["text"]).limit(3).to_arrow()
+    res = store.table.search(QVEC).select(["n_tokens"]).limit(3).to_arrow()
     with pytest.raises(ValueError, match=r"with_row_id\(True\)"):
+        rr.rerank_vector(QUERY, res)
+
+
+@pytest.mark.parametrize("mode", ["vector", "fts"])
+def test_text_only_results_reranked_by_text_digest(store, model, mode):
+    """A search that selected only `text` (no _rowid, no id): its rows are found by their text digest."""
+    rr = KaLMReranker(model, table=store.table)
+    out = _search(store.table, mode, rr, select=["text"])
+    assert out.num_rows > 0 and "id" not in out.column_names
+    by_text = dict(zip(store.table.to_arrow().column("text").to_pylist(), store.table.to_arrow().column("id").to_pylist()))
+    ids = [by_text[t] for t in out.column("text").to_pylist()]
+    np.testing.assert_allclose(out.column("_relevance_score").to_numpy(), _expected(store, model, ids, rr.ratio),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_text_only_results_of_unknown_text_refused(store, model):
+    rr = KaLMReranker(model, table=store.table)
+    res = pa.table({"text": ["a passage this table never stored"]})
+    with pytest.raises(KeyError, match="never stored"):
+        rr.rerank_fts(QUERY, res)
+
+
+def _other_table(model, tmp_path, texts=None):
+    """A second store of the same model whose rows sit at the same _rowids as `store`'s, other passages."""
+    recs = _records()
+    recs = [dict(r, id=f"q{i}", text=(texts or {}).get(i, f"other passage {i} about zebras")) for i, r in enumerate(recs)]
+    st = PassageStore.create(str(tmp_path), "other", model, ratios=[2, 4], vector_dim=8)
+    st.add(recs)
+    st.table.create_index("text", config=FTS())
+    return st
+
+
+@pytest.mark.parametrize("select", [None, ["id"], ["text"], ["id", "text"]])
+def test_reranker_refuses_results_of_another_table(store, model, tmp_path, select):
+    """A reranker bound to table A, handed table B's results fetched by _rowid, must not score A's rows."""
+    other = _other_table(model, tmp_path)
+    rr = KaLMReranker(model, table=store.table)
+    q = other.table.search(QVEC).with_row_id(True)
+    if select is not None:
+        q = q.select(select)
+    res = q.limit(5).to_arrow().drop_columns([c for c in ("kalm_r2", "kalm_r4") if c in q.limit(1).to_arrow().column_names])
+    with pytest.raises(StoreMismatchError, match="not the search results' rows"):
+        rr.rerank_vector(QUERY, res)
+
+
+def test_reranker_refuses_same_ids_with_other_texts(store, model, tmp_path):
+    """Fetched by id: table B reuses A's ids for other texts; the text comparison refuses it."""
+    other = PassageStore.create(str(tmp_path), "same_ids", model, ratios=[2, 4], vector_dim=8)
+    other.add([dict(r, text=f"another text {i}") for i, r in enumerate(_records())])
+    rr = KaLMReranker(model, table=store.table)
+    res = other.table.search(QVEC).select(["id", "text"]).limit(5).to_arrow()
+    with pytest.raises(StoreMismatchError, match="result text 'another text"):
+        rr.rerank_vector(QUERY, res)
+
+
+def test_results_with_only_rowid_refused(store, model):
+    rr = KaLMReranker(model, table=store.table)
+    res = store.table.search(QVEC).with_row_id(True).select(["n_tokens"]).limit(3).to_arrow()
+    with pytest.raises(ValueError, match="select 'id' or 'text'"):
         rr.rerank_vector(QUERY, res)
 
 
@@ -281,4 +340,80 @@ def test_deleted_candidate_names_the_id(model, tmp_path):
     res = st.table.search(QVEC).with_row_id(True).select(["id"]).limit(4).to_arrow()
     st.table.delete("id = 'p1'")
     with pytest.raises(KeyError, match="p1"):
+        rr.rerank_vector(QUERY, res)
+
+
+# ---------------------------------------------------------------------------- on_stale="skip"
+@pytest.fixture()
+def stale_store(model, tmp_path):
+    """A store whose row p3 had its text changed by LanceDB's own update (its matrix is of the old text)."""
+    st = PassageStore.create(str(tmp_path), "stale", model, ratios=[4], vector_dim=8)
+    st.add(_records(8))
+    st.table.create_index("text", config=FTS())
+    st.table.update(where="id = 'p3'", values={"text": "zeppelins drift over the harbour, json"})
+    return st
+
+
+def test_on_stale_default_still_refuses(stale_store, model):
+    from kalm_store.store import StaleMatrixError
+
+    rr = KaLMReranker(model, table=stale_store.table)
+    with pytest.raises(StaleMatrixError, match="p3"):
+        _search(stale_store.table, "vector", rr, select=["text"] + rr.columns)
+
+
+@pytest.mark.parametrize("mode", ["vector", "fts", "hybrid"])
+@pytest.mark.parametrize("fetch", ["select", "rowid", "text"])
+def test_on_stale_skip_drops_and_names_them(stale_store, model, mode, fetch):
+    from kalm_store.plugins.lancedb import StaleCandidatesWarning
+
+    rr = KaLMReranker(model, table=stale_store.table, on_stale="skip")
+    select = {"select": ["text"] + rr.columns, "rowid": ["id"], "text": ["text"]}[fetch]
+    with pytest.warns(StaleCandidatesWarning, match=r"left out 1 stale candidate of table 'stale': passage id \['p3'\]"):
+        out = _search(stale_store.table, mode, rr, select=select, row_id=fetch == "rowid")
+    rows = stale_store.table.to_arrow()
+    id_of = dict(zip(rows.column("text").to_pylist(), rows.column("id").to_pylist()))
+    ids = out.column("id").to_pylist() if "id" in out.column_names else [id_of[t] for t in out.column("text").to_pylist()]
+    assert "p3" not in ids and len(ids) == 7
+    np.testing.assert_allclose(out.column("_relevance_score").to_numpy(),
+                               model.score(QUERY, stale_store.matrices(ids, 4)), rtol=1e-5, atol=1e-6)
+    assert np.all(np.diff(out.column("_relevance_score").to_numpy()) <= 0)
+
+
+def test_on_stale_skip_score_results_gives_nan_for_stale_rows(stale_store, model):
+    from kalm_store.plugins.lancedb import StaleCandidatesWarning
+
+    rr = KaLMReranker(model, table=stale_store.table, on_stale="skip")
+    res = stale_store.table.search().select(["text"] + rr.columns).limit(10).to_arrow()
+    with pytest.warns(StaleCandidatesWarning):
+        scores = rr.score_results(QUERY, res)
+    ids = res.column("id").to_pylist()
+    assert np.isnan(scores[ids.index("p3")]) and np.isfinite(np.delete(scores, ids.index("p3"))).all()
+
+
+def test_on_stale_skip_all_stale_gives_empty_results(stale_store, model):
+    from kalm_store.plugins.lancedb import StaleCandidatesWarning
+
+    rr = KaLMReranker(model, table=stale_store.table, on_stale="skip")
+    res = stale_store.table.search().where("id = 'p3'").select(["text"] + rr.columns).limit(10).to_arrow()
+    with pytest.warns(StaleCandidatesWarning):
+        out = rr.rerank_table(QUERY, res)
+    assert out.num_rows == 0 and out.column("_relevance_score").type == pa.float32()
+
+
+def test_on_stale_checked(store, model):
+    with pytest.raises(ValueError, match="on_stale must be one of"):
+        KaLMReranker(model, table=store.table, on_stale="ignore")
+
+
+def test_selected_matrices_of_a_table_built_by_another_model_refused(store, model, tmp_path):
+    from kalm_store import KaLMModel
+    from kalm_store.testing import TinyShape, make_test_model
+
+    other_model = KaLMModel.from_pretrained(make_test_model(tmp_path / "seed3", TinyShape(seed=3)))
+    other = PassageStore.create(str(tmp_path / "db"), "theirs", other_model, ratios=[2, 4], vector_dim=8)
+    other.add(_records(4))
+    rr = KaLMReranker(model, table=store.table, ratio=4)
+    res = other.table.search(QVEC).select(["text"] + rr.columns).limit(4).to_arrow()
+    with pytest.raises(StoreMismatchError, match="the table of these search results was built by model"):
         rr.rerank_vector(QUERY, res)

@@ -108,11 +108,11 @@ def test_cli_build_info_plan_search_repool_on_s3(aws_env, tmp_path, tiny_model_d
     corpus.write_text("".join(json.dumps(r) + "\n" for r in edited))
     assert main(["build", str(corpus), "--db", db, "--table", "docs", "--model", str(tiny_model_dir),
                  "--ratio", "2", "--ratio", "8", "--no-progress", "--update", "--delete-missing"]) == 0
-    assert "wrote 1 (1 replacing changed rows), deleted 1 rows not in the input" in capsys.readouterr().out
+    assert "wrote 1 (1 replacing a changed row), deleted 1 row not in the input" in capsys.readouterr().out
     corpus.write_text("".join(json.dumps({"id": f"p{i}", "text": t}) + "\n" for i, t in enumerate(passages)))
     assert main(["build", str(corpus), "--db", db, "--table", "docs", "--model", str(tiny_model_dir),
                  "--ratio", "2", "--ratio", "8", "--no-progress", "--update"]) == 0  # back to the first corpus
-    assert "wrote 2 (1 replacing changed rows)" in capsys.readouterr().out
+    assert "wrote 2 (1 replacing a changed row)" in capsys.readouterr().out
     store.refresh()
     rows = store.table.to_arrow()
     assert dict(zip(rows.column("id").to_pylist(), rows.column("text").to_pylist())) == \

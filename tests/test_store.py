@@ -246,3 +246,38 @@ def test_open_refuses_a_layout_other_than_the_schema_file(tmp_path, model, chang
     with pytest.raises(StoreMismatchError, match="table 'bad'"):  # the reranker checks it before any scoring
         KaLMReranker(model, table=bad)
     assert PassageStore.open(str(tmp_path / "db"), "good").ratios == [4]  # the real layout passes
+
+
+def test_fingerprint_mismatch_names_the_stored_and_the_loaded_model(model, tmp_path):
+    """Only hashes were named: the user could not tell which model to load."""
+    from kalm_store import KaLMModel
+    from kalm_store.testing import TinyShape, make_test_model
+
+    other = KaLMModel.from_pretrained(make_test_model(tmp_path / "seed7", TinyShape(seed=7)))
+    store = PassageStore.create(str(tmp_path / "db"), "docs", model, ratios=[4])
+    with pytest.raises(StoreMismatchError) as info:
+        PassageStore.open(str(tmp_path / "db"), "docs", model=other)
+    msg = str(info.value)
+    assert msg.startswith(f"table 'docs' was built by model {model.name_or_path!r}, not by the loaded "
+                          f"{other.name_or_path!r} (")
+    assert "fingerprint: table has" in msg
+    same_weights = type(model)(model.hf_model, model.tokenizer, name_or_path=model.name_or_path, folder=model.folder,
+                               max_length=128)
+    with pytest.raises(StoreMismatchError, match=r"built by the same model weights .* with another configuration "
+                                                 r"\(max_length: table has 1024, model gives 128\)"):
+        PassageStore.open(str(tmp_path / "db"), "docs", model=same_weights)
+    assert store.table.count_rows() == 0
+
+
+def test_db_pointing_at_a_table_folder_says_to_pass_its_parent(model, tmp_path, capsys):
+    from kalm_store.cli import main
+
+    PassageStore.create(str(tmp_path / "db"), "docs", model, ratios=[4]).add([{"id": "a", "text": "json"}])
+    table_dir = tmp_path / "db" / "docs.lance"
+    assert (table_dir / "_versions").is_dir()
+    with pytest.raises(ValueError, match=rf"db_uri '{table_dir}' is the folder of one table, not a database: pass "
+                                         rf"its parent folder '{tmp_path / 'db'}' as db_uri and table='docs'"):
+        PassageStore.open(str(table_dir), "docs")
+    assert main(["info", "--db", str(table_dir), "--table", "docs"]) == 1
+    assert (f"--db '{table_dir}' is the folder of one table, not a database: pass its parent folder "
+            f"'{tmp_path / 'db'}' as --db and --table docs") in capsys.readouterr().err

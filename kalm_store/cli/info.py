@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from kalm_store._text import format_bytes  # the units of `kalm-store plan`
+
 
 def register(sub: argparse._SubParsersAction, name: str) -> None:
     p = sub.add_parser(name, help="describe a passage store: rows, ratios, bytes per column and passage",
@@ -17,14 +19,6 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
 
     add_storage_arguments(p)
     p.set_defaults(run=run)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"table        {info['table']} ({args.db}), version {info['version']}, kalm-store schema "
           f"v{meta.get('schema_version')} ({checked})")
     print(f"rows         {info['rows']}  ({info['tokens']} encoder tokens)")
-    print(f"model        {meta.get('model_id')} rev {meta.get('model_revision')}, d={info['dim']}, "
+    revision = f" rev {meta['model_revision']}" if meta.get("model_revision") else " (local folder)"
+    print(f"model        {meta.get('model_id')}{revision}, d={info['dim']}, "
           f"max_length={meta.get('max_length')}, template {meta.get('template_version')}")
     print(f"fingerprint  {info['fingerprint']}")
     dtypes = meta.get("compute_dtypes")  # absent: a table of a kalm-store that did not record it
@@ -53,13 +48,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         vectors = f"{dim}-d, brought with the input"
     print(f"ratios       {info['ratios']}   vectors: {vectors}")
-    print(f"stored       {_size(info['stored_bytes'])} on disk, {_size(info['bytes_per_passage'])} per passage")
+    print(f"stored       {format_bytes(info['stored_bytes'])} on disk, {format_bytes(info['bytes_per_passage'])} per passage")
     print(f"{'column':<12} {'on disk':>10} {'per passage':>12} {'raw fp16/psg':>13} {'vs raw':>7}")
     for col, c in info["columns"].items():
         raw = c.get("raw_float16_bytes_per_passage")
         ratio = c.get("stored_vs_raw")
-        print(f"{col:<12} {_size(c['stored_bytes']):>10} {_size(c['bytes_per_passage']):>12} "
-              f"{_size(raw) if raw is not None else '':>13} {f'{ratio:.3f}' if ratio else '':>7}")
+        print(f"{col:<12} {format_bytes(c['stored_bytes']):>10} {format_bytes(c['bytes_per_passage']):>12} "
+              f"{format_bytes(raw) if raw is not None else '':>13} {f'{ratio:.3f}' if ratio else '':>7}")
     print("indices      " + (", ".join(f"{ix['name']} ({ix['type']} on {','.join(ix['columns'])})"
                                        for ix in info["indices"]) or "none"))
     return 0

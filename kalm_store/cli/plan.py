@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kalm_store.cli._args import add_ratios_argument
 from kalm_store.pooling import RATIOS
 
 
@@ -59,10 +60,15 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--sample", type=int, default=64,
                    help="passages to encode for the compression (and fidelity) measurement; 0: raw float16 "
                         "sizes, no encoder run (default: 64)")
-    p.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="ratios to cost (default: 1,2,4,8,16,32)")
-    p.add_argument("--queries", type=Path, help="queries .jsonl ({'id'?, 'text'|'query'}): measure fidelity per ratio")
-    p.add_argument("--qrels", type=Path, help="relevance judgements (.jsonl {query_id, passage_id, relevance} or "
-                                              ".tsv): adds nDCG@10 and ROC-AUC per ratio")
+    add_ratios_argument(p, "ratios to cost: a comma list (--ratios 1,4), or repeated (--ratio 1 --ratio 4) "
+                           "(default: 1,2,4,8,16,32)")
+    p.add_argument("--queries", type=Path, help="queries .jsonl, one {\"id\": ..., \"text\": ...} per line (\"query\" "
+                                                "for \"text\" and no id also work): measure fidelity per ratio")
+    p.add_argument("--qrels", type=Path,
+                   help="relevance judgements, adds nDCG@10 and ROC-AUC per ratio: .jsonl lines {\"query_id\", "
+                        "\"passage_id\" (or \"corpus_id\"), \"relevance\" (or \"score\")}; or a .tsv of query id, "
+                        "passage id, relevance (BEIR's qrels/test.tsv, its header line skipped); or TREC qrels "
+                        "lines 'qid 0 pid rel'")
     p.add_argument("--max-queries", type=int, default=50, help="queries scored at most (default: 50)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG of bytes and fidelity against r (needs kalm-store[plot])")
@@ -97,10 +103,11 @@ def parse_options(args: argparse.Namespace) -> PlanOptions:
         raise ValueError("--db needs --table NAME")
     if args.input is not None and args.model is None:
         raise ValueError("--model is required with INPUT (hub id or folder of the KaLM checkpoint)")
+    given = list(RATIOS) if args.ratios is None else args.ratios
     try:
-        ratios = sorted({check_ratio(int(r), "--ratios entry") for r in args.ratios.split(",") if r.strip()})
+        ratios = sorted({check_ratio(r, "--ratios entry") for r in given})
     except ValueError as e:
-        raise ValueError(f"--ratios must be a comma list of {list(RATIOS)}, got {args.ratios!r} ({e})") from None
+        raise ValueError(f"--ratios must be a comma list of {list(RATIOS)}, got {','.join(map(str, given))} ({e})") from None
     if not ratios:
         raise ValueError(f"--ratios is empty; give some of {list(RATIOS)}")
     if args.sample < 0:

@@ -30,14 +30,16 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
         name,
         help="add a coarser ratio column derived exactly from a stored one (no re-encoding)",
         description="Derive kalm_r{TO} from the stored kalm_r{FROM} (TO a multiple of FROM) as the token-count-"
-                    "weighted mean of FROM groups: exact up to float16 rounding, no encoder run. Only the new "
+                    "weighted mean of FROM groups: exact up to float16 rounding, from the stored matrices alone (no model "
+                    "is loaded). Only the new "
                     "column is written (Lance add_columns): vectors, text, other ratios and indices stay as they "
                     "are; the table metadata then lists the new ratio. A finer ratio can never be derived.",
     )
-    p.add_argument("--db", required=True, help="LanceDB URI of the store")
-    p.add_argument("--table", required=True, help="table name")
-    p.add_argument("--from", dest="from_ratio", type=int, required=True, help="stored source ratio")
-    p.add_argument("--to", dest="to_ratio", type=int, required=True, help="new ratio, a multiple of --from")
+    p.add_argument("--db", required=True, help="LanceDB URI of the store (required)")
+    p.add_argument("--table", required=True, help="table name (required)")
+    p.add_argument("--from", dest="from_ratio", type=int, required=True, help="stored source ratio (required)")
+    p.add_argument("--to", dest="to_ratio", type=int, required=True,
+                   help="new ratio, a multiple of --from (required)")
     p.add_argument("--drop-source", action="store_true",
                    help="drop the source column afterwards; like every Lance column drop this only changes the "
                         f"table's metadata: its {COMPACT_HINT}")
@@ -45,7 +47,7 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     from kalm_store.plugins.ray import add_ray_arguments  # --engine ray: one add_columns task per fragment
 
-    add_ray_arguments(p)
+    add_ray_arguments(p, "repool")
     from kalm_store.storage import add_storage_arguments  # --storage-option KEY=VALUE for --db s3://...
 
     add_storage_arguments(p)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Any
 
 MODES = ("vector", "fts", "hybrid")  # kalm_store.query.MODES (not imported: keeps --help cheap)
@@ -19,14 +20,16 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                     "the best K.",
     )
     p.add_argument("query", help="the query text")
-    p.add_argument("--db", required=True, help="LanceDB database URI (folder, s3://...)")
-    p.add_argument("--table", required=True, help="table name")
-    p.add_argument("--model", required=True, help="hub id or folder of the model that built the table")
+    p.add_argument("--db", required=True, help="LanceDB database URI (folder, s3://...) (required)")
+    p.add_argument("--table", required=True, help="table name (required)")
+    p.add_argument("--model", required=True, help="hub id or folder of the model that built the table (required)")
     p.add_argument("-k", type=int, default=10, help="hits to print (default: 10)")
     p.add_argument("--candidates", type=int, default=100,
                    help="first-stage rows to rerank; in hybrid mode each leg (vector, FTS) fetches this many and "
                         "their union, up to twice as many, is reranked (default: 100)")
-    p.add_argument("--mode", choices=MODES, default="hybrid", help="first stage (default: hybrid)")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="first stage (default: what the table supports: hybrid when it has vectors (an embedder, "
+                        "or --query-vector) and a full-text index, else vector or fts)")
     p.add_argument("--instruction", default=None, help="task instruction (default: the model's)")
     p.add_argument("--ratio", type=int, default=None,
                    help="stored MEP ratio to score with (default: the smallest the table stores)")
@@ -39,6 +42,10 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                    help="another column of the table to print with each hit; repeat for several (default: none)")
     p.add_argument("--batch-size", type=int, default=32, help="candidates per decoder pass (default: 32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when available)")
+    p.add_argument("--skip-stale", action="store_true",
+                   help="leave out candidates whose text was changed after their matrices were stored (a LanceDB "
+                        "update that bypassed kalm-store), naming them in a warning on stderr (default: refuse "
+                        "the query, naming them)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     from kalm_store.dtypes import add_dtype_argument
 
@@ -84,11 +91,21 @@ def run(args: argparse.Namespace) -> int:
     from kalm_store.query import search
     from kalm_store.storage import options_from_args
 
+    from kalm_store.plugins.lancedb import StaleCandidatesWarning
+
     # search() opens the table before it loads the model: a wrong --db/--table fails in a second
-    hits = search(args.db, args.table, args.query, model=args.model, device=args.device, k=args.k,
-                  candidates=args.candidates, mode=args.mode, instruction=args.instruction, ratio=args.ratio,
-                  query_vector=vector, where=args.where, fields=args.fields, batch_size=args.batch_size,
-                  storage_options=options_from_args(args), dtype=resolve_dtype(args.dtype, args.device))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", StaleCandidatesWarning)
+        hits = search(args.db, args.table, args.query, model=args.model, device=args.device, k=args.k,
+                      candidates=args.candidates, mode=args.mode, instruction=args.instruction, ratio=args.ratio,
+                      query_vector=vector, where=args.where, fields=args.fields, batch_size=args.batch_size,
+                      storage_options=options_from_args(args), on_stale="skip" if args.skip_stale else "raise",
+                      dtype=resolve_dtype(args.dtype, args.device))
+    for w in caught:  # one plain line each, not Python's file:line warning format
+        if issubclass(w.category, StaleCandidatesWarning):
+            print(f"kalm-store search: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if args.json:
         json.dump({"query": args.query, "results": hits}, sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")

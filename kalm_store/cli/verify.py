@@ -7,6 +7,8 @@ import json
 import sys
 from dataclasses import asdict
 
+from kalm_store.cli._args import add_ratios_argument
+
 PROBLEMS_FOUND = 3  # exit status when rows fail; 1 stays "could not run", as for every command
 
 _EPILOG = """\
@@ -39,8 +41,8 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--db", required=True, help="LanceDB database URI (required)")
     p.add_argument("--table", required=True, help="table name (required)")
-    p.add_argument("--ratio", type=int, action="append", dest="ratios", metavar="R",
-                   help="stored ratio to check; repeat for several (default: every stored ratio)")
+    add_ratios_argument(p, "stored ratio to check; repeat or give a comma list for several (default: every "
+                           "stored ratio)")
     p.add_argument("--examples", type=int, default=10, help="failing ids listed per column (default: 10)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (default: a bar on stderr when it is a terminal)")

@@ -420,8 +420,9 @@ def test_update_resumes_after_sigkill(tmp_path, model, tiny_model_dir):
     base = lance.dataset(str(tmp_path / "db" / "docs.lance")).version
     edited = [dict(r, text=r["text"] + " revised") for r in records]
     inp = write_jsonl(tmp_path / "c2.jsonl", edited)
-    def replaced_a_chunk() -> bool:
-        return lance.dataset(str(tmp_path / "db" / "docs.lance")).version > base
+    def replaced_a_chunk() -> bool:  # a replaced row, not any commit (a metadata or index commit is none)
+        ds = lance.dataset(str(tmp_path / "db" / "docs.lance"))
+        return ds.version > base and ds.count_rows(filter="text LIKE '% revised'") > 0
 
     kill_build_when(replaced_a_chunk, inp, tmp_path / "db", tiny_model_dir, "--update")
     summary = build(opts(tmp_path, inp, tiny_model_dir, chunk_size=4, fts_index=False, update=True), model=model)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from . import schema
+
 if TYPE_CHECKING:  # pragma: no cover
     from .store import PassageStore
 
@@ -74,7 +76,12 @@ def _probe(ds: Any, column: str, kind: str) -> None:
     else:  # a scalar index (BTREE, BITMAP, ...): an indexed lookup must agree with a scan
         from .store import sql_in
 
-        where = sql_in(column, [first]) if isinstance(first, str) else f"{column} = {first!r}"
+        if isinstance(first, str):
+            where = sql_in(column, [first])
+        elif isinstance(first, bytes):  # text_digest: a hex literal (a Python bytes repr makes Lance panic)
+            where = f"{column} = X'{first.hex()}'"
+        else:
+            where = f"{column} = {first!r}"
         indexed = ds.count_rows(filter=where)
         scanned = ds.to_table(columns=[column], filter=where, use_scalar_index=False).num_rows
         if indexed != scanned:
@@ -82,9 +89,11 @@ def _probe(ds: Any, column: str, kind: str) -> None:
 
 
 def missing_indices(store: PassageStore) -> list[str]:
-    """The kalm-store indices (``text`` full-text, ``id`` BTREE) the table lacks."""
+    """The kalm-store indices (``text`` full-text; ``id`` and, with digests, ``text_digest`` BTREE) the
+    table lacks."""
     have = {tuple(c) for _, c, _ in _index_list(store.table)}
-    return [col for col in ("text", "id") if (col,) not in have]
+    ours = ("text", "id") + ((schema.DIGEST_COLUMN,) if store.has_digests else ())
+    return [col for col in ours if (col,) not in have]
 
 
 @dataclass
@@ -153,7 +162,7 @@ def optimize_store(store: PassageStore, *, dedupe: bool = False, fts: bool = Tru
         retry_conflicts(lambda c=columns[0], cfg=config, n=problem.name: table.create_index(
             c, config=cfg, replace=True, name=n), f"rebuilding index {problem.name!r}", before_retry=table.checkout_latest)
         result.indices_rebuilt.append(problem.name)
-    wanted = [c for c, on in (("text", fts), ("id", id_index)) if on]
+    wanted = [c for c, on in (("text", fts), ("id", id_index), (schema.DIGEST_COLUMN, id_index)) if on]
     for col in missing_indices(store):
         if col in wanted and table.count_rows():
             retry_conflicts(lambda c=col: table.create_index(c, config=FTS() if c == "text" else BTree(), replace=True),

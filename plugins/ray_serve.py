@@ -61,13 +61,13 @@ def deployment(options: ServeOptions, model: str, *, replicas: int = 1, device: 
             from kalm_store.serve import create_app
 
             o = ServeOptions(**fields)
-            self.app = create_app(o.db, o.table, model, ratio=o.ratio, max_pending=o.max_pending,
-                                  max_documents=o.max_documents, api_key=o.api_key, cache_mib=o.cache_mib,
-                                  batch_size=o.batch_size, max_batch_rows=o.max_batch_rows, batching=o.batching,
-                                  device=device, storage_options=o.storage_options)
+            self.asgi_app = create_app(o.db, o.table, model, ratio=o.ratio, max_pending=o.max_pending,
+                                       max_documents=o.max_documents, api_key=o.api_key, cache_mib=o.cache_mib,
+                                       batch_size=o.batch_size, max_batch_rows=o.max_batch_rows, batching=o.batching,
+                                       device=device, storage_options=o.storage_options)
 
         def __serve_build_asgi_app__(self) -> Any:
-            return self.app
+            return self.asgi_app
 
     return KalmStoreReplica.bind(fields, model, device)
 

@@ -239,10 +239,11 @@ def test_index_creation_retries_a_retryable_commit_conflict(model, tmp_path, mon
         return create(column, **kwargs)
 
     monkeypatch.setattr(store.table, "create_index", conflict_once)
-    assert store.update_indices() == ["text_idx", "id_idx"]
-    assert calls == ["text", "text", "id"]
+    assert store.update_indices() == ["text_idx", "id_idx", "text_digest_idx"]
+    assert calls == ["text", "text", "id", "text_digest"]
     store.refresh()
-    assert {ix.name: ix.num_unindexed_rows for ix in store.table.list_indices()} == {"text_idx": 0, "id_idx": 0}
+    assert {ix.name: ix.num_unindexed_rows for ix in store.table.list_indices()} == \
+        {"text_idx": 0, "id_idx": 0, "text_digest_idx": 0}
 
 
 # ------------------------------------------------------------------ item 5: killed while creating the table
@@ -280,8 +281,8 @@ def test_verify_names_a_damaged_index_and_optimize_rebuilds_it(model, tmp_path, 
     store.refresh()
     fts_uuid = next(ix for ix in store.table.to_lance().describe_indices() if ix.name == "text_idx")
     folders = sorted((tmp_path / "db" / "docs.lance" / "_indices").iterdir())
-    assert len(folders) == 2 and fts_uuid
-    for folder in folders:  # both indices
+    assert len(folders) == 3 and fts_uuid
+    for folder in folders:  # all three indices (text, id, text_digest)
         for f in folder.iterdir():
             if damage == "removed":
                 f.unlink()
@@ -290,11 +291,12 @@ def test_verify_names_a_damaged_index_and_optimize_rebuilds_it(model, tmp_path, 
     code, out, _ = cli(["verify", "--db", db, "--table", "docs", "--no-progress"], capsys)
     assert code == 3
     assert "index text_idx on ['text'] cannot be read" in out and "index id_idx on ['id'] cannot be read" in out
+    assert "index text_digest_idx on ['text_digest'] cannot be read" in out
     assert f"`kalm-store optimize --db {db} --table docs` creates it anew" in out
 
     code, out, _ = cli(["optimize", "--db", db, "--table", "docs", "--json"], capsys)
     result = json.loads(out)
-    assert code == 0 and sorted(result["indices_rebuilt"]) == ["id_idx", "text_idx"]
+    assert code == 0 and sorted(result["indices_rebuilt"]) == ["id_idx", "text_digest_idx", "text_idx"]
     assert cli(["verify", "--db", db, "--table", "docs", "--no-progress"], capsys)[0] == 0
     store = PassageStore.open(db, "docs")
     hits = store.table.search(corpus(20)[0]["text"].split()[0], query_type="fts").limit(3).to_list()

@@ -297,7 +297,7 @@ def small_store(tmp_path_factory, model, tiny_model_dir):
 
 @pytest.mark.parametrize("flags, message", [
     (["--field", "nope"], "fields ['nope'] are not columns of table 'docs'"),
-    (["--mode", "vector", "--query-vector", "1,2"], "query_vector has 2 values; table 'docs' holds 3-d vectors"),
+    (["--mode", "vector", "--query-vector", "1,2"], "--query-vector has 2 values; table 'docs' holds 3-d vectors"),
     (["--ratio", "8"], "stores ratios [4], not r=8"),
     (["--mode", "vector"], "holds brought vectors"),
     (["--where", "modul = 'json'"], "where \"modul = 'json'\" is not a filter table 'docs' can run: Schema error: No "

@@ -86,7 +86,7 @@ def test_valid_json_python_refuses_is_one_line_and_keeps_earlier_records(case, t
     code, out, err = _cli(_build_argv(inp, tmp_path / "db2", tiny_model_dir, "--skip-bad", "--skip-report",
                                       str(tmp_path / "skipped.jsonl")), capsys)
     assert code == 0, err
-    assert "1 bad records skipped" in out
+    assert "1 bad record skipped" in out
     assert _stored_ids(tmp_path / "db2") == ["after", "g0", "g1", "g2"]
     report = [json.loads(x) for x in (tmp_path / "skipped.jsonl").read_text().splitlines()]
     assert [r["where"] for r in report] == [f"{inp}:4"]
@@ -231,7 +231,7 @@ def _broken_model(tiny_model_dir: Path, tmp_path: Path, how: str) -> Path:
         c = json.loads(config.read_text())
         key, value = {"heads0": ("num_attention_heads", 0), "softcap0": ("final_logit_softcapping", 0.0),
                       "window_neg": ("sliding_window", -3), "width": ("hidden_size", 2**40),
-                      "eps": ("rms_norm_eps", 1e30), "layers": ("num_hidden_layers", 10**7)}[how]
+                      "eps": ("rms_norm_eps", 1e30), "layers": ("num_hidden_layers", 10**5)}[how]
         for sub in (c["decoder"], c["encoder"]["text_config"]):
             sub[key] = value
             if key == "num_hidden_layers":
@@ -249,7 +249,7 @@ def _broken_model(tiny_model_dir: Path, tmp_path: Path, how: str) -> Path:
     ("window_neg", "config.json", r"sliding_window is -3; it must be a positive int"),
     ("eps", "config.json", r"rms_norm_eps is 1e\+30; it must be below 1"),
     ("width", "config.json", r"hidden_size is 1099511627776, the weights' .*embed_tokens\.weight is 64 wide"),
-    ("layers", "config.json", r"num_hidden_layers is 10000000, the weights hold 3"),
+    ("layers", "config.json", r"num_hidden_layers is 100000, the weights hold 3"),
 ])
 def test_damaged_checkpoint_is_one_line_naming_the_file(how, names, match, tiny_model_dir, tmp_path, capsys):
     d = _broken_model(tiny_model_dir, tmp_path, how)

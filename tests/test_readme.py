@@ -79,11 +79,16 @@ def test_quiet_loading_keeps_real_warnings_and_restores_the_bars(caplog):
 
     from kalm_store._quiet import no_weight_bars
 
-    assert hf_logging.is_progress_bar_enabled()
-    with no_weight_bars():
-        assert not hf_logging.is_progress_bar_enabled()
-        hf_logging.get_logger("transformers.modeling_utils").warning("a real warning")
-    assert hf_logging.is_progress_bar_enabled()
+    was = hf_logging.is_progress_bar_enabled()  # an earlier CLI test in this process may have turned them off
+    hf_logging.enable_progress_bar()
+    try:
+        with no_weight_bars():
+            assert not hf_logging.is_progress_bar_enabled()
+            hf_logging.get_logger("transformers.modeling_utils").warning("a real warning")
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        if not was:
+            hf_logging.disable_progress_bar()
     assert "a real warning" in caplog.text  # transformers' logger is untouched: only the bars were off
 
 

@@ -253,23 +253,12 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     start = time.perf_counter()
     if options.input != STDIN and not Path(options.input).is_file():
         raise FileNotFoundError(f"input {options.input!r} does not exist or is not a file")
-    from .input_columns import InputColumns, declared_types
     from .model import KaLMModel
     from .store import PassageStore
 
-    # Everything that needs no model comes first (the table's layout, the input's header and first
-    # record), so that a mistake costs a second, not a model load.
-    target = check_target(options, options.storage_options, max_length=options.max_length if model is None else None)
+    target, columns, vector_dim, summary, records = check_before_model(options, options.storage_options,
+                                                                       on_bad, model_given=model is not None)
     fields = options.fields
-    columns = InputColumns(target.schema if target is not None else None, fields.keep,
-                           declared=declared_types(options.input, options.input_format))
-    vector_dim = None
-    if target is not None and options.vector_field:
-        from .schema import decode_metadata
-
-        vector_dim = decode_metadata(target.schema.metadata).get("vector_dim")
-    summary = BuildSummary(max_length=options.max_length)
-    records = open_input(options, fields, vector_dim, columns, summary, on_bad)
     if model is None:
         model = KaLMModel.from_pretrained(options.model, revision=options.revision, device=options.device,
                                           dtype=options.dtype, max_length=options.max_length)
@@ -387,6 +376,31 @@ def check_target(options: BuildOptions, storage_options: dict[str, str] | None, 
     store.check_layout(options.ratios if options.ratios is not None else store.ratios, vectors=options.vectors,
                        embedder=emb_meta)
     return store.table
+
+
+def check_before_model(options: BuildOptions, storage_options: dict[str, str] | None,
+                       on_bad: Callable[[BadRecordError], None] | None, *, model_given: bool
+                       ) -> tuple[Any, InputColumns, int | None, BuildSummary, Iterator[tuple[str, dict[str, Any]]]]:
+    """What both engines check before loading a model (the table's layout, the input's header and first
+    record), so that a mistake costs a second, not a model load.
+
+    Returns the existing LanceDB table (``None`` when there is none yet), the input's kept columns, the
+    stored vector width (``None`` unless vectors are brought to an existing table), a fresh summary and
+    the input's ``(where, raw)`` records with the first one already read.
+    """
+    from .input_columns import InputColumns, declared_types
+
+    target = check_target(options, storage_options, max_length=None if model_given else options.max_length)
+    columns = InputColumns(target.schema if target is not None else None, options.fields.keep,
+                           declared=declared_types(options.input, options.input_format))
+    vector_dim = None
+    if target is not None and options.vector_field:
+        from .schema import decode_metadata
+
+        vector_dim = decode_metadata(target.schema.metadata).get("vector_dim")
+    summary = BuildSummary(max_length=options.max_length)
+    return target, columns, vector_dim, summary, open_input(options, options.fields, vector_dim, columns, summary,
+                                                            on_bad)
 
 
 def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[str, str] | None, *,

@@ -196,9 +196,7 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     BuildSummary
         ``commits`` counts windows.
     """
-    from kalm_store.build import (BuildSummary, check_target, finish_build, open_input, open_target, read_chunks,
-                                  select_new)
-    from kalm_store.input_columns import InputColumns, declared_types
+    from kalm_store.build import check_before_model, finish_build, open_target, read_chunks, select_new
     from kalm_store.model import KaLMModel
     from kalm_store.records import STDIN
     from kalm_store.store import PassageStore
@@ -218,18 +216,9 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     db_uri = _absolute(options.db)
     model_ref = _absolute(options.model) if Path(options.model).expanduser().is_dir() else options.model
     # as the local builder: what needs no model (table layout, input header, first record) comes first
-    target = check_target(replace(options, db=db_uri), storage_options,
-                          max_length=options.max_length if model is None else None)
+    target, columns, vector_dim, summary, records = check_before_model(replace(options, db=db_uri), storage_options,
+                                                                       on_bad, model_given=model is not None)
     fields = options.fields
-    columns = InputColumns(target.schema if target is not None else None, fields.keep,
-                           declared=declared_types(options.input, options.input_format))
-    vector_dim = None
-    if target is not None and options.vector_field:
-        from kalm_store.schema import decode_metadata
-
-        vector_dim = decode_metadata(target.schema.metadata).get("vector_dim")
-    summary = BuildSummary(max_length=options.max_length)
-    records = open_input(options, fields, vector_dim, columns, summary, on_bad)
     if model is None:
         model = KaLMModel.from_pretrained(model_ref, revision=options.revision, device="cpu",
                                           max_length=options.max_length)

@@ -102,29 +102,26 @@ def commit_rows(table: Any, rows: pa.Table, *, replace: bool = False) -> CommitR
     CommitResult
     """
     ids = rows.column("id").to_pylist()
-    for attempt in range(CONFLICT_RETRIES + 1):
+
+    def attempt() -> tuple[dict[str, Any], int, int]:  # stats, version read, version committed
         table.checkout_latest()
         ds = table.to_lance()  # pinned: the merge reads exactly this version
-        read_version = ds.version
         full = complete_rows(table, ds.schema, rows, replace=replace)
         merge = ds.merge_insert("id")
         if replace:
             merge = merge.when_matched_update_all()
+        # Lance's own retry would re-run these rows on a newer version (whose repool may have added a
+        # column they lack); on a conflict, retry_conflicts runs attempt() again and completes them anew
         merge = merge.when_not_matched_insert_all().conflict_retries(0)
-        try:
-            stats = merge.execute(full)
-            break
-        except Exception as e:  # noqa: BLE001 - only retryable conflicts are caught, the rest re-raised
-            if not is_retryable_conflict(e):
-                raise
-            if attempt == CONFLICT_RETRIES:
-                raise RuntimeError(f"a commit to table {table.name!r} lost {attempt + 1} races to concurrent "
-                                   "writers; run the same command again (it resumes)") from e
-            time.sleep(min(0.02 * 2**attempt, 1.0))
+        read_version = ds.version
+        stats = merge.execute(full)  # moves ds to the version it committed
+        return stats, read_version, ds.version
+
+    stats, read_version, committed = retry_conflicts(attempt, f"a commit to table {table.name!r}")
     inserted, replaced = int(stats["num_inserted_rows"]), int(stats["num_updated_rows"])
     removed = 0
     table.checkout_latest()
-    if ds.version != read_version + 1:  # other commits landed in between: one may hold our ids as well
+    if committed != read_version + 1:  # other commits landed in between: one may hold our ids as well
         removed = remove_duplicates(table, ids)
     return CommitResult(inserted=inserted, replaced=replaced, skipped=len(ids) - inserted - replaced,
                         duplicates_removed=removed, version=table.version)

@@ -55,6 +55,17 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _rss_mib() -> float | None:
+    """Resident memory now (``VmRSS``): the steady state, where the peak may be a transient of loading."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def passages_of(model: Any, k: int, tokens: int) -> list[str]:
     """``k`` distinct passages of English prose (stdlib docstrings) cut to at most ``tokens`` encoder tokens.
 
@@ -165,7 +176,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     model = FixedPrompt.from_pretrained(args.folder)
     load_s = time.perf_counter() - t
-    rss_loaded = _peak_rss_mib()
+    rss_loaded, now_loaded = _peak_rss_mib(), _rss_mib()
     rng = np.random.default_rng(0)
     prompt.extend([model.tokenizer.bos_token_id] + rng.integers(10, 1000, args.prompt_len - 1).tolist())
     texts = passages_of(model, args.passages, args.tokens)
@@ -187,7 +198,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         assert written == len(records), (written, len(records))
         _log(f"build {b + 1}/{args.builds}: {len(records)} passages in {build_s[-1]:.1f} s wall, "
              f"{build_cpu_s[-1]:.1f} s CPU")
-    rss_build = _peak_rss_mib()
+    rss_build, now_build = _peak_rss_mib(), _rss_mib()
     info = PassageStore.open(db, "build0").info()
     columns = {name: c["bytes_per_passage"] for name, c in info["columns"].items()}
 
@@ -234,7 +245,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             _log(f"query {qi}{' (warm-up)' if qi == 0 else ''} r={r}: first stage {first_ms:.1f} ms, "
                  f"with the stored column selected and decoded {select_ms:.1f} ms, scoring {score_ms:.0f} ms "
                  f"({score_cpu_ms:.0f} ms CPU)")
-    rss_serve = _peak_rss_mib()
+    rss_serve, now_serve = _peak_rss_mib(), _rss_mib()
     others = measure_other_columns(str(Path(args.work) / "other"), texts, args.index_rows, args.vector_dim)
     med = {k: statistics.median(v) for k, v in timings.items()}
     return {
@@ -250,6 +261,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "fetch_rows": tbl.count_rows(), "query_timings_ms": timings, "query_ms_median": med,
         "other_columns": others,
         "peak_rss_mib": {"loaded": rss_loaded, "after_build": rss_build, "after_queries": rss_serve},
+        "rss_mib": {"loaded": now_loaded, "after_build": now_build, "after_queries": now_serve},
     }
 
 
@@ -314,7 +326,10 @@ def to_markdown(res: dict[str, Any]) -> str:
                      "the same search selecting the stored columns, then `decode_rows` (digests checked) |")
     lines += [f"| peak RSS, MiB: loaded / after build / after queries | {res['peak_rss_mib']['loaded']:.0f} / "
               f"{res['peak_rss_mib']['after_build']:.0f} / {res['peak_rss_mib']['after_queries']:.0f} | "
-              "`ru_maxrss` of the measuring process |", "",
+              "`ru_maxrss` of the measuring process |",
+              f"| resident now, MiB: loaded / after build / after queries | "
+              + " / ".join("n/a" if v is None else f"{v:.0f}" for v in res["rss_mib"].values())
+              + " | `VmRSS`: the steady state; a peak above it is a transient (loading the checkpoint) |", "",
               "Bytes on disk per passage, by column, of the first built table (Lance's data statistics). The plan "
               "reads the matrix columns and `text` (distinct passages, no cross-row compression: an upper bound) "
               "from here; the fixed-width columns' page overhead is amortised in the next table:", "",

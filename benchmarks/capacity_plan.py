@@ -74,7 +74,10 @@ def memory_source(results: Path) -> dict[str, Any]:
             continue
         engines: dict[str, list[tuple[float, float]]] = {}
         for row in _dict_rows(data):
-            n, peak = _number(row, r"^passages$"), _number(row, r"^peak_rss_mib$|peak.*rss.*mib")
+            # bench_memory.py --scale names the driver's own peak driver_peak_rss_mib; memory_build.json peak_rss_mib
+            n = _number(row, r"^passages$")
+            peak = _number(row, r"^driver_peak_rss_mib$")
+            peak = peak if peak is not None else _number(row, r"^peak_rss_mib$")
             if n and peak:
                 engine = str(row.get("engine") or row.get("mode") or "local")
                 engines.setdefault(engine, []).append((n, peak))
@@ -96,21 +99,41 @@ def memory_source(results: Path) -> dict[str, Any]:
     return {"file": None, "engines": {}, "note": "neither memory_scale.json nor memory_build.json is present"}
 
 
+def _stage_ms(row: dict[str, Any], pattern: str) -> list[tuple[str, float]]:
+    """(key, ms) of every stage of ``row`` whose key matches ``pattern``: ``{"fetch_rowid_ms": 5.0}`` or
+    ``{"fetch_rowid": {"ms": 5.0, ...}}`` (the layout of ``bench_query.py --s3``)."""
+    out = []
+    for k, v in row.items():
+        if not re.search(pattern, k, re.I):
+            continue
+        if isinstance(v, dict) and isinstance(v.get("ms"), (int, float)):
+            out.append((k, float(v["ms"])))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k.endswith("ms"):
+            out.append((k, float(v)))
+    return out
+
+
 def s3_source(results: Path) -> dict[str, Any]:
     """First stage and fetch of 100 candidates on object storage at 20 ms per request, if measured."""
     data = _load(results, "query_s3.json")
     if data is None:
         return {"file": None, "note": "query_s3.json is absent: no object-storage query figure"}
     for row in _dict_rows(data):
-        lat = _number(row, r"latency")
-        if lat != 20:
+        if _number(row, r"^latency(_ms)?$") != 20:
             continue
-        fetch = [float(v) for k, v in row.items() if re.search(r"fetch.*ms|ms.*fetch", k, re.I)
-                 and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        first = _number(row, r"first.*stage.*ms")
-        if fetch and first is not None:
-            return {"file": "query_s3.json", "latency_ms": 20.0, "first_stage_ms": first, "fetch_ms": min(fetch),
-                    "note": "the fastest fetch method listed at 20 ms per request"}
+        for stages in ([row["median"]] if isinstance(row.get("median"), dict) else []) + [row]:
+            fetch = _stage_ms(stages, r"^fetch")
+            first = _stage_ms(stages, r"^first_stage(_ms)?$")
+            if fetch and first:
+                method, fetch_ms = min(fetch, key=lambda kv: kv[1])
+                width = (data.get("model_shape") or {}).get("hidden_size")
+                return {"file": "query_s3.json", "latency_ms": 20.0, "first_stage_ms": first[0][1],
+                        "fetch_ms": fetch_ms, "fetch_method": method, "matrix_bytes_mean": data.get("matrix_bytes_mean"),
+                        "hidden_size": width,
+                        "note": f"query_s3.json: the fastest fetch ({method}) at 20 ms per request"
+                                + (f", measured with d = {width} matrices ({data['matrix_bytes_mean']:,.0f} B each): "
+                                   "Nano's d = 640 reads more bytes per candidate" if width and width != 640
+                                   and data.get("matrix_bytes_mean") else "")}
     keys = sorted({k for row in _dict_rows(data) for k in row})[:30]
     return {"file": None, "note": f"query_s3.json present, but no row at latency 20 ms with first-stage and fetch "
                                   f"ms keys was understood (keys: {keys}): no object-storage figure"}
@@ -188,6 +211,7 @@ def plan(rates: dict[str, Any], memory: dict[str, Any], s3: dict[str, Any], serv
     per_core = rates["build_passages_per_cpu_s"]  # core-seconds the build used, all its threads
     worker_mib = rates["peak_rss_mib"]["after_build"]
     replica_mib = rates["peak_rss_mib"]["after_queries"]
+    steady = rates.get("rss_mib") or {}
     local = memory["engines"].get("local")
     ray = memory["engines"].get("ray")
     rows = []
@@ -204,12 +228,12 @@ def plan(rates: dict[str, Any], memory: dict[str, Any], s3: dict[str, Any], serv
                 "build_core_hours_float32": core_h,
                 "build_core_hours_bfloat16": core_h / bf16["encoder_speedup"] if bf16.get("file") else None,
                 "gpu_hours": n / gpu["encode_passages_per_s"] / 3600 if gpu.get("file") else None,
-                "worker_peak_mib": worker_mib,
+                "worker_peak_mib": worker_mib, "worker_steady_mib": steady.get("after_build"),
                 # the local engine is driver and worker in one process: the model's footprint plus the growth
                 "local_build_peak_mib": worker_mib + local["growth_bytes_per_passage"] * n / MIB if local else None,
                 "ray_driver_peak_mib": (ray["peak_mib"] + ray["growth_bytes_per_passage"]
                                         * max(0.0, n - ray["largest_passages"]) / MIB) if ray else None,
-                "replica_peak_mib": replica_mib,
+                "replica_peak_mib": replica_mib, "replica_steady_mib": steady.get("after_queries"),
                 "query_ms_1_thread": query_ms,
                 # scoring at its CPU time: what one dedicated core takes (the shared host's wall time beside it)
                 "qps_per_replica_1_thread": 1000 / query_ms,
@@ -278,6 +302,10 @@ def to_markdown(res: dict[str, Any]) -> str:
         f"{rates['peak_rss_mib']['after_build']:,.0f} / {rates['peak_rss_mib']['after_queries']:,.0f} MiB | "
         "capacity_rates.json |",
     ]
+    if rates.get("rss_mib"):
+        lines.append(f"| resident memory after the build / after the queries (steady state: the peak is loading's "
+                     f"transient) | {rates['rss_mib']['after_build']:,.0f} / {rates['rss_mib']['after_queries']:,.0f} MiB "
+                     "| capacity_rates.json |")
     for engine, fit in mem["engines"].items():
         lines.append(f"| {engine} build driver: peak RSS at {fit['largest_passages']:,.0f} passages; growth per "
                      f"added passage | {fit['peak_mib']:,.0f} MiB; {fit['growth_bytes_per_passage']:,.0f} B | {mem['file']} |")
@@ -295,7 +323,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines.append(f"| HTTP server, Nano shape, {CANDIDATES} candidates: requests/s (concurrency "
                      f"{serve['concurrency']}, threads {serve['threads']}) | {serve['requests_per_s']:.3f} | {serve['file']} |")
     missing = [s["note"] for s in src.values() if s.get("note")]
-    lines += ["", "Sources used and missing:", ""] + [f"- {m}" for m in missing]
+    lines += ["", "Sources: what was used with a caveat, and what is missing:", ""] + [f"- {m}" for m in missing]
 
     lines += ["", "## Storage and build", "",
               "| passages | r | bytes per passage | on disk | of which matrices | build core-hours, CPU float32 | "
@@ -306,7 +334,8 @@ def to_markdown(res: dict[str, Any]) -> str:
                      f"{row['build_core_hours_float32']:,.0f} | {_opt(row['build_core_hours_bfloat16'], ',.0f')} | "
                      f"{_opt(row['gpu_hours'], ',.1f', 'none measured')} |")
     lines += ["", "## Memory and serving", "",
-              "| passages | r | build worker | local build (driver + worker) | Ray driver | serving replica | "
+              "| passages | r | build worker, peak | local build (driver + worker), peak | Ray driver, peak | "
+              "serving replica, peak | "
               f"QPS per replica at {CANDIDATES} candidates: 1 core | 1 core, wall-clock on the shared host | 2 cores | "
               "1 core, bfloat16 | 1 core, object storage |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -347,7 +376,8 @@ def to_markdown(res: dict[str, Any]) -> str:
         "upper bound for either alone."
         + (f" bfloat16: the float32 figure / {bf16['encoder_speedup']:.2f} (the encoder speed-up measured in "
            f"{bf16['file']}, a noisier host)." if bf16.get("file") else ""),
-        f"- build worker and serving replica memory: peak RSS of the measuring process (it loaded the checkpoint "
+        f"- build worker and serving replica memory: peak RSS of the measuring process (its steady resident "
+        "memory is listed with the rates; the peak is what a machine must hold; it loaded the checkpoint "
         f"from its folder; float32 weights with the {shape['vocab_size']:,}-word embedding), independent of N. A replica's Lance "
         "caches and the first stage's index at 1B rows are not in it.",
     ]

@@ -82,11 +82,12 @@ def _results_with(tmp_path: Path, files: dict[str, object]) -> Path:
 
 def test_readers_use_the_other_helpers_files_when_present(tmp_path):
     folder = _results_with(tmp_path, {
-        "memory_scale.json": {"rows": [
-            {"engine": "local", "passages": 1_000_000, "peak_rss_mib": 700.0},
-            {"engine": "local", "passages": 10_000_000, "peak_rss_mib": 740.0},
-            {"engine": "ray", "passages": 1_000_000, "peak_rss_mib": 900.0},
-            {"engine": "ray", "passages": 10_000_000, "peak_rss_mib": 880.0}]},
+        # the layout of bench_memory.py --scale: the driver's own peak beside the process tree's
+        "memory_scale.json": {"runs": [
+            {"engine": "local", "passages": 1_000_000, "wait4_maxrss_mib": 9e3, "driver_peak_rss_mib": 700.0},
+            {"engine": "local", "passages": 10_000_000, "wait4_maxrss_mib": 9e3, "driver_peak_rss_mib": 740.0},
+            {"engine": "ray", "passages": 1_000_000, "driver_peak_rss_mib": 900.0, "workers": {"largest_mib": 5.0}},
+            {"engine": "ray", "passages": 10_000_000, "driver_peak_rss_mib": 880.0, "workers": {"largest_mib": 5.0}}]},
         "query_s3.json": {"rows": [{"latency_ms": 5, "first_stage_ms": 12.0, "fetch_select_ms": 15.0},
                                    {"latency_ms": 20, "first_stage_ms": 45.0, "fetch_select_ms": 70.0,
                                     "fetch_rowid_ms": 55.0}]},
@@ -101,6 +102,15 @@ def test_readers_use_the_other_helpers_files_when_present(tmp_path):
     assert mem["engines"]["ray"]["growth_bytes_per_passage"] == 0.0  # a fall is no growth
     s3 = capacity_plan.s3_source(folder)
     assert (s3["file"], s3["first_stage_ms"], s3["fetch_ms"]) == ("query_s3.json", 45.0, 55.0)
+    # the layout of bench_query.py --s3: passes per latency, a median of stages each with its ms
+    (folder / "query_s3.json").write_text(json.dumps({"model_shape": {"hidden_size": 256}, "matrix_bytes_mean": 19e3,
+        "passes": [{"latency_ms": 5.0, "median": {"first_stage": {"ms": 300.0}, "fetch_rowid": {"ms": 400.0}}},
+                   {"latency_ms": 20.0, "median": {"first_stage": {"ms": 360.0, "requests": 36},
+                                                   "fetch_select": {"ms": 970.0}, "fetch_rowid": {"ms": 530.0},
+                                                   "scoring": {"ms": 1300.0}}}]}))
+    s3 = capacity_plan.s3_source(folder)
+    assert (s3["first_stage_ms"], s3["fetch_ms"], s3["fetch_method"]) == (360.0, 530.0, "fetch_rowid")
+    assert "d = 256" in s3["note"]
     serve = capacity_plan.serve_source(folder)
     assert (serve["file"], serve["requests_per_s"], serve["concurrency"]) == ("serve_nano.json", 0.3, 4)
     assert capacity_plan.gpu_source(folder)["file"] is None

@@ -20,7 +20,7 @@ and bytes do not depend on their values), passages of 256 encoder tokens, float3
 The host may be shared: the load average before and after is recorded. Results:
 ``benchmarks/results/capacity_rates.{md,json}``; ``capacity_plan.py`` turns them into the plan.
 
-    python benchmarks/capacity_measure.py             # Nano shape, about 5 minutes on 1 thread
+    python benchmarks/capacity_measure.py             # Nano shape, 1 thread: about 10 minutes on a shared 2-core host
     python benchmarks/capacity_measure.py --quick     # tiny shape, seconds; writes to the temp folder
 """
 
@@ -357,7 +357,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=None, help="timed queries per ratio after a warm-up (default: 3; quick 1)")
     p.add_argument("--candidates", type=int, default=100, help="candidates per query (default: 100)")
     p.add_argument("--fetch-rows", type=int, default=None, help="rows of the query table (default: 1000; quick 120)")
-    p.add_argument("--index-rows", type=int, default=None, help="rows of the larger other-columns/index table (default: 8192; quick 512)")
+    p.add_argument("--index-rows", type=int, default=None,
+                   help="rows of the larger other-columns/index table (default: 8192; quick 512)")
     p.add_argument("--vector-dim", type=int, default=768, help="retrieval vector width (default: 768)")
     p.add_argument("--prompt-len", type=int, default=60, help="decoder prompt tokens (default: 60, as bench_perf)")
     p.add_argument("--batch-size", type=int, default=8, help="passages per encoder pass (default: 8)")

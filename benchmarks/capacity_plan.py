@@ -18,7 +18,7 @@ Every figure names its source file; a source that is missing (or whose keys are 
 named with the fallback used. Run ``capacity_measure.py`` first (``--measure`` does), then:
 
     python benchmarks/capacity_plan.py                  # writes benchmarks/results/capacity_plan.{md,json}
-    python benchmarks/capacity_plan.py --measure        # measure the rates first (about 5 minutes)
+    python benchmarks/capacity_plan.py --measure        # measure the rates first (about 10 minutes on a shared 2-core host)
 """
 
 from __future__ import annotations
@@ -310,7 +310,8 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {engine} build driver: peak RSS at {fit['largest_passages']:,.0f} passages; growth per "
                      f"added passage | {fit['peak_mib']:,.0f} MiB; {fit['growth_bytes_per_passage']:,.0f} B | {mem['file']} |")
     if thr.get("file"):
-        lines.append(f"| scoring speed-up, 2 threads over 1 (r = 4, n = 512) | {thr['speedup_2_over_1']:.2f}x | {thr['file']} |")
+        lines.append(f"| scoring speed-up, 2 threads over 1 (r = 4, n = 512) | {thr['speedup_2_over_1']:.2f}x | "
+                     f"{thr['file']} |")
     if bf16.get("file"):
         lines.append(f"| bfloat16 / float32 speed-up: encoder; scoring at r = "
                      f"{', '.join(str(r) for r in bf16['score_speedup'])} ({bf16['tokens_per_passage']:.0f}-token "
@@ -352,6 +353,8 @@ def to_markdown(res: dict[str, Any]) -> str:
               "| part | bytes per passage |", "|---|---|"]
     lines += [f"| {k} | {v:,.1f} |" for k, v in p["per_passage_common_bytes"].items()]
     ex = p["rows"][-2]  # 1B at r = 4
+    common = p["per_passage_common_bytes"]
+    text_share = (common["text"] + common["index: full-text on text"]) / ex["bytes_per_passage"]
     qms = ex["query_ms_1_thread"]
     lines += [
         "",
@@ -366,7 +369,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         f"tokenizer packs {rates['text_chars_mean'] / rates['tokens_mean']:.2f} characters per token. Gemma's "
         "tokenizer packs more characters into a token of English, so a real corpus of 256-token passages holds "
         "more text per passage; how much more was not measured here (no Gemma tokenizer offline). Text and "
-        f"its index are {100 * (p['per_passage_common_bytes']['text'] + p['per_passage_common_bytes']['index: full-text on text']) / ex['bytes_per_passage']:.1f}% "
+        f"its index are {100 * text_share:.1f}% "
         "of the bytes at r = 4.",
         f"- build core-hours = N / {rates['build_passages_per_cpu_s']:.3f} passages per CPU core-second / 3600; e.g. "
         f"1B: {ex['build_core_hours_float32']:,.0f}. The rate counts the CPU time the build process used (all its "
@@ -416,16 +419,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS, help="results folder to read (default: benchmarks/results)")
     ap.add_argument("--rates", type=Path, default=None,
                     help="the capacity_measure.py output to use (default: RESULTS/capacity_rates.json)")
-    ap.add_argument("--measure", action="store_true", help="run capacity_measure.py first (about 5 minutes)")
+    ap.add_argument("--measure", action="store_true",
+                    help="run capacity_measure.py first (about 10 minutes on a shared 2-core host)")
     ap.add_argument("--measure-args", default="", help="arguments for capacity_measure.py, one string")
     ap.add_argument("--out", type=Path, default=None, help="output prefix (default: RESULTS/capacity_plan)")
     args = ap.parse_args(argv)
     raw = list(sys.argv[1:] if argv is None else argv)
+    rates_path = args.rates or args.results / "capacity_rates.json"
     if args.measure:
-        cmd = [sys.executable, str(Path(__file__).with_name("capacity_measure.py")), *shlex.split(args.measure_args)]
+        extra = shlex.split(args.measure_args)
+        if "--out" not in extra:  # the rates land where this run reads them
+            extra += ["--out", str(rates_path.with_suffix(""))]
+        cmd = [sys.executable, str(Path(__file__).with_name("capacity_measure.py")), *extra]
         if subprocess.run(cmd).returncode != 0:
             raise SystemExit(f"{shlex.join(cmd)} failed")
-    rates_path = args.rates or args.results / "capacity_rates.json"
+        if "--out" in shlex.split(args.measure_args):
+            rates_path = Path(shlex.split(args.measure_args)[shlex.split(args.measure_args).index("--out") + 1]
+                              + ".json")
     if not rates_path.is_file():
         raise SystemExit(f"{rates_path} does not exist: run `python benchmarks/capacity_measure.py` first "
                          "(or this script with --measure)")

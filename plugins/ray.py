@@ -11,6 +11,16 @@ Only the middle moves to the cluster::
       ──> write task: lance.fragment.write_fragments (data files straight to the table's storage)
       ──> driver: one LanceOperation.Append commit per window of ``window_rows`` records
 
+``update`` and ``delete_missing`` follow the local builder too, through its functions: the driver
+picks, per chunk, the stored records whose text (or brought vector) changed (re-encoded by the
+actors with the chunk's new records) and those whose kept input fields alone changed (no encoding).
+An Append cannot replace rows, so a window that replaces any comes back to the driver as Arrow rows
+and is committed through the local builder's pinned merge-insert on ``id`` (one atomic commit of its
+new and replacing rows; the driver holds that window's encoded rows, so a large update wants a
+smaller ``window_rows``); a window of new rows only is appended as above. The stored ids the input
+does not hold are deleted once every window is committed, with the local builder's refusals, so a
+stopped or failed run deletes nothing.
+
 A chunk is encoded exactly as the local builder encodes it (same records, same length-sorted
 batches), so a Ray build stores the same ids and bitwise the same matrices as a local build of the
 same input on the same device, dtype and number of torch threads (CPU float32 sums depend on
@@ -188,17 +198,19 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
         The model loaded on the driver (for the table's metadata); default ``None`` loads
         ``options.model`` on the CPU. Actors load ``options.model`` themselves.
     on_bad, on_commit : callable, optional
-        As in :func:`kalm_store.build.build` (``on_commit`` runs after each window's commit).
+        As in :func:`kalm_store.build.build` (``on_commit`` runs after each window's commit; ``on_bad``
+        is refused with ``options.delete_missing``).
 
     Returns
     -------
     BuildSummary
-        ``commits`` counts windows.
+        ``commits`` counts windows (plus, with ``update``, one per window whose kept fields alone
+        changed, and the deletions' commits).
     """
     from kalm_store.build import (check_before_model, check_skip_bad, commit_fields, delete_missing, fields_rows,
                                   finish_build, open_target, read_chunks, select_work)
     from kalm_store.model import KaLMModel
-    from kalm_store.records import STDIN
+    from kalm_store.records import STDIN, BadRecordError
     from kalm_store.store import PassageStore
 
     ray_options = ray_options or RayOptions()
@@ -275,6 +287,11 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
             window_rows += len(chunk)
             if (window or field_rows) and window_rows >= ray_options.window_rows:
                 commit_window()
+    except BadRecordError:
+        if window or field_rows:  # as the local engine: the valid records before a bad one are committed
+            commit_window()
+        raise
+    else:
         if window or field_rows:
             commit_window()
     finally:
@@ -463,7 +480,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser, job: Literal["build", "re
                        help="torch threads per actor (default: its reserved CPUs); matrices are bitwise equal to "
                             "a local CPU build's only at the local build's thread count")
     group.add_argument("--window-rows", type=int, default=RayOptions.window_rows, metavar="N",
-                       help=f"records per Ray job and commit, the resume granularity (default: {RayOptions.window_rows})")
+                       help="records per Ray job and commit, the resume granularity; with --update a window that "
+                            "replaces rows is merged by the driver, which then holds its encoded rows (default: "
+                            f"{RayOptions.window_rows})")
 
 
 def ray_options_from_args(args: argparse.Namespace) -> RayOptions:

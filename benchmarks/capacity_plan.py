@@ -159,16 +159,35 @@ def serve_source(results: Path) -> dict[str, Any]:
 
 
 def bf16_source(results: Path) -> dict[str, Any]:
-    """bfloat16/float32 speed-ups of the encoder and of scoring per r, measured side by side on the Nano shape."""
+    """bfloat16/float32 speed-ups of the encoder and of scoring per r, measured side by side on the Nano shape.
+
+    Two layouts of ``bench_bf16.py`` are read: ``encode_passages_per_s`` / ``score_ms_per_100[dtype][r]``
+    (one passage length), and ``encode[dtype].passages_per_s`` / ``score["n/r"][dtype].ms_per_100`` (several
+    lengths n: the one closest to 256 tokens is used).
+    """
     data = _load(results, "bf16_cpu.json")
     if data is None or (data.get("shape") or {}).get("hidden_size") != 640:
         return {"file": None, "note": "no bf16_cpu.json of the Nano shape: no bfloat16 figure"}
-    enc = data["encode_passages_per_s"]
-    score = data["score_ms_per_100"]
-    return {"file": "bf16_cpu.json", "tokens_per_passage": data.get("tokens_per_passage"),
-            "encoder_speedup": enc["bfloat16"] / enc["float32"],
-            "score_speedup": {int(r): score["float32"][r] / score["bfloat16"][r] for r in score["float32"]},
-            "load_before": data.get("load_before")}
+    try:
+        if "encode_passages_per_s" in data:
+            enc = data["encode_passages_per_s"]
+            enc_speedup, enc_tokens = enc["bfloat16"] / enc["float32"], data.get("tokens_per_passage")
+            score = data["score_ms_per_100"]
+            score_speedup = {int(r): score["float32"][r] / score["bfloat16"][r] for r in score["float32"]}
+            score_n = enc_tokens
+        else:
+            enc = data["encode"]
+            enc_speedup = enc["bfloat16"]["passages_per_s"] / enc["float32"]["passages_per_s"]
+            enc_tokens = enc.get("tokens_mean")
+            cells = list(data["score"].values())
+            score_n = min({c["n"] for c in cells}, key=lambda n: abs(n - 256))
+            score_speedup = {int(c["r"]): c["float32"]["ms_per_100"] / c["bfloat16"]["ms_per_100"]
+                             for c in cells if c["n"] == score_n}
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        return {"file": None, "note": f"bf16_cpu.json present, but its layout was not understood ({e!r}): "
+                                      "no bfloat16 figure"}
+    return {"file": "bf16_cpu.json", "tokens_per_passage": enc_tokens, "score_n": score_n,
+            "encoder_speedup": enc_speedup, "score_speedup": score_speedup, "load_before": data.get("load_before")}
 
 
 def threads_source(results: Path) -> dict[str, Any]:
@@ -313,9 +332,9 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines.append(f"| scoring speed-up, 2 threads over 1 (r = 4, n = 512) | {thr['speedup_2_over_1']:.2f}x | "
                      f"{thr['file']} |")
     if bf16.get("file"):
-        lines.append(f"| bfloat16 / float32 speed-up: encoder; scoring at r = "
-                     f"{', '.join(str(r) for r in bf16['score_speedup'])} ({bf16['tokens_per_passage']:.0f}-token "
-                     f"passages; load average {bf16['load_before']}) | {bf16['encoder_speedup']:.2f}x; "
+        lines.append(f"| bfloat16 / float32 speed-up: encoder ({bf16['tokens_per_passage']:.0f}-token passages); "
+                     f"scoring at r = {', '.join(str(r) for r in bf16['score_speedup'])} (n = {bf16['score_n']:.0f}; "
+                     f"load average {bf16['load_before']}) | {bf16['encoder_speedup']:.2f}x; "
                      f"{', '.join(f'{v:.2f}x' for v in bf16['score_speedup'].values())} | {bf16['file']} |")
     if s3.get("file"):
         lines.append(f"| object storage at 20 ms per request: first stage; fetch of {CANDIDATES} candidates, ms | "
@@ -378,7 +397,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         "One encoder pass serves both ratios: the rate was measured writing r = 4 and r = 8 together, so it is an "
         "upper bound for either alone."
         + (f" bfloat16: the float32 figure / {bf16['encoder_speedup']:.2f} (the encoder speed-up measured in "
-           f"{bf16['file']}, a noisier host)." if bf16.get("file") else ""),
+           f"{bf16['file']}, wall-clock, load average {bf16['load_before']})." if bf16.get("file") else ""),
         f"- build worker and serving replica memory: peak RSS of the measuring process (its steady resident "
         "memory is listed with the rates; the peak is what a machine must hold; it loaded the checkpoint "
         f"from its folder; float32 weights with the {shape['vocab_size']:,}-word embedding), independent of N. A replica's Lance "
@@ -400,8 +419,8 @@ def to_markdown(res: dict[str, Any]) -> str:
         lines.append(f"- 2 cores: scoring ms / {thr['speedup_2_over_1']:.2f} ({thr['file']}, r = 4 at n = 512, applied "
                      "at both r); replicas scale out by adding machines, each with its own cores.")
     if bf16.get("file"):
-        lines.append(f"- bfloat16 QPS: scoring ms / the scoring speed-up {bf16['file']} measured at that r (r = 8 was "
-                     "not measured there: not measured here).")
+        lines.append(f"- bfloat16 QPS: scoring ms / the scoring speed-up {bf16['file']} measured at that r "
+                     f"(n = {bf16['score_n']:.0f}; a ratio it did not measure has no bfloat16 figure here).")
     if s3.get("file"):
         lines.append(f"- object storage: first stage and fetch from {s3['file']} at 20 ms per request, scoring as above.")
     if gpu.get("file"):

@@ -114,6 +114,15 @@ def test_readers_use_the_other_helpers_files_when_present(tmp_path):
     serve = capacity_plan.serve_source(folder)
     assert (serve["file"], serve["requests_per_s"], serve["concurrency"]) == ("serve_nano.json", 0.3, 4)
     assert capacity_plan.gpu_source(folder)["file"] is None
+    # bench_bf16.py's layout with several passage lengths: the one closest to 256 tokens is read
+    (folder / "bf16_cpu.json").write_text(json.dumps({"shape": {"hidden_size": 640}, "load_before": [1, 1, 1],
+        "encode": {"tokens_mean": 537, "float32": {"passages_per_s": 0.25}, "bfloat16": {"passages_per_s": 0.75}},
+        "score": {"512/4": {"n": 512, "r": 4, "float32": {"ms_per_100": 300.0}, "bfloat16": {"ms_per_100": 100.0}},
+                  "512/8": {"n": 512, "r": 8, "float32": {"ms_per_100": 200.0}, "bfloat16": {"ms_per_100": 100.0}},
+                  "4096/4": {"n": 4096, "r": 4, "float32": {"ms_per_100": 9.0}, "bfloat16": {"ms_per_100": 1.0}}}}))
+    bf16 = capacity_plan.bf16_source(folder)
+    assert bf16["encoder_speedup"] == pytest.approx(3.0) and bf16["score_n"] == 512
+    assert bf16["score_speedup"] == {4: pytest.approx(3.0), 8: pytest.approx(2.0)}
 
 
 def test_readers_name_what_is_missing_or_not_understood(tmp_path):

@@ -47,7 +47,7 @@ DEFAULT_MAX_DOCUMENTS = 1000
 DEFAULT_CACHE_MIB = 256
 DEFAULT_BATCH_SIZE: int | None = None  # no candidate cap: the row budget bounds a pass
 # Padded stored rows per decoder pass when not given, by device. On the CPU, packed passes of 512-1024
-# rows scored 97-100 candidates per CPU second against 78 at 8192 rows (they stay in cache; the sweep in
+# rows scored 106-112 candidates per CPU second against 85 at 8192 rows (they stay in cache; the sweep in
 # benchmarks/results/serve_small.md, small shape, 4 queries x 100 candidates; the tiny shape agreed).
 # On a GPU bigger passes keep it busy; 8192 is the model's own memory bound (model._ROWS_PER_BATCH).
 CPU_MAX_BATCH_ROWS = 1024

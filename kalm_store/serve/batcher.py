@@ -76,6 +76,7 @@ class PassStats:
     jobs: int = 0
     cancelled: int = 0
     score_seconds: float = 0.0  # wall time of the worker's score_many calls
+    score_cpu_seconds: float = 0.0  # the worker thread's CPU time in them (unlike wall time, blind to other load)
 
 
 class Batcher:
@@ -191,13 +192,14 @@ class Batcher:
             jobs = self._take()
             if not jobs:
                 return
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 self._score(jobs)
             finally:
                 with self._cond:
                     self._busy = False
                 elapsed = time.perf_counter() - start
+                self.stats.score_cpu_seconds += time.thread_time() - cpu
                 self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed / len(jobs)
                 self.stats.score_seconds += elapsed
                 self.stats.steps += 1
@@ -248,6 +250,7 @@ def describe(stats: PassStats) -> dict[str, Any]:
     """The stats as a JSON-able dict (``/info`` and the benchmark)."""
     return {"decoder_passes": stats.passes, "candidates": stats.candidates, "steps": stats.steps,
             "jobs": stats.jobs, "cancelled": stats.cancelled, "score_seconds": stats.score_seconds,
+            "score_cpu_seconds": stats.score_cpu_seconds,
             "mean_candidates_per_pass": stats.candidates / stats.passes if stats.passes else 0.0,
             "mean_queries_per_pass": stats.queries_in_passes / stats.passes if stats.passes else 0.0}
 

@@ -34,15 +34,15 @@ from urllib.parse import urlsplit
 _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
-@dataclass(frozen=True)
+@dataclass
 class ProxiedRequest:
-    """One request the proxy forwarded."""
+    """One request the proxy forwarded (recorded on arrival; ``ms`` and ``status`` are set when answered)."""
 
     method: str
     path: str
     range: str | None  # the ``Range`` header: a partial read of an object
     started: float  # time.perf_counter() when it arrived
-    ms: float = float("nan")  # arrival to the last byte of the answer, added latency included
+    ms: float = float("nan")  # arrival to the start of the answer, added latency included
     status: int | None = None  # the upstream's HTTP status; None when forwarding failed
 
 
@@ -164,14 +164,18 @@ def _handler_for(proxy: LatencyProxy) -> type[BaseHTTPRequestHandler]:
 
         def _forward(self) -> None:
             arrived = time.perf_counter()
-            status = None
+            # recorded on arrival, so that a reset() after the client has its answer cannot be followed by
+            # this request's record
+            entry = ProxiedRequest(self.command, self.path, self.headers.get("Range"), arrived)
+            proxy.record(entry)
             try:
-                status = self._relay(arrived)
+                self._relay(entry)
             finally:
-                proxy.record(ProxiedRequest(self.command, self.path, self.headers.get("Range"), arrived,
-                                            (time.perf_counter() - arrived) * 1000.0, status))
+                if entry.status is None:  # failed before answering
+                    entry.ms = (time.perf_counter() - arrived) * 1000.0
 
-        def _relay(self, arrived: float) -> int:
+        def _relay(self, entry: ProxiedRequest) -> None:
+            arrived = entry.started
             body = self._body()
             delay = proxy.latency_ms / 1000.0 - (time.perf_counter() - arrived)
             if delay > 0:
@@ -193,6 +197,9 @@ def _handler_for(proxy: LatencyProxy) -> type[BaseHTTPRequestHandler]:
                     self.upstream = None
                     if attempt:
                         raise
+            # answered from here on: set before the first byte goes out, so that a request the client sends
+            # after reading this answer always arrives after this one's end (round_trips relies on it)
+            entry.ms, entry.status = (time.perf_counter() - arrived) * 1000.0, resp.status
             self.send_response_only(resp.status, resp.reason)
             head = self.command == "HEAD"  # its Content-Length is the object's size, not this empty body's
             for k, v in resp.getheaders():
@@ -204,7 +211,6 @@ def _handler_for(proxy: LatencyProxy) -> type[BaseHTTPRequestHandler]:
             if self.command != "HEAD":
                 self.wfile.write(data)
             self.wfile.flush()
-            return resp.status
 
         def finish(self) -> None:
             if self.upstream is not None:

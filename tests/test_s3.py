@@ -196,7 +196,8 @@ def test_fetch_of_100_candidates_takes_a_bounded_number_of_round_trips(proxy, s3
     from kalm_store.plugins.lancedb import KaLMReranker
 
     model = KaLMModel.from_pretrained(tiny_model_dir)
-    direct = {"endpoint": s3_endpoint, "region": "us-east-1", "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
+    direct = {"endpoint": s3_endpoint, "region": "us-east-1", "aws_access_key_id": "testing",
+              "aws_secret_access_key": "testing",
               "allow_http": "true"}
     db = f"s3://{BUCKET}/round-trips"
     words = "json file parse return data string compress time list object value error".split()

@@ -205,6 +205,7 @@ def test_fetch_of_100_candidates_takes_a_bounded_number_of_round_trips(proxy, s3
     for f in range(4):  # four commits: four fragments, four data files
         store.add([{"id": f"p{f}-{i}", "text": f"{words[i % 12]} {words[(i * 5 + f) % 12]} passage {i} of part {f}: "
                     + " ".join(words[(i + j) % 12] for j in range(10 + i % 20))} for i in range(60)])
+    store.update_indices(fts=True, id_index=True)  # as a build leaves it: FTS on text, BTREE on id and digest
     opts = direct | {"endpoint": proxy.url}
     s3_store = PassageStore.open(db, "docs", model=model, storage_options=opts)
     ds = s3_store.table.to_lance()
@@ -232,6 +233,15 @@ def test_fetch_of_100_candidates_takes_a_bounded_number_of_round_trips(proxy, s3
     assert len(by_id) == 100 and all(np.array_equal(a, b) for a, b in zip(by_rowid, by_id))
     counts = dict(zip(*every_tokens(s3_store).values()))
     assert [m.shape for m in by_id] == [(-(-counts[i] // 4), model.dim) for i in ids]
+    # the whole query as kalm_store.search runs it (FTS first stage selecting the stored columns, then scoring)
+    from kalm_store.query import run_search
+
+    run_search(s3_store.table, rr, "parse the json file", k=5, candidates=100, mode="fts")  # the index, once
+    hits, n_search, rt_search = traced(lambda: run_search(s3_store.table, rr, "parse the json file", k=5,
+                                                          candidates=100, mode="fts"))
+    assert len(hits) == 5 and n_search >= 4 and rt_search <= 3, (n_search, rt_search)
+    want = model.score("parse the json file", s3_store.matrices([h["id"] for h in hits], 4))
+    assert [h["score"] for h in hits] == pytest.approx(want.tolist(), abs=1e-6)
     # what the dataset kept per version saves: a dataset opened anew reads manifest and file metadata first
     from kalm_store.store import sql_in
 

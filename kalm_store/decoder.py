@@ -127,11 +127,18 @@ def from_hf(hf_model: Any, yes_no: torch.Tensor) -> ScoringDecoder:
     )
 
 
-def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """T5Gemma2 RMSNorm: normalise in float32, multiply by (1 + w), back to the input dtype."""
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """T5Gemma2 RMSNorm: normalise in float32, multiply by (1 + w), back to the input dtype.
+
+    ``out`` (the shape and dtype of ``x``, any strides) receives the result: a bfloat16 caller then
+    gets the float32 product rounded once, straight into its buffer, with no extra bf16 copy.
+    """
     xf = x.float()  # no copy for float32 input
     inv = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
-    return (xf * inv).mul_(scale).to(x.dtype)  # same products, same order as x * inv * scale
+    normed = (xf * inv).mul_(scale)  # float32: same products, same order as x * inv * scale
+    if out is not None:
+        return out.copy_(normed)  # the one rounding to x's dtype, written in place
+    return normed.to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,7 +181,9 @@ def _prompt_qkv(dec: ScoringDecoder, layer: Layer, x: torch.Tensor, cos: torch.T
         else:  # padded prompts: each row's own last position
             q_rows = normed[torch.arange(n, device=x.device), last][:, None]  # (N, 1, d)
             cos_q, sin_q = cos[last][:, None], sin[last][:, None]  # (N, 1, 1, hd): broadcast over heads
-        q = q_rows @ layer.w_qkv[: h * hd].T  # (N, 1, H*hd)
+        # (N, d) @ (d, H*hd) as one 2-D product: a strided (N, 1, d) batch would make matmul expand the
+        # weight to (N, d, H*hd) (a copy per call) and run a batched product instead
+        q = (q_rows.reshape(n, -1) @ layer.w_qkv[: h * hd].T)[:, None]  # (N, 1, H*hd)
         k, v = (normed @ layer.w_qkv[h * hd:].T).split([kv * hd, kv * hd], dim=-1)  # (N, L, KV*hd) each
     else:
         q, k, v = (normed @ layer.w_qkv.T).split([h * hd, kv * hd, kv * hd], dim=-1)  # (N, L, .*hd)
@@ -244,8 +253,8 @@ def project_states(dec: ScoringDecoder, states: torch.Tensor) -> torch.Tensor:
     if states.dtype == torch.float32:
         inv = torch.rsqrt(keys.square().mean(-1, keepdim=True).add_(dec.eps))  # (B, m, layers, KV, 1)
         keys.mul_(inv).mul_(dec.k_norms)  # in place; scales (layers, 1, hd)
-    else:
-        keys.copy_(rms_norm(keys, dec.k_norms, dec.eps))
+    else:  # normalised in float32 and rounded once, written straight into the key slots
+        rms_norm(keys, dec.k_norms, dec.eps, out=keys)
     return kv_all
 
 

@@ -164,10 +164,11 @@ def run(args: argparse.Namespace) -> dict:
                 for p, (scorer, builder) in paths.items():
                     got = models[scorer].score("q", built[builder][r], batch_size=args.candidates)
                     rows[p].append((float(np.abs(got - ref).max()), kendall_tau(got, ref), top_k_overlap(got, ref)))
-            fidelity[r] = {p: {"max_abs_delta": max(x[0] for x in v), "median_max_abs_delta": statistics.median(x[0] for x in v),
+            fidelity[r] = {p: {"max_abs_delta": max(x[0] for x in v),
+                               "median_max_abs_delta": statistics.median(x[0] for x in v),
                                "kendall_tau": statistics.mean(x[1] for x in v), "kendall_tau_min": min(x[1] for x in v),
-                               "top10_overlap": statistics.mean(x[2] for x in v), "top10_overlap_min": min(x[2] for x in v),
-                               "per_query": v} for p, v in rows.items()}
+                               "top10_overlap": statistics.mean(x[2] for x in v),
+                               "top10_overlap_min": min(x[2] for x in v), "per_query": v} for p, v in rows.items()}
             _log(f"fidelity r={r} done ({time.perf_counter() - t0:.0f} s)")
 
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -195,7 +196,8 @@ def run(args: argparse.Namespace) -> dict:
                               "gflops": enc_flops / med[f"{name}/encode"] / 1e9,
                               "of_peak": enc_flops / med[f"{name}/encode"] / 1e9 / peak[name]} for name in DTYPES}},
         "score": score,
-        "fidelity_setup": {"candidates": len(fid_texts), "ratios": args.fidelity_ratios, "tokens_mean": statistics.mean(fid_tokens), "queries": args.queries},
+        "fidelity_setup": {"candidates": len(fid_texts), "ratios": args.fidelity_ratios,
+                           "tokens_mean": statistics.mean(fid_tokens), "queries": args.queries},
         "fidelity": fidelity, "times": times, "elapsed_s": time.perf_counter() - t0,
     }
 
@@ -230,13 +232,15 @@ def to_markdown(res: dict) -> str:
               f"in {res['ratios']}; {e['flops_per_passage'] / 1e9:.1f} GFLOP per passage counted from the shape.", "",
               "| dtype | passages/s | GFLOP/s | of matmul |", "|---|---|---|---|"]
     for name in DTYPES:
-        lines.append(f"| {name} | {e[name]['passages_per_s']:.3f} | {e[name]['gflops']:.1f} | {e[name]['of_peak']:.0%} |")
+        lines.append(f"| {name} | {e[name]['passages_per_s']:.3f} | {e[name]['gflops']:.1f} | "
+                     f"{e[name]['of_peak']:.0%} |")
     lines.append(f"| bf16 speed-up | {e['bfloat16']['passages_per_s'] / e['float32']['passages_per_s']:.2f}x | | |")
     lines += ["", "## Scoring", "",
               f"ms per 100 candidates, timed over {res['candidates']} candidates (one decoder pass where the row "
               "budget allows) and scaled to 100. GFLOP/s counts the model's full decoder (L prompt tokens over m "
               "stored rows, `bench_scoring.flop_model`); the scoring decoder skips a few percent of it (layer 0's "
-              "prompt q/k/v once per query, the last layer's other prompt rows), so this is the model-equivalent rate.", "",
+              "prompt q/k/v once per query, the last layer's other prompt rows), so this is the model-equivalent "
+              "rate.", "",
               "| n | r | float32 ms / 100 | bfloat16 ms / 100 | bf16 speed-up | float32 GFLOP/s (of matmul) | "
               "bfloat16 GFLOP/s (of matmul) |", "|---|---|---|---|---|---|---|"]
     for row in s.values():
@@ -269,7 +273,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 epilog="Bound the run's time with --candidates, --repeats, --ns, --ratios and the "
                                        "fidelity flags; the full default run takes about 20 minutes on 1 core.")
     p.add_argument("--quick", action="store_true", help="tiny shape, few candidates; results to the temp folder")
-    p.add_argument("--ns", type=_ints, default=None, help="stored passage lengths in tokens (default 512,4096; quick 64)")
+    p.add_argument("--ns", type=_ints, default=None,
+                   help="stored passage lengths in tokens (default 512,4096; quick 64)")
     p.add_argument("--ratios", type=_ints, default=None, help="MEP ratios (default 1,2,4,8,16,32; quick 1,4)")
     p.add_argument("--candidates", type=int, default=None,
                    help="candidates per timed scoring call, scaled to 100 (default 6; quick 4)")
@@ -277,7 +282,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--encode-passages", type=int, default=None, help="passages per timed encode (default 3; quick 4)")
     p.add_argument("--encode-n", type=int, default=None, help="tokens per encoded passage (default 512; quick 40)")
     p.add_argument("--matmul-reps", type=int, default=None, help="products per timed matmul probe (default 3)")
-    p.add_argument("--fidelity-candidates", type=int, default=None, help="passages per fidelity query (default 16; quick 12)")
+    p.add_argument("--fidelity-candidates", type=int, default=None,
+                   help="passages per fidelity query (default 16; quick 12)")
     p.add_argument("--fidelity-n", type=int, default=None, help="tokens per fidelity passage (default 512; quick 40)")
     p.add_argument("--fidelity-ratios", type=_ints, default=None, help="ratios of the fidelity (default: --ratios)")
     p.add_argument("--queries", type=int, default=None, help="random prompts for the fidelity (default 3)")

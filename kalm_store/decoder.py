@@ -258,7 +258,7 @@ def project_states(dec: ScoringDecoder, states: torch.Tensor) -> torch.Tensor:
         inv = torch.rsqrt(keys.square().mean(-1, keepdim=True).add_(dec.eps))  # (B, m, layers, KV, 1)
         keys.mul_(inv).mul_(dec.k_norms)  # in place; scales (layers, 1, hd)
     else:  # normalised in float32 and rounded once, straight into the key slots, one layer at a time:
-        for i in range(n_layers):  # a layer's float32 temporary is 1/layers of the whole (3.5x faster, measured at n = 4096)
+        for i in range(n_layers):  # a layer's float32 temporary is 1/layers of the whole: 3.5x faster at n = 4096
             rms_norm(keys[:, :, i], dec.k_norms[i], dec.eps, out=keys[:, :, i])
     return kv_all
 

@@ -247,9 +247,7 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     >>> build(BuildOptions("corpus.jsonl", db="./db", table="docs", model="./tiny"))  # doctest: +SKIP
     """
     options.validate()
-    if options.delete_missing and on_bad is not None:
-        raise ValueError("--delete-missing cannot be combined with --skip-bad: a skipped record's id would count "
-                         "as missing and its stored row be deleted")
+    check_skip_bad(options, on_bad)
     start = time.perf_counter()
     if options.input != STDIN and not Path(options.input).is_file():
         raise FileNotFoundError(f"input {options.input!r} does not exist or is not a file")
@@ -284,15 +282,13 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
             if new_columns := columns.take_new():  # fields met first in this chunk: columns before rows
                 writer.drain()
                 store.add_input_columns(new_columns)
-            stored_again: list[Record] | None = [] if options.update else None
-            todo = select_new(chunk, seen, stored, summary, stored_again)
-            changed, fields_only = select_changed(store, stored_again, summary, columns) if stored_again else ([], [])
-            todo += changed
+            todo, replaced, fields_only = select_work(store, chunk, seen, stored, summary, update=options.update,
+                                                      columns=columns)
             if todo:
                 enc = model.encode_ratios([r.text for r in todo], ratios, batch_size=options.batch_size)
                 summary.tokens += sum(enc.token_counts)
                 summary.truncated += sum(n >= model.max_length for n in enc.token_counts)
-                writer.submit(todo, enc, fields.vector is not None, replaced=len(changed), extras=columns.table(todo))
+                writer.submit(todo, enc, fields.vector is not None, replaced=replaced, extras=columns.table(todo))
             if fields_only:
                 writer.submit_fields(fields_only, columns)
             bar.update(summary.read - bar.n)  # records read, bad and duplicate ones too: the bar ends at the total
@@ -312,21 +308,38 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     finally:
         bar.close()
     if options.delete_missing and store is not None:  # only here: the whole input was read and committed
-        if not seen:  # an empty file or a failed producer piped in must not read as "delete everything"
-            raise ValueError(f"input {options.input!r} holds no valid record: --delete-missing would delete all "
-                             f"{len(stored)} stored rows, so nothing was deleted")
-        doomed = stored - seen
-        if len(doomed) > MASS_DELETE_FRACTION * len(stored) and not options.allow_mass_delete:
-            # a truncated export or a file read wrongly looks like this: far fewer records than stored rows
-            raise ValueError(f"input {options.input!r} holds {len(stored) - len(doomed)} of the {len(stored)} stored "
-                             f"ids: --delete-missing would delete {len(doomed)} rows, more than half of the table, so "
-                             "nothing was deleted (the input's own records are stored); if the input is complete, "
-                             "run the same command with --allow-mass-delete")
-        t = time.perf_counter()
-        summary.deleted, commits = store.delete_ids(sorted(doomed))
-        summary.commits += commits
-        summary.delete_seconds = time.perf_counter() - t
+        delete_missing(store, options, seen, stored, summary)
     return finish_build(store, options, summary, start)
+
+
+def check_skip_bad(options: BuildOptions, on_bad: Callable[[BadRecordError], None] | None) -> None:
+    """Refuse ``delete_missing`` with an ``on_bad`` handler (both engines, before any work)."""
+    if options.delete_missing and on_bad is not None:
+        raise ValueError("--delete-missing cannot be combined with --skip-bad: a skipped record's id would count "
+                         "as missing and its stored row be deleted")
+
+
+def delete_missing(store: PassageStore, options: BuildOptions, seen: set[str], stored: set[str],
+                   summary: BuildSummary) -> None:
+    """``delete_missing=True``, both engines: delete the ``stored`` ids (those of the table when the run
+    began) that the input did not hold (``seen``). Call it only once the whole input has been read and
+    committed, so that a stopped or failed run deletes nothing. Refuses an input with no valid record,
+    and (unless ``allow_mass_delete``) a deletion of more than half of the stored rows; nothing is
+    deleted then."""
+    if not seen:  # an empty file or a failed producer piped in must not read as "delete everything"
+        raise ValueError(f"input {options.input!r} holds no valid record: --delete-missing would delete all "
+                         f"{len(stored)} stored rows, so nothing was deleted")
+    doomed = stored - seen
+    if len(doomed) > MASS_DELETE_FRACTION * len(stored) and not options.allow_mass_delete:
+        # a truncated export or a file read wrongly looks like this: far fewer records than stored rows
+        raise ValueError(f"input {options.input!r} holds {len(stored) - len(doomed)} of the {len(stored)} stored "
+                         f"ids: --delete-missing would delete {len(doomed)} rows, more than half of the table, so "
+                         "nothing was deleted (the input's own records are stored); if the input is complete, "
+                         "run the same command with --allow-mass-delete")
+    t = time.perf_counter()
+    summary.deleted, commits = store.delete_ids(sorted(doomed))
+    summary.commits += commits
+    summary.delete_seconds = time.perf_counter() - t
 
 
 def finish_build(store: PassageStore | None, options: BuildOptions, summary: BuildSummary,
@@ -496,6 +509,35 @@ def read_chunks(options: BuildOptions, fields: Fields, vector_dim: int | None, s
         raise error
 
 
+def commit_encoded(store: PassageStore, rows: pa.Table, replaced: int, summary: BuildSummary) -> None:
+    """Commit encoded rows (both engines): one atomic commit through the pinned merge-insert of
+    :mod:`kalm_store.commit`; ``replaced`` of them replace stored rows of the same id (``update=True``)."""
+    result = store.write(rows, replace=replaced > 0)
+    summary.written += result.inserted + result.replaced
+    summary.already_stored += result.skipped  # a concurrent writer stored them first
+    summary.updated += replaced
+    summary.commits += 1
+
+
+def fields_rows(records: list[Record], columns: InputColumns) -> pa.Table:
+    """``id`` and the kept input fields of ``records`` (stored rows whose text is unchanged but whose kept
+    fields differ, from :func:`select_changed`), for :func:`commit_fields`."""
+    import pyarrow as pa
+
+    extras = columns.table(records)
+    assert extras is not None  # only records whose kept fields differ come here
+    return extras.add_column(0, "id", pa.array([r.id for r in records], pa.string()))
+
+
+def commit_fields(store: PassageStore, rows: pa.Table, summary: BuildSummary) -> None:
+    """Replace only the kept input fields of stored rows (:func:`fields_rows`), in one commit; nothing is
+    re-encoded (both engines)."""
+    store.replace_fields(rows)
+    summary.written += rows.num_rows
+    summary.updated += rows.num_rows
+    summary.commits += 1
+
+
 class _Writer:
     """Commits chunks in one background thread, so encoding overlaps the Lance write.
 
@@ -527,14 +569,9 @@ class _Writer:
                 rows, replaced, fields_only = item
                 try:
                     if fields_only:
-                        self.store.replace_fields(rows)
-                        self.summary.written += rows.num_rows
+                        commit_fields(self.store, rows, self.summary)
                     else:
-                        result = self.store.write(rows, replace=replaced > 0)
-                        self.summary.written += result.inserted + result.replaced
-                        self.summary.already_stored += result.skipped  # a concurrent writer stored them first
-                    self.summary.updated += replaced
-                    self.summary.commits += 1
+                        commit_encoded(self.store, rows, replaced, self.summary)
                     if self.on_commit is not None:
                         self.on_commit(self.summary)
                 except BaseException as e:  # re-raised in the main thread
@@ -555,12 +592,7 @@ class _Writer:
         """Queue the replacement of the kept input fields of stored rows whose text is unchanged."""
         if self.error is not None:
             raise self.error
-        import pyarrow as pa
-
-        extras = columns.table(records)
-        assert extras is not None  # only records whose kept fields differ come here
-        rows = extras.add_column(0, "id", pa.array([r.id for r in records], pa.string()))
-        self.queue.put((rows, len(records), True))
+        self.queue.put((fields_rows(records, columns), len(records), True))
 
     def drain(self) -> None:
         """Wait until every queued commit is done (before changing the table's schema)."""
@@ -605,6 +637,17 @@ def select_new(chunk: list[Record], seen: set[str], stored: set[str], summary: B
         else:
             todo.append(rec)
     return todo
+
+
+def select_work(store: PassageStore, chunk: list[Record], seen: set[str], stored: set[str], summary: BuildSummary,
+                *, update: bool, columns: InputColumns | None = None) -> tuple[list[Record], int, list[Record]]:
+    """What one chunk asks of either engine: the records to encode (new ids, then, with ``update``, stored
+    ids whose text or brought vector changed), how many of those replace stored rows (the last ones),
+    and the stored records whose kept input fields alone changed (:func:`commit_fields`)."""
+    stored_again: list[Record] | None = [] if update else None
+    todo = select_new(chunk, seen, stored, summary, stored_again)
+    changed, fields_only = select_changed(store, stored_again, summary, columns) if stored_again else ([], [])
+    return todo + changed, len(changed), fields_only
 
 
 def select_changed(store: PassageStore, records: list[Record], summary: BuildSummary,

@@ -82,6 +82,32 @@ def test_upsert_replaces_only_changed_rows(store, model, passages):
     assert store.add([{"id": "p1", "text": "add never replaces"}]) == 0 and column("text")["p1"].startswith("zep")
 
 
+def test_add_and_upsert_keep_other_keys_as_typed_columns(store, model, passages):
+    """Keys beyond id/text/vector are the user's own fields: kept as columns (as a build keeps input
+    fields), never dropped; an upsert that changes only them replaces those values without encoding."""
+    def rows():
+        t = store.table.to_arrow()
+        return {r["id"]: r for r in t.to_pylist()}
+
+    assert store.add([{"id": "u1", "text": "a page about harbours", "url": "https://a.example", "year": 2020},
+                      {"id": "u2", "text": "a page about zeppelins", "url": "https://b.example"}]) == 2
+    got = rows()
+    assert store.table.schema.field("url").type == pa.string() and store.table.schema.field("year").type == pa.int64()
+    assert (got["u1"]["url"], got["u1"]["year"]) == ("https://a.example", 2020)
+    assert (got["u2"]["url"], got["u2"]["year"]) == ("https://b.example", None)
+    assert got["p0"]["url"] is None  # rows stored before the column existed read null
+    r4 = got["u1"]["kalm_r4"]
+    version = store.table.version
+    with pytest.raises(ValueError, match=r"record 1 \(id 'u4'\).*'year'.*int64"):  # 2020.5 does not fit int64
+        store.add([{"id": "u3", "text": "fine"}, {"id": "u4", "text": "bad", "year": 2020.5}])
+    assert store.table.version == version and "u3" not in rows()  # refused before any write
+    assert store.upsert([{"id": "u1", "text": "a page about harbours", "url": "https://c.example", "year": 2021}]) == 1
+    got = rows()
+    assert (got["u1"]["url"], got["u1"]["year"]) == ("https://c.example", 2021)
+    assert got["u1"]["kalm_r4"] == r4  # fields only: the matrix was not re-encoded
+    assert store.upsert([{"id": "u1", "text": "a page about harbours", "url": "https://c.example", "year": 2021}]) == 0
+
+
 def test_changed_compares_brought_vectors_as_stored(tmp_path, model):
     s = PassageStore.create(str(tmp_path / "db"), "v", model, ratios=[4], vector_dim=2)
     s.add([{"id": "a", "text": "x", "vector": [0.1, 0.2]}, {"id": "b", "text": "y", "vector": [1, 2]}])

@@ -10,6 +10,7 @@ refused instead of scored.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -201,6 +202,9 @@ class PassageStore:
     def __init__(self, table: Any, model: KaLMModel | None = None) -> None:
         self.table = table
         self.model = model
+        self._dataset: Any = None  # see dataset()
+        self._dataset_version: int | None = None
+        self._dataset_lock = threading.Lock()
         if model is not None:
             check_compatible(self.metadata, model, what=f"table {table.name!r}")
         check_layout_file(table.schema, what=f"table {table.name!r}")
@@ -554,6 +558,22 @@ class PassageStore:
         """See commits made by other handles or processes."""
         self.table.checkout_latest()
 
+    def dataset(self) -> Any:
+        """The table's ``lance.LanceDataset`` at the table's current version, opened once per version.
+
+        ``table.to_lance()`` opens the dataset anew on every call, with a fresh Lance session: the
+        manifest, each data file's footer and column metadata and the indices are read again before the
+        first matrix byte. On object storage those are 8-10 sequential round trips per read (counted
+        through a latency proxy: ``benchmarks/results/query_s3.md``); the dataset kept here keeps them in
+        its session, so a warm fetch of 100 rows is the take's own 2 round trips. Reads only: writes go
+        through the table (or their own ``to_lance()``), and a new version opens a new dataset.
+        """
+        version = self.table.version
+        with self._dataset_lock:
+            if self._dataset is None or self._dataset_version != version:
+                self._dataset, self._dataset_version = self.table.to_lance(), version
+            return self._dataset
+
     def update_indices(self, *, fts: bool = True, id_index: bool = True, digest_index: bool = True) -> list[str]:
         """Create the full-text index on ``text`` and the BTREE indices on ``id`` and ``text_digest``
         (tables of schema version 2 on; the server finds a posted text's stored row by it), or add new
@@ -676,8 +696,8 @@ class PassageStore:
             return []
         where = sql_in("id", ids)
         checked = ["text", schema.DIGEST_COLUMN] if self.has_digests else []
-        rows = self.table.to_lance().to_table(columns=["id", "n_tokens", *checked, schema.column_name(ratio)],
-                                              filter=where)
+        rows = self.dataset().to_table(columns=["id", "n_tokens", *checked, schema.column_name(ratio)],
+                                       filter=where)
         mats = dict(zip(rows.column("id").to_pylist(), decode_rows(rows, ratio, self.dim, self.metadata.get("max_length"))))
         missing = [i for i in ids if i not in mats]
         if missing:

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 
 from kalm_store import schema
-from kalm_store.store import (PassageStore, StaleMatrixError, StoreMismatchError, check_ratio_stored, decode_rows,
-                              text_digest)
+from kalm_store.store import (MissingRowError, PassageStore, StaleMatrixError, StoreMismatchError, check_ratio_stored,
+                              decode_rows, text_digest)
 
 
 @pytest.fixture
@@ -307,3 +307,20 @@ def test_db_pointing_at_a_table_folder_says_to_pass_its_parent(model, tmp_path, 
     assert main(["info", "--db", str(table_dir), "--table", "docs"]) == 1
     assert (f"--db '{table_dir}' is the folder of one table, not a database: pass its parent folder "
             f"'{tmp_path / 'db'}' as --db and --table docs") in capsys.readouterr().err
+
+
+def test_dataset_is_kept_per_version_and_follows_other_writers(store, model, passages, tmp_path):
+    """PassageStore.dataset() opens Lance once per table version (a fresh open re-reads every file's metadata,
+    8-11 round trips on object storage: tests/test_s3.py); a commit through another handle is seen after
+    refresh(), with the new rows' matrices."""
+    ds = store.dataset()
+    assert store.dataset() is ds and ds.version == store.table.version
+    other = PassageStore.open(str(tmp_path / "db"), "docs", model=model)  # another writer, e.g. another process
+    other.add([{"id": "new", "text": "a passage written by another handle"}])
+    with pytest.raises(MissingRowError, match="new"):  # this handle still reads its version, as before
+        store.matrices(["new"], 4)
+    store.refresh()
+    assert store.dataset() is not ds and store.dataset().version == store.table.version > ds.version
+    got = store.matrices(["new", "p0"], 4)
+    assert got[0].tobytes() == model.encode(["a passage written by another handle"], 4)[0].tobytes()
+    assert got[1].tobytes() == store.matrices(["p0"], 4)[0].tobytes()

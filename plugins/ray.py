@@ -225,14 +225,13 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     # the workers encode, on the device _run_window gives them, in options.dtype or that device's default
     worker_device = "cuda" if ray_options.gpus_per_worker > 0 else (options.device or "cpu")
     compute_dtype = options.dtype or ("bfloat16" if worker_device.startswith("cuda") else "float32")
-    store, stored, embedder = open_target(replace(options, db=db_uri), model, storage_options, target=target,
-                                          compute_dtype=compute_dtype)
+    store, ids, embedder = open_target(replace(options, db=db_uri), model, storage_options, target=target,
+                                       compute_dtype=compute_dtype)  # ids: stored before the run and seen, on disk
     summary.max_length = model.max_length
     summary.ratios = options.ratios_for(store)
 
     summary.setup_seconds = time.perf_counter() - start  # Ray's own start stays in the measured work
     started_ray = init_ray(ray_options)
-    seen: set[str] = set()
     window: list[dict[str, Any]] = []
     window_rows = 0
     try:
@@ -245,7 +244,7 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
                                             columns=columns.take_new(), compute_dtype=compute_dtype)
             if new_columns := columns.take_new():  # fields met first in this chunk: columns before rows
                 store.add_input_columns(new_columns)
-            todo = select_new(chunk, seen, stored, summary)
+            todo = select_new(chunk, ids, summary)
             if todo:
                 item: dict[str, Any] = {"chunk": k, "ids": [r.id for r in todo], "texts": [r.text for r in todo]}
                 if options.vector_field:
@@ -266,6 +265,7 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
             if on_commit is not None:
                 on_commit(summary)
     finally:
+        ids.close()
         if started_ray:
             require("ray", "ray").shutdown()
     return finish_build(store, options, summary, start)

@@ -295,8 +295,9 @@ def _build(options: BuildOptions, model: KaLMModel, store: PassageStore | None, 
                 store = PassageStore.create(options.db, options.table, model, ratios,
                                             vector_dim=width, embedder=embedder,
                                             storage_options=options.storage_options, columns=columns.take_new())
+                ids.version = empty_version(store.table)
             if writer is None:
-                writer = _Writer(store, summary, on_commit)
+                writer = _Writer(store, summary, on_commit, known_version=ids.version)
             if new_columns := columns.take_new():  # fields met first in this chunk: columns before rows
                 writer.drain()
                 store.add_input_columns(new_columns)
@@ -356,6 +357,12 @@ def delete_missing(store: PassageStore, ids: IdSet, options: BuildOptions, summa
         summary.deleted += deleted
         summary.commits += commits
     summary.delete_seconds = time.perf_counter() - t
+
+
+def empty_version(table: Any) -> int | None:
+    """The latest version of ``table`` if it holds no row (every stored id known: none), else ``None``."""
+    ds = table.to_lance()
+    return ds.version if ds.count_rows() == 0 else None
 
 
 def finish_build(store: PassageStore | None, options: BuildOptions, summary: BuildSummary,
@@ -536,8 +543,11 @@ class _Writer:
     """
 
     def __init__(self, store: PassageStore, summary: BuildSummary,
-                 on_commit: Callable[[BuildSummary], None] | None) -> None:
+                 on_commit: Callable[[BuildSummary], None] | None, known_version: int | None = None) -> None:
         self.store = store
+        # the version at which every stored id is in the build's id set (None: unknown): while no other
+        # writer commits, chunks are appended instead of merged on id (kalm_store.commit)
+        self.known_version = known_version
         self.summary = summary
         self.on_commit = on_commit
         # (rows, rows replacing stored ones, fields only): full rows, or id + kept fields of unchanged texts
@@ -547,6 +557,8 @@ class _Writer:
         self.thread.start()
 
     def _run(self) -> None:
+        from .commit import next_known_version
+
         while True:
             item = self.queue.get()
             try:
@@ -557,10 +569,12 @@ class _Writer:
                 rows, replaced, fields_only = item
                 try:
                     if fields_only:
+                        self.known_version = None  # a commit commit_rows does not see: merge from now on
                         self.store.replace_fields(rows)
                         self.summary.written += rows.num_rows
                     else:
-                        result = self.store.write(rows, replace=replaced > 0)
+                        result = self.store.write(rows, replace=replaced > 0, known_version=self.known_version)
+                        self.known_version = next_known_version(self.known_version, result)
                         self.summary.written += result.inserted + result.replaced
                         self.summary.already_stored += result.skipped  # a concurrent writer stored them first
                     self.summary.updated += replaced

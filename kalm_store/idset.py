@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 STORED, SEEN = 1, 2  # bits of the ``f`` column
 CACHE_MIB = 32  # SQLite page cache: what the set holds in memory, whatever the number of ids
+STREAM_ROWS = 65536  # stored ids read from the table per batch
 _VARS = 900  # ids per "IN (...)" lookup (below SQLite's oldest limit on bound variables, 999)
 
 Verdict = Literal["new", "duplicate", "stored"]
@@ -61,6 +62,9 @@ class IdSet:
         self.path = Path(name)
         self.stored_count = 0  # distinct ids added with add_stored
         self.seen_count = 0  # distinct ids classify has seen
+        # the table version whose ids add_stored received (of_table), None when unknown: the builder
+        # appends without Lance's id join while the table is still at it (kalm_store.commit)
+        self.version: int | None = None
         # isolation_level=None: no implicit transactions; each batch below is one explicit transaction
         self._db: sqlite3.Connection | None = sqlite3.connect(name, isolation_level=None, check_same_thread=False)
         try:
@@ -76,14 +80,17 @@ class IdSet:
 
     # --------------------------------------------------------------------------------------- building
     @classmethod
-    def of_table(cls, table: Any, directory: str | Path | None = None, *, batch_rows: int = 65536) -> IdSet:
+    def of_table(cls, table: Any, directory: str | Path | None = None, *, batch_rows: int | None = None) -> IdSet:
         """An id set holding every id of the LanceDB ``table`` as stored: its ``id`` column streamed
-        in batches of ``batch_rows`` (the memory it takes), never read whole."""
+        in batches of ``batch_rows`` (default :data:`STREAM_ROWS`; the memory it takes), never read whole."""
         ids = cls(directory)
+        batch_rows = batch_rows or STREAM_ROWS
         try:
-            if table.count_rows():
-                for batch in table.to_lance().to_batches(columns=["id"], batch_size=batch_rows):
+            ds = table.to_lance()  # pinned: exactly the ids of this version
+            if ds.count_rows():
+                for batch in ds.to_batches(columns=["id"], batch_size=batch_rows):
                     ids.add_stored(batch.column(0).to_pylist())
+            ids.version = ds.version
         except BaseException:
             ids.close()
             raise

@@ -118,6 +118,31 @@ def test_finished_ray_build_is_idempotent_and_refuses_mismatch_before_work(built
         build_on_ray(bad, RayOptions(workers=0), model=model)
 
 
+def test_ray_driver_keeps_the_ids_on_disk_not_in_memory(built, tiny_model_dir, model, tmp_path, monkeypatch):
+    """The driver streams the stored ids into the on-disk id set (never the whole column into a Python set)
+    and counts duplicates and stored ids as the local build does; the set's file goes afterwards."""
+    import tempfile
+
+    import kalm_store.idset as idset
+    from kalm_store.plugins.ray import RayOptions, build_on_ray
+    from kalm_store.store import PassageStore
+
+    def refuse(self):
+        raise AssertionError("the Ray driver read every stored id into memory")
+
+    batches: list[int] = []
+    real = idset.IdSet.add_stored
+    monkeypatch.setattr(PassageStore, "all_ids", refuse)
+    monkeypatch.setattr(idset, "STREAM_ROWS", 7)
+    monkeypatch.setattr(idset.IdSet, "add_stored", lambda self, ids: (batches.append(len(list(ids))), real(self, ids)))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    local = built["local"]
+    again = build_on_ray(_options(built["corpus"], built["tmp"] / "ray", tiny_model_dir), RayOptions(), model=model)
+    assert (again.written, again.already_stored, again.duplicates) == (0, local.written, local.duplicates)
+    assert max(batches) <= 7 and sum(batches) == local.written
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ray_build_with_an_embedder_matches_local(built, tiny_model_dir, model):
     """Fragments bypass LanceDB's add, so actors run the table's embedding function themselves."""
     import torch

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --scale: the engines to measure (default: local ray)")
     p.add_argument("--window-rows", type=int, default=1_000_000, help="with --scale: Ray window (default: 1000000)")
     p.add_argument("--ray-cpus", type=int, default=2, help="with --scale: CPUs of the local Ray (default: 2)")
+    p.add_argument("--label", default="", help="with --scale: added to the engine's name in the table (e.g. the "
+                                               "kalm_store version a PYTHONPATH points the child at)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="with --scale: only combine the runs of earlier --scale results (e.g. one per engine, "
                         "run at once) into --out")
@@ -312,7 +314,7 @@ def main_scale(args: argparse.Namespace, argv: list[str] | None) -> int:
             rep = json.loads(Path(spec["report"]).read_text())
             if rep["rows"] != n or rep["written"] != n:
                 raise RuntimeError(f"{engine} build of {n} passages stored {rep['rows']} rows")
-            run = {"engine": engine, "passages": n, "input_mib": size / 2**20, "process_seconds": seconds,
+            run = {"engine": engine + (f" ({args.label})" if args.label else ""), "passages": n, "input_mib": size / 2**20, "process_seconds": seconds,
                    "wait4_maxrss_mib": child_rss, **rep}
             runs.append(run)
             print(f"  {engine}: driver peak {rep['driver_peak_rss_mib']:.0f} MiB, {rep['seconds']:.0f} s, "
@@ -341,6 +343,7 @@ def merge_scale(paths: list[str], out: Path) -> int:
                                                      else part["command"])]
     res["load_average"] = max((part["load_average"] for part in parts), key=lambda x: x[0])
     res["runs"] = sorted((r for part in parts for r in part["runs"]), key=lambda r: (r["engine"], r["passages"]))
+    res["merged"] = "python benchmarks/bench_memory.py --scale --merge " + " ".join(shlex.quote(p) for p in paths)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     out.with_suffix(".md").write_text(scale_markdown(res))
     print(scale_markdown(res))
@@ -353,7 +356,9 @@ def scale_markdown(res: dict[str, Any]) -> str:
              *[f"Command: `{c}`  " for c in commands], f"Machine: {res['machine']}; shared with other engineers' jobs "
              f"(load average at the end {', '.join(f'{x:.1f}' for x in res['load_average'])})  ",
              f"{res['words_per_passage']} words per passage; --chunk-size {res['chunk_size']}; no FTS/id index; "
-             f"Ray: local, {res['ray_cpus']} CPUs, 1 actor, --window-rows {res['window_rows']}. BENCHMARK SWITCH: "
+             f"Ray: local, {res['ray_cpus']} CPUs, 1 actor, --window-rows {res['window_rows']}. "
+             + (f"The runs above ran at the same time (one command per engine; combined by `{res['merged']}`), so "
+                "their seconds include each other's load. " if res.get("merged") else "") + "BENCHMARK SWITCH: "
              "the encoder is replaced by a fixed 1 x d matrix per passage (see the script's docstring); reading, "
              "validation, the duplicate-id rule, compression, digests and commits are the real build. One run each.",
              "", "| engine | passages | input MiB | driver peak RSS MiB, up to the last commit | driver peak RSS MiB, "

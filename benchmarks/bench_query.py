@@ -4,6 +4,10 @@ side by side with the same backbone used as a joint reranker that re-encodes the
 Run:  .venv/bin/python benchmarks/bench_query.py [--shape tiny|small|nano] [--quick] [--queries N] ...
 Writes benchmarks/results/query_<shape>.md and .json (machine and exact command included).
 
+With ``--s3`` the store is served by a local S3-compatible server (moto) behind
+:class:`kalm_store.latency_proxy.LatencyProxy`, which adds ``--latency-ms`` to every request and
+counts requests and sequential round trips per stage; writes benchmarks/results/query_s3.md and .json.
+
 The model is a random-weight T5Gemma2 of the chosen shape (scores are meaningless, arithmetic is real);
 "nano" is the KaLM-Reranker-V1-Nano shape except the vocabulary (1024 here: the vocabulary only sizes
 the embedding lookup, which is not on the timed path). The corpus is stdlib docstrings
@@ -42,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="small", help="model shape (default: small)")
     p.add_argument("--hidden-size", type=int, default=None, help="override the shape's width d")
-    p.add_argument("--passages", type=int, default=200, help="rows in the table (default: 200)")
+    p.add_argument("--passages", type=int, default=None,
+                   help="rows in the table (default: 200; 3000 with --s3)")
     p.add_argument("--max-words", type=int, default=60, help="words per passage at most (default: 60)")
     p.add_argument("--candidates", type=int, default=100, help="first-stage rows reranked (default: 100)")
     p.add_argument("--queries", type=int, default=4, help="timed queries (default: 4), after one warm-up")
@@ -51,7 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-joint", action="store_true", help="skip the joint (re-encoding) reranker")
     p.add_argument("--quick", action="store_true", help="tiny shape, 120 passages, 2 queries (a smoke run)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"), help="results folder")
+    p.add_argument("--s3", action="store_true",
+                   help="serve the store from a local S3 server (moto) behind a latency proxy; see --latency-ms")
+    p.add_argument("--latency-ms", type=float, nargs="+", default=[0, 5, 20, 50],
+                   help="with --s3: added latency per request, one pass each (default: 0 5 20 50)")
+    p.add_argument("--fragments", type=int, default=8,
+                   help="with --s3: the table is written in this many commits (fragments), so that candidates "
+                        "live in different files (default: 8)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="with --s3: runs of each stage per query, the fastest kept (default: 3)")
     args = p.parse_args(argv)
+    if args.s3:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_query_s3 import run_s3  # the S3 rig lives in its own script
+
+        args.passages = args.passages or 3000
+        return run_s3(args, SHAPES)
+    args.passages = args.passages or 200
     if args.quick:
         args.shape, args.passages, args.queries = "tiny", 120, 2
     if args.candidates > args.passages:
@@ -107,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         rowid_ms = float("inf")
         for _ in range(3):
             t = time.perf_counter()
-            mats = rr._matrices(plain)
+            mats = rr._matrices(plain)[0]  # (matrices, rows kept)
             rowid_ms = min(rowid_ms, _ms(t))
         # 2b. the search's own select: first stage with the stored column, then decode
         first_sel_ms = float("inf")

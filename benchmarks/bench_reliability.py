@@ -143,9 +143,9 @@ def run_fuzz(profile: str) -> dict:
 HOSTILE = "bad_input_names_file_and_line"  # the parametrized hostile-input cases of tests/test_reliability.py
 
 
-def _pytest(selection: str) -> tuple[str, int, int]:
-    """(pytest's summary line, its return code, tests passed) for ``-k selection`` of test_reliability."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_reliability.py", "-k", selection],
+def _pytest(selection: str, file: str = "tests/test_reliability.py") -> tuple[str, int, int]:
+    """(pytest's summary line, its return code, tests passed) for ``-k selection`` of ``file``."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", file, "-k", selection],
                           cwd=ROOT, capture_output=True, text=True)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     passed = re.search(r"(\d+) passed", tail)
@@ -155,9 +155,11 @@ def _pytest(selection: str) -> tuple[str, int, int]:
 def run_inputs() -> dict:
     t0 = time.perf_counter()
     hostile_tail, hostile_rc, hostile = _pytest(HOSTILE)
+    malformed_tail, malformed_rc, malformed = _pytest("", "tests/test_malformed_input.py")
     rest_tail, rest_rc, _ = _pytest(f"not sigkill and not during and not {HOSTILE}")
     return {"hostile_input_cases": hostile, "hostile_pytest_summary": hostile_tail,
-            "pytest_summary": rest_tail, "returncode": hostile_rc or rest_rc,
+            "malformed_file_cases": malformed, "malformed_pytest_summary": malformed_tail,
+            "pytest_summary": rest_tail, "returncode": hostile_rc or malformed_rc or rest_rc,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -213,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         i = result["inputs"]
         lines += [f"- Hostile inputs through the CLI: **{i['hostile_input_cases']}** cases, each refused with a "
                   f"one-line error naming file and line ({i['hostile_pytest_summary']})",
+                  f"- Malformed input files (CSV quoting and field counts, bad UTF-8, Parquet, JSON lines, --skip-bad, "
+                  f"mass-delete guard; tests/test_malformed_input.py): **{i.get('malformed_file_cases', 0)}** cases "
+                  f"({i.get('malformed_pytest_summary', 'not run')})",
                   f"- Corruption / mismatch / security / --skip-bad / truncation tests: {i['pytest_summary']}"]
     if "races" in result:
         r = result["races"]

@@ -251,9 +251,7 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     >>> build(BuildOptions("corpus.jsonl", db="./db", table="docs", model="./tiny"))  # doctest: +SKIP
     """
     options.validate()
-    if options.delete_missing and on_bad is not None:
-        raise ValueError("--delete-missing cannot be combined with --skip-bad: a skipped record's id would count "
-                         "as missing and its stored row be deleted")
+    check_skip_bad(options, on_bad)
     start = time.perf_counter()
     if options.input != STDIN and not Path(options.input).is_file():
         raise FileNotFoundError(f"input {options.input!r} does not exist or is not a file")
@@ -301,15 +299,13 @@ def _build(options: BuildOptions, model: KaLMModel, store: PassageStore | None, 
             if new_columns := columns.take_new():  # fields met first in this chunk: columns before rows
                 writer.drain()
                 store.add_input_columns(new_columns)
-            stored_again: list[Record] | None = [] if options.update else None
-            todo = select_new(chunk, ids, summary, stored_again)
-            changed, fields_only = select_changed(store, stored_again, summary, columns) if stored_again else ([], [])
-            todo += changed
+            todo, replaced, fields_only = select_work(store, chunk, ids, summary, update=options.update,
+                                                      columns=columns)
             if todo:
                 enc = model.encode_ratios([r.text for r in todo], ratios, batch_size=options.batch_size)
                 summary.tokens += sum(enc.token_counts)
                 summary.truncated += sum(n >= model.max_length for n in enc.token_counts)
-                writer.submit(todo, enc, fields.vector is not None, replaced=len(changed), extras=columns.table(todo))
+                writer.submit(todo, enc, fields.vector is not None, replaced=replaced, extras=columns.table(todo))
             if fields_only:
                 writer.submit_fields(fields_only, columns)
             bar.update(summary.read - bar.n)  # records read, bad and duplicate ones too: the bar ends at the total
@@ -329,11 +325,18 @@ def _build(options: BuildOptions, model: KaLMModel, store: PassageStore | None, 
     finally:
         bar.close()
     if options.delete_missing and store is not None:  # only here: the whole input was read and committed
-        delete_missing(store, ids, options, summary)
+        delete_missing(store, options, ids, summary)
     return finish_build(store, options, summary, start)
 
 
-def delete_missing(store: PassageStore, ids: IdSet, options: BuildOptions, summary: BuildSummary) -> None:
+def check_skip_bad(options: BuildOptions, on_bad: Callable[[BadRecordError], None] | None) -> None:
+    """Refuse ``delete_missing`` with an ``on_bad`` handler (both engines, before any work)."""
+    if options.delete_missing and on_bad is not None:
+        raise ValueError("--delete-missing cannot be combined with --skip-bad: a skipped record's id would count "
+                         "as missing and its stored row be deleted")
+
+
+def delete_missing(store: PassageStore, options: BuildOptions, ids: IdSet, summary: BuildSummary) -> None:
     """``--delete-missing`` (both engines), once the whole input was read and committed: delete the ids
     stored before the run that the input did not hold, streamed from ``ids`` 1000 per commit.
 
@@ -533,6 +536,41 @@ def read_chunks(options: BuildOptions, fields: Fields, vector_dim: int | None, s
         raise error
 
 
+def commit_encoded(store: PassageStore, rows: pa.Table, replaced: int, summary: BuildSummary, *,
+                   known_version: int | None = None) -> int | None:
+    """Commit encoded rows (both engines): one atomic commit through the pinned merge-insert of
+    :mod:`kalm_store.commit` (an append while the table is still at ``known_version``, the version whose
+    every id the build's id set holds); ``replaced`` of them replace stored rows of the same id
+    (``update=True``). Returns the version known after the commit (``None``: unknown from now on)."""
+    from .commit import next_known_version
+
+    result = store.write(rows, replace=replaced > 0, known_version=known_version)
+    summary.written += result.inserted + result.replaced
+    summary.already_stored += result.skipped  # a concurrent writer stored them first
+    summary.updated += replaced
+    summary.commits += 1
+    return next_known_version(known_version, result)
+
+
+def fields_rows(records: list[Record], columns: InputColumns) -> pa.Table:
+    """``id`` and the kept input fields of ``records`` (stored rows whose text is unchanged but whose kept
+    fields differ, from :func:`select_changed`), for :func:`commit_fields`."""
+    import pyarrow as pa
+
+    extras = columns.table(records)
+    assert extras is not None  # only records whose kept fields differ come here
+    return extras.add_column(0, "id", pa.array([r.id for r in records], pa.string()))
+
+
+def commit_fields(store: PassageStore, rows: pa.Table, summary: BuildSummary) -> None:
+    """Replace only the kept input fields of stored rows (:func:`fields_rows`), in one commit; nothing is
+    re-encoded (both engines)."""
+    store.replace_fields(rows)
+    summary.written += rows.num_rows
+    summary.updated += rows.num_rows
+    summary.commits += 1
+
+
 class _Writer:
     """Commits chunks in one background thread, so encoding overlaps the Lance write.
 
@@ -557,8 +595,6 @@ class _Writer:
         self.thread.start()
 
     def _run(self) -> None:
-        from .commit import next_known_version
-
         while True:
             item = self.queue.get()
             try:
@@ -570,15 +606,10 @@ class _Writer:
                 try:
                     if fields_only:
                         self.known_version = None  # a commit commit_rows does not see: merge from now on
-                        self.store.replace_fields(rows)
-                        self.summary.written += rows.num_rows
+                        commit_fields(self.store, rows, self.summary)
                     else:
-                        result = self.store.write(rows, replace=replaced > 0, known_version=self.known_version)
-                        self.known_version = next_known_version(self.known_version, result)
-                        self.summary.written += result.inserted + result.replaced
-                        self.summary.already_stored += result.skipped  # a concurrent writer stored them first
-                    self.summary.updated += replaced
-                    self.summary.commits += 1
+                        self.known_version = commit_encoded(self.store, rows, replaced, self.summary,
+                                                            known_version=self.known_version)
                     if self.on_commit is not None:
                         self.on_commit(self.summary)
                 except BaseException as e:  # re-raised in the main thread
@@ -599,12 +630,7 @@ class _Writer:
         """Queue the replacement of the kept input fields of stored rows whose text is unchanged."""
         if self.error is not None:
             raise self.error
-        import pyarrow as pa
-
-        extras = columns.table(records)
-        assert extras is not None  # only records whose kept fields differ come here
-        rows = extras.add_column(0, "id", pa.array([r.id for r in records], pa.string()))
-        self.queue.put((rows, len(records), True))
+        self.queue.put((fields_rows(records, columns), len(records), True))
 
     def drain(self) -> None:
         """Wait until every queued commit is done (before changing the table's schema)."""
@@ -648,6 +674,17 @@ def select_new(chunk: list[Record], ids: IdSet, summary: BuildSummary,
         else:
             todo.append(rec)
     return todo
+
+
+def select_work(store: PassageStore, chunk: list[Record], ids: IdSet, summary: BuildSummary,
+                *, update: bool, columns: InputColumns | None = None) -> tuple[list[Record], int, list[Record]]:
+    """What one chunk asks of either engine: the records to encode (new ids, then, with ``update``, stored
+    ids whose text or brought vector changed), how many of those replace stored rows (the last ones),
+    and the stored records whose kept input fields alone changed (:func:`commit_fields`)."""
+    stored_again: list[Record] | None = [] if update else None
+    todo = select_new(chunk, ids, summary, stored_again)
+    changed, fields_only = select_changed(store, stored_again, summary, columns) if stored_again else ([], [])
+    return todo + changed, len(changed), fields_only
 
 
 def select_changed(store: PassageStore, records: list[Record], summary: BuildSummary,

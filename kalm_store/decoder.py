@@ -127,11 +127,22 @@ def from_hf(hf_model: Any, yes_no: torch.Tensor) -> ScoringDecoder:
     )
 
 
-def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """T5Gemma2 RMSNorm: normalise in float32, multiply by (1 + w), back to the input dtype."""
-    xf = x.float()  # no copy for float32 input
-    inv = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
-    return (xf * inv).mul_(scale).to(x.dtype)  # same products, same order as x * inv * scale
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """T5Gemma2 RMSNorm: normalise in float32, multiply by (1 + w), back to the input dtype.
+
+    ``out`` (the shape and dtype of ``x``, any strides) receives the result: a bfloat16 caller then
+    gets the float32 product rounded once, straight into its buffer, with no extra bf16 copy.
+    """
+    if x.dtype == torch.float32:
+        inv = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(eps))  # (..., 1)
+        normed = (x * inv).mul_(scale)  # same products, same order as x * inv * scale
+    else:  # bf16: the float32 copy is ours, so normalise it in place (no squared or product temporaries)
+        normed = x.float()  # (..., d) float32
+        inv = torch.linalg.vecdot(normed, normed).unsqueeze_(-1).div_(x.shape[-1]).add_(eps).rsqrt_()  # (..., 1)
+        normed.mul_(inv).mul_(scale)  # the same products in the same order, in float32
+    if out is not None:
+        return out.copy_(normed)  # the one rounding to x's dtype, written in place
+    return normed.to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,7 +185,9 @@ def _prompt_qkv(dec: ScoringDecoder, layer: Layer, x: torch.Tensor, cos: torch.T
         else:  # padded prompts: each row's own last position
             q_rows = normed[torch.arange(n, device=x.device), last][:, None]  # (N, 1, d)
             cos_q, sin_q = cos[last][:, None], sin[last][:, None]  # (N, 1, 1, hd): broadcast over heads
-        q = q_rows @ layer.w_qkv[: h * hd].T  # (N, 1, H*hd)
+        # (N, d) @ (d, H*hd) as one 2-D product: a strided (N, 1, d) batch would make matmul expand the
+        # weight to (N, d, H*hd) (a copy per call) and run a batched product instead
+        q = (q_rows.reshape(n, -1) @ layer.w_qkv[: h * hd].T)[:, None]  # (N, 1, H*hd)
         k, v = (normed @ layer.w_qkv[h * hd:].T).split([kv * hd, kv * hd], dim=-1)  # (N, L, KV*hd) each
     else:
         q, k, v = (normed @ layer.w_qkv.T).split([h * hd, kv * hd, kv * hd], dim=-1)  # (N, L, .*hd)
@@ -244,21 +257,26 @@ def project_states(dec: ScoringDecoder, states: torch.Tensor) -> torch.Tensor:
     if states.dtype == torch.float32:
         inv = torch.rsqrt(keys.square().mean(-1, keepdim=True).add_(dec.eps))  # (B, m, layers, KV, 1)
         keys.mul_(inv).mul_(dec.k_norms)  # in place; scales (layers, 1, hd)
-    else:
-        keys.copy_(rms_norm(keys, dec.k_norms, dec.eps))
+    else:  # normalised in float32 and rounded once, straight into the key slots, one layer at a time:
+        for i in range(n_layers):  # a layer's float32 temporary is 1/layers of the whole: 3.5x faster at n = 4096
+            rms_norm(keys[:, :, i], dec.k_norms[i], dec.eps, out=keys[:, :, i])
     return kv_all
 
 
-def _batch_masks(prompt: Prompt, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per layer kind, the (B, 1, L, L+m) bool attention mask: own causal part, then the stored rows."""
+def _batch_masks(prompt: Prompt, mask: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Per layer kind, the (B, 1, L, L+m) additive attention mask in ``dtype``: 0 where a key is visible
+    (own causal part, then the real stored rows), -inf elsewhere.
+
+    This is the mask attention makes of a bool mask, made once per batch instead of once per layer.
+    """
     b, m = mask.shape
     length = prompt.length
     out = {}
     for kind, own in prompt.self_masks.items():
-        full = mask.new_empty(b, 1, length, length + m)  # (B, 1, L, L+m)
+        full = mask.new_empty(b, 1, length, length + m)  # (B, 1, L, L+m) bool
         full[..., :length] = own  # (L, L) broadcast over B
         full[..., length:] = mask[:, None, None, :]  # (B, 1, 1, m): every stored row visible
-        out[kind] = full
+        out[kind] = torch.zeros(full.shape, dtype=dtype, device=full.device).masked_fill_(~full, float("-inf"))
     return out
 
 
@@ -297,7 +315,7 @@ def margins(dec: ScoringDecoder, prompt: torch.Tensor | Prompt, states: torch.Te
     last_pos = None if owner is None else prompt.lengths[owner] - 1
     length = prompt.length
     h, kv, hd = dec.n_heads, dec.n_kv, dec.head_dim
-    masks = _batch_masks(prompt, mask)
+    masks = _batch_masks(prompt, mask, dtype)
     keys = cross.new_empty(b, kv, length + m, hd)  # (B, KV, L+m, hd): rewritten by every layer
     values = cross.new_empty(b, kv, length + m, hd)  # (B, KV, L+m, hd)
 

@@ -599,7 +599,7 @@ class KaLMModel:
         if self.device.type == "cpu":
             states = torch.zeros((b, m_max, self.dim), dtype=self.dtype)  # (B, m, d)
             for row, m in enumerate(rows):
-                states[row, : m.shape[0]] = m.to(self.dtype)  # upcast float16 -> compute dtype
+                states[row, : m.shape[0]].copy_(m)  # stored float16 straight into the compute dtype, one pass
             return states, mask
         stored = rows[0].dtype if all(m.dtype == rows[0].dtype and m.device.type == "cpu" for m in rows) else None
         if stored is None:  # tensors already on the device, or mixed dtypes: upcast each on the device

@@ -10,6 +10,7 @@ refused instead of scored.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -201,6 +202,9 @@ class PassageStore:
     def __init__(self, table: Any, model: KaLMModel | None = None) -> None:
         self.table = table
         self.model = model
+        self._dataset: Any = None  # see dataset()
+        self._dataset_version: int | None = None
+        self._dataset_lock = threading.Lock()
         if model is not None:
             check_compatible(self.metadata, model, what=f"table {table.name!r}")
         check_layout_file(table.schema, what=f"table {table.name!r}")
@@ -401,12 +405,16 @@ class PassageStore:
 
         return commit_rows(self.table, rows, replace=replace, known_version=known_version)
 
-    def encode_records(self, records: Sequence[dict[str, Any]], *, batch_size: int = 16) -> pa.Table:
-        """Encode the texts of ``records`` at every stored ratio into an Arrow table of this schema."""
+    def model_or_raise(self) -> KaLMModel:
+        """The model this store was opened with; writing rows needs it."""
         if self.model is None:
             raise ValueError("this store was opened without a model; pass model= to PassageStore.open to add rows")
+        return self.model
+
+    def encode_records(self, records: Sequence[dict[str, Any]], *, batch_size: int = 16) -> pa.Table:
+        """Encode the texts of ``records`` at every stored ratio into an Arrow table of this schema."""
         texts = [r["text"] for r in records]
-        enc = self.model.encode_ratios(texts, self.ratios, batch_size=batch_size)
+        enc = self.model_or_raise().encode_ratios(texts, self.ratios, batch_size=batch_size)
         vectors = [r.get("vector") for r in records] if self.brings_vectors else None
         return self.rows_table([r["id"] for r in records], texts, enc, vectors)
 
@@ -552,6 +560,22 @@ class PassageStore:
         """See commits made by other handles or processes."""
         self.table.checkout_latest()
 
+    def dataset(self) -> Any:
+        """The table's ``lance.LanceDataset`` at the table's current version, opened once per version.
+
+        ``table.to_lance()`` opens the dataset anew on every call, with a fresh Lance session: the
+        manifest, each data file's footer and column metadata and the indices are read again before the
+        first matrix byte. On object storage those are 8-10 sequential round trips per read (counted
+        through a latency proxy: ``benchmarks/results/query_s3.md``); the dataset kept here keeps them in
+        its session, so a warm fetch of 100 rows is the take's own 2 round trips. Reads only: writes go
+        through the table (or their own ``to_lance()``), and a new version opens a new dataset.
+        """
+        version = self.table.version
+        with self._dataset_lock:
+            if self._dataset is None or self._dataset_version != version:
+                self._dataset, self._dataset_version = self.table.to_lance(), version
+            return self._dataset
+
     def update_indices(self, *, fts: bool = True, id_index: bool = True, digest_index: bool = True) -> list[str]:
         """Create the full-text index on ``text`` and the BTREE indices on ``id`` and ``text_digest``
         (tables of schema version 2 on; the server finds a posted text's stored row by it), or add new
@@ -595,16 +619,20 @@ class PassageStore:
         return done
 
     def add(self, records: Iterable[dict[str, Any]], *, batch_size: int = 16) -> int:
-        """Encode and append records ``{"id", "text"[, "vector"]}`` whose id is not stored yet.
+        """Encode and append records ``{"id", "text"[, "vector"], ...}`` whose id is not stored yet.
 
         Ids already in the table, and repeats of an id within ``records``, are skipped (first
-        occurrence wins), so re-adding is idempotent. Returns the number of rows written.
+        occurrence wins), so re-adding is idempotent. Other keys (``url``, ``title``...) are kept as
+        nullable columns, typed as ``kalm-store build`` types input fields
+        (:mod:`kalm_store.input_columns`); a value its column cannot hold raises ``ValueError`` naming
+        the record and the field, before anything is written. Returns the number of rows written.
         """
         return self._add(records, batch_size, update=False)
 
     def upsert(self, records: Iterable[dict[str, Any]], *, batch_size: int = 16) -> int:
         """Like :meth:`add`, but a record whose id is stored with another text (or brought vector)
-        is re-encoded and replaces that row, in the same commit as the new rows.
+        is re-encoded and replaces that row, in the same commit as the new rows; one whose text is
+        unchanged but whose other keys differ gets those columns replaced, without encoding.
 
         Records equal to their stored row are skipped, so upserting again is idempotent. Returns the
         number of rows written (new plus replaced). Change passages this way: LanceDB's own ``update``
@@ -614,26 +642,46 @@ class PassageStore:
         return self._add(records, batch_size, update=True)
 
     def _add(self, records: Iterable[dict[str, Any]], batch_size: int, update: bool) -> int:
-        records = list(records)
+        from .build import BuildSummary, select_changed
+        from .input_columns import InputColumns
+        from .records import Record
+
+        unique: list[Record] = []
+        seen: set[str] = set()
         for i, r in enumerate(records):
             if not isinstance(r, dict) or not isinstance(r.get("id"), str) or not isinstance(r.get("text"), str):
                 raise ValueError(f"record {i} must be a dict with string 'id' and 'text', got {r!r:.200}")
-        seen: set[str] = set()
-        unique = []
-        for r in records:
             if r["id"] not in seen:
                 seen.add(r["id"])
-                unique.append(r)
-        stored = self.existing_ids([r["id"] for r in unique])
-        new = [r for r in unique if r["id"] not in stored]
-        old = [r for r in unique if r["id"] in stored] if update else []
-        vectors = [r.get("vector") for r in old] if self.brings_vectors else None
-        flags = self.changed([r["id"] for r in old], [r["text"] for r in old], vectors) if old else []
-        changed = [r for r, c in zip(old, flags) if c]
-        if not new and not changed:
+                extra = {k: v for k, v in r.items() if k not in ("id", "text", "vector")}
+                unique.append(Record(r["id"], r["text"], r.get("vector"), f"record {i} (id {r['id']!r})", extra))
+        # Other keys become columns, typed and checked as a build types input fields: every value is
+        # checked before the first write, so a bad one loses nothing.
+        columns = InputColumns(self.table.schema)
+        for rec in unique:
+            columns.check(rec)
+        stored = self.existing_ids([r.id for r in unique])
+        new = [r for r in unique if r.id not in stored]
+        old = [r for r in unique if r.id in stored] if update else []
+        changed, fields_only = select_changed(self, old, BuildSummary(), columns) if old else ([], [])
+        if not new and not changed and not fields_only:
             return 0
-        result = self.write(self.encode_records(new + changed, batch_size=batch_size), replace=bool(changed))
-        return result.inserted + result.replaced
+        if added := columns.take_new():
+            self.add_input_columns(added)
+        written = 0
+        if new or changed:
+            todo = new + changed
+            enc = self.model_or_raise().encode_ratios([r.text for r in todo], self.ratios, batch_size=batch_size)
+            rows = self.rows_table([r.id for r in todo], [r.text for r in todo], enc,
+                                   [r.vector for r in todo] if self.brings_vectors else None, extras=columns.table(todo))
+            result = self.write(rows, replace=bool(changed))
+            written += result.inserted + result.replaced
+        if fields_only:
+            extras = columns.table(fields_only)
+            assert extras is not None  # only records whose kept fields differ are here
+            self.replace_fields(extras.add_column(0, "id", pa.array([r.id for r in fields_only], pa.string())))
+            written += len(fields_only)
+        return written
 
     # ------------------------------------------------------------------ read
     def matrices(self, ids: Sequence[str], ratio: int) -> list[np.ndarray]:
@@ -650,8 +698,8 @@ class PassageStore:
             return []
         where = sql_in("id", ids)
         checked = ["text", schema.DIGEST_COLUMN] if self.has_digests else []
-        rows = self.table.to_lance().to_table(columns=["id", "n_tokens", *checked, schema.column_name(ratio)],
-                                              filter=where)
+        rows = self.dataset().to_table(columns=["id", "n_tokens", *checked, schema.column_name(ratio)],
+                                       filter=where)
         mats = dict(zip(rows.column("id").to_pylist(), decode_rows(rows, ratio, self.dim, self.metadata.get("max_length"))))
         missing = [i for i in ids if i not in mats]
         if missing:

@@ -11,6 +11,16 @@ Only the middle moves to the cluster::
       ──> write task: lance.fragment.write_fragments (data files straight to the table's storage)
       ──> driver: one LanceOperation.Append commit per window of ``window_rows`` records
 
+``update`` and ``delete_missing`` follow the local builder too, through its functions: the driver
+picks, per chunk, the stored records whose text (or brought vector) changed (re-encoded by the
+actors with the chunk's new records) and those whose kept input fields alone changed (no encoding).
+An Append cannot replace rows, so a window that replaces any comes back to the driver as Arrow rows
+and is committed through the local builder's pinned merge-insert on ``id`` (one atomic commit of its
+new and replacing rows; the driver holds that window's encoded rows, so a large update wants a
+smaller ``window_rows``); a window of new rows only is appended as above. The stored ids the input
+does not hold are deleted once every window is committed, with the local builder's refusals, so a
+stopped or failed run deletes nothing.
+
 A chunk is encoded exactly as the local builder encodes it (same records, same length-sorted
 batches), so a Ray build stores the same ids and bitwise the same matrices as a local build of the
 same input on the same device, dtype and number of torch threads (CPU float32 sums depend on
@@ -135,8 +145,7 @@ def write_block(batch: Any, *, uri: str, schema: Any, storage_options: dict[str,
     import pyarrow.compute as pc
 
     chunk = int(pc.min(batch.column("_chunk")).as_py())
-    tokens = int(pc.sum(batch.column("_tokens")).as_py())
-    truncated = int(pc.sum(pc.greater_equal(batch.column("_tokens"), max_length)).as_py())
+    tokens, truncated = _token_stats(batch, max_length)
     rows = batch.drop_columns(["_chunk", "_tokens"])
     for f in schema:  # columns a user added to the table: null in new rows, as LanceDB's add leaves them
         if f.name not in rows.column_names:
@@ -189,25 +198,26 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
         The model loaded on the driver (for the table's metadata); default ``None`` loads
         ``options.model`` on the CPU. Actors load ``options.model`` themselves.
     on_bad, on_commit : callable, optional
-        As in :func:`kalm_store.build.build` (``on_commit`` runs after each window's commit).
+        As in :func:`kalm_store.build.build` (``on_commit`` runs after each window's commit; ``on_bad``
+        is refused with ``options.delete_missing``).
 
     Returns
     -------
     BuildSummary
-        ``commits`` counts windows.
+        ``commits`` counts windows (plus, with ``update``, one per window whose kept fields alone
+        changed, and the deletions' commits).
     """
-    from kalm_store.build import check_before_model, finish_build, open_target, read_chunks, select_new
+    from kalm_store.build import (check_before_model, check_skip_bad, commit_fields, delete_missing, fields_rows,
+                                  finish_build, open_target, read_chunks, select_work)
     from kalm_store.model import KaLMModel
-    from kalm_store.records import STDIN
+    from kalm_store.records import STDIN, BadRecordError
     from kalm_store.store import PassageStore
 
     ray_options = ray_options or RayOptions()
     storage_options = storage_options if storage_options is not None else options.storage_options
     options.validate()
     ray_options.validate()
-    if options.update or options.delete_missing:
-        raise ValueError("--update and --delete-missing run on the local engine only: a Ray window commits whole "
-                         "new fragments. Run them without --engine ray; an update re-encodes only the changes")
+    check_skip_bad(options, on_bad)
     start = time.perf_counter()
     if options.input != STDIN and not Path(options.input).is_file():
         raise FileNotFoundError(f"input {options.input!r} does not exist or is not a file")
@@ -232,8 +242,24 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
 
     summary.setup_seconds = time.perf_counter() - start  # Ray's own start stays in the measured work
     started_ray = init_ray(ray_options)
-    window: list[dict[str, Any]] = []
-    window_rows = 0
+    window: list[dict[str, Any]] = []  # chunks to encode
+    field_rows: list[Any] = []  # id + kept fields of stored rows whose fields alone changed (update)
+    window_rows = replaced = 0  # records read into the window; of its records to encode, those replacing rows
+
+    def commit_window() -> None:
+        nonlocal window, field_rows, window_rows, replaced
+        assert store is not None  # created with the first chunk, before any window
+        if window:
+            _run_window(window, store, options, ray_options, model_ref, db_uri, storage_options, summary,
+                        replaced=replaced)
+        if field_rows:
+            import pyarrow as pa
+
+            commit_fields(store, pa.concat_tables(field_rows, promote_options="default"), summary)
+        if on_commit is not None:
+            on_commit(summary)
+        window, field_rows, window_rows, replaced = [], [], 0, 0
+
     try:
         for k, chunk in enumerate(read_chunks(options, fields, vector_dim, summary, on_bad, records=records,
                                               columns=columns)):
@@ -244,7 +270,8 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
                                             columns=columns.take_new(), compute_dtype=compute_dtype)
             if new_columns := columns.take_new():  # fields met first in this chunk: columns before rows
                 store.add_input_columns(new_columns)
-            todo = select_new(chunk, ids, summary)
+            todo, n_replaced, fields_only = select_work(store, chunk, ids, summary, update=options.update,
+                                                        columns=columns)
             if todo:
                 item: dict[str, Any] = {"chunk": k, "ids": [r.id for r in todo], "texts": [r.text for r in todo]}
                 if options.vector_field:
@@ -253,17 +280,21 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
                 if extras is not None:
                     item["extras"] = _ipc_bytes(extras)
                 window.append(item)
+                replaced += n_replaced
+            if fields_only:
+                field_rows.append(fields_rows(fields_only, columns))
             window_rows += len(chunk)
-            if window and window_rows >= ray_options.window_rows:
-                _run_window(window, store, options, ray_options, model_ref, db_uri, storage_options, summary)
-                if on_commit is not None:
-                    on_commit(summary)
-                window, window_rows = [], 0
-        if window:
-            assert store is not None  # created with the first chunk, before any window
-            _run_window(window, store, options, ray_options, model_ref, db_uri, storage_options, summary)
-            if on_commit is not None:
-                on_commit(summary)
+            if (window or field_rows) and window_rows >= ray_options.window_rows:
+                commit_window()
+    except BadRecordError:
+        if window or field_rows:  # as the local engine: the valid records before a bad one are committed
+            commit_window()
+        raise
+    else:
+        if window or field_rows:
+            commit_window()
+        if options.delete_missing and store is not None:  # only here: every window was committed
+            delete_missing(store, options, ids, summary)
     finally:
         ids.close()
         if started_ray:
@@ -273,8 +304,10 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
 
 def _run_window(window: list[dict[str, Any]], store: PassageStore, options: BuildOptions,
                 ray_options: RayOptions, model_ref: str, db_uri: str,
-                storage_options: dict[str, str] | None, summary: BuildSummary) -> None:
-    """Encode and write one window of chunks on Ray, then commit its fragments in one Append."""
+                storage_options: dict[str, str] | None, summary: BuildSummary, *, replaced: int = 0) -> None:
+    """Encode one window of chunks on Ray and commit it atomically: the actors' fragments in one Append,
+    or, when ``replaced`` of its records replace stored rows (``update``), the encoded rows through the
+    local engine's pinned merge-insert (:func:`kalm_store.build.commit_encoded`), run by the driver."""
     import lance
     import ray.data
 
@@ -294,12 +327,16 @@ def _run_window(window: list[dict[str, Any]], store: PassageStore, options: Buil
     encoded = data.map_batches(EncodeActor, fn_constructor_kwargs={"spec": spec}, batch_size=1,
                                batch_format="pyarrow", concurrency=ray_options.workers,
                                num_cpus=ray_options.cpus_per_worker, num_gpus=gpus or None)
+    max_length = store.model.max_length if store.model is not None else options.max_length
+    if replaced:  # a Lance Append cannot replace rows: the window's rows come to the driver for one merge
+        _merge_window(encoded, store, replaced, max_length, summary)
+        return
     written = encoded.map_batches(
         write_block,  # type: ignore[arg-type]  # Ray's stub does not model fn_kwargs
         batch_size=None, batch_format="pyarrow", num_cpus=0.5,
         fn_kwargs={"uri": ds.uri, "schema": store.table.schema, "storage_options": storage_options,
                    "data_storage_version": ds.data_storage_version, "rows_per_file": ray_options.rows_per_file,
-                   "max_length": store.model.max_length if store.model is not None else options.max_length})
+                   "max_length": max_length})
     parts = sorted(written.take_all(), key=lambda r: (r["chunk"], r["part"]))  # commit in input order
     fragments = [lance.fragment.FragmentMetadata.from_json(p["fragment"]) for p in parts]  # JSON: no pickle
     committed = lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Append(fragments), read_version=read_version,
@@ -316,6 +353,31 @@ def _run_window(window: list[dict[str, Any]], store: PassageStore, options: Buil
     summary.truncated += sum(p["truncated"] for p in parts)  # as the local builder counts them
     summary.commits += 1
     store.refresh()
+
+
+def _merge_window(encoded: Any, store: PassageStore, replaced: int, max_length: int, summary: BuildSummary) -> None:
+    """Commit a window that replaces stored rows: its encoded rows (in input order) in one merge-insert."""
+    import pyarrow as pa
+    import ray
+
+    from kalm_store.build import commit_encoded
+
+    # blocks as Arrow tables (typed, no pickle of rows); chunks met later may hold more kept columns
+    blocks = [b for b in ray.get(encoded.to_arrow_refs()) if b.num_rows]
+    rows = pa.concat_tables(blocks, promote_options="default").sort_by("_chunk")  # stable: input order
+    tokens, truncated = _token_stats(rows, max_length)
+    commit_encoded(store, rows.drop_columns(["_chunk", "_tokens"]), replaced, summary)
+    summary.tokens += tokens
+    summary.truncated += truncated
+    store.refresh()
+
+
+def _token_stats(rows: Any, max_length: int) -> tuple[int, int]:
+    """Encoder tokens of encoded rows (their ``_tokens`` column) and how many reached ``max_length``."""
+    import pyarrow.compute as pc
+
+    tokens = rows.column("_tokens")
+    return int(pc.sum(tokens).as_py() or 0), int(pc.sum(pc.greater_equal(tokens, max_length)).as_py() or 0)
 
 
 def _ipc_bytes(table: Any) -> bytes:
@@ -418,7 +480,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser, job: Literal["build", "re
                        help="torch threads per actor (default: its reserved CPUs); matrices are bitwise equal to "
                             "a local CPU build's only at the local build's thread count")
     group.add_argument("--window-rows", type=int, default=RayOptions.window_rows, metavar="N",
-                       help=f"records per Ray job and commit, the resume granularity (default: {RayOptions.window_rows})")
+                       help="records per Ray job and commit, the resume granularity; with --update a window that "
+                            "replaces rows is merged by the driver, which then holds its encoded rows (default: "
+                            f"{RayOptions.window_rows})")
 
 
 def ray_options_from_args(args: argparse.Namespace) -> RayOptions:

@@ -105,11 +105,16 @@ def test_bench_bf16_quick_writes_both_dtypes_and_their_fidelity(tmp_path):
     prefix = tmp_path / "bf16_quick"
     run_bench("bench_bf16.py", "--quick", "--threads", "1", "--out", str(prefix))
     md = Path(f"{prefix}.md").read_text()
-    assert "| measure | float32 | bfloat16 | bf16 speed-up |" in md and "shared by ~8 engineers" in md
+    assert "| product | float32 GFLOP/s | bfloat16 GFLOP/s | bf16 speed-up |" in md and "Shared host" in md
+    assert "Command: `python benchmarks/bench_bf16.py --quick" in md
     res = json.loads(Path(f"{prefix}.json").read_text())
-    assert set(res["score_ms_per_100"]) == {"float32", "bfloat16"}
-    assert all(v > 0 for v in res["encode_passages_per_s"].values())
+    assert set(res["matmul_gflops"]) == {"float32", "bfloat16"}
+    assert [(row["n"], row["r"]) for row in res["score"].values()] == [(64, 1), (64, 4)]
+    for row in res["score"].values():  # both dtypes timed, achieved rate counted from the shape
+        assert all(row[d]["ms_per_100"] > 0 and row[d]["gflops"] > 0 for d in ("float32", "bfloat16"))
+    assert all(res["encode"][d]["passages_per_s"] > 0 for d in ("float32", "bfloat16"))
     for paths in res["fidelity"].values():  # bf16 really differs from float32, within the tests' bound
+        assert set(paths) == {"score", "build", "build+score"}
         assert all(1e-5 < v["max_abs_delta"] <= 0.03 and v["kendall_tau"] > 0.5 for v in paths.values())
 
 

@@ -247,7 +247,7 @@ def test_columns_a_user_added_survive_appends_and_updates(tmp_path, model, tiny_
     assert store.matrices(["p1", "p6"], 4)[1].shape[0] == -(-rows["p6"]["n_tokens"] // 4)
 
 
-def test_cli_update_and_its_refusal_on_ray(tmp_path, tiny_model_dir, capsys):
+def test_cli_update_and_delete_missing(tmp_path, tiny_model_dir, capsys):
     from kalm_store.cli import main
 
     records = make_corpus(6)
@@ -261,9 +261,6 @@ def test_cli_update_and_its_refusal_on_ray(tmp_path, tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "wrote 1 (1 replacing a changed row)" in out and "until compacted" in out
     assert f"`kalm-store optimize --db {tmp_path / 'db'} --table docs`" in out
-    assert main(["build", str(inp), "--update", "--engine", "ray"] + base) == 1
-    err = capsys.readouterr().err
-    assert "--update" in err and "local engine" in err and "\n" not in err.strip()
     assert main(["build", str(inp), "--delete-missing", "--skip-bad"] + base) == 1
     assert "--delete-missing cannot be combined with --skip-bad" in capsys.readouterr().err
     assert not (Path.cwd() / "docs.skipped.jsonl").exists()  # refused before the report was opened

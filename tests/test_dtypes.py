@@ -15,7 +15,12 @@ from kalm_store.cli import main
 #   bf16 encoder and bf16 decoder:           max 0.0165, median 0.0061
 #   bf16-built matrices, float32 decoder:    max 0.0103, median 0.0040
 # The bound is 0.03: about twice the worst case measured, well under the P gaps rankings rest on.
-# (The Nano-shape figure, random weights, was max |dP| 0.007.)
+# The benchmark (benchmarks/results/bf16_cpu.md, `python benchmarks/bench_bf16.py`: random-weight Nano
+# shape, 18+18 layers, 3 prompts x 16 passages of ~555 tokens, r = 1..32) measures worst max |dP| 0.0446
+# for the bf16 decoder on float32-built matrices, 0.0443 built and scored in bf16 and 0.0228 for
+# bf16-built matrices scored in float32 (Kendall tau >= 0.93, top-10 overlap >= 0.90). bf16 error grows
+# with depth: the 3-layer test model's worst (0.0165) is about a third of the 18-layer figure, so the
+# test model is held to 0.03 (a test at the Nano bound, 0.045, would pass a 3-layer error 2.7x too large).
 BF16_TOL = 0.03
 QUERIES = ["how do I parse json?", "zebra", "what is a vector database", "read a file in python"]
 TEXTS = ["JSON is a data format.", "Parse JSON text into Python objects with json loads.",

@@ -1,8 +1,9 @@
 """Bulk build on Ray Data (local Ray, 2 CPUs): same table as a local build, interruption + resume,
-refusals before work, re-pooling on Ray.
+refusals before work, `--update --delete-missing` as the local engine does them, re-pooling on Ray.
 
 Skipped only when Ray is not installed (``pip install "kalm-store[ray]"``). Starting encoder actors
-costs ~10 s each here (torch + transformers imports), so the module runs two Ray Data builds in all.
+costs ~10 s each here (torch + transformers imports), so the module keeps its Ray Data builds few
+(each window of a build is one job) and shares one local Ray and one base table between its tests.
 """
 
 from __future__ import annotations
@@ -259,3 +260,116 @@ def test_ray_build_keeps_input_fields_as_the_local_build_does(built, tiny_model_
     by_id = {r["id"]: r for r in b["rows"]}
     assert by_id["p0"]["module"] == "json" and by_id["p0"]["late"] is None
     assert by_id[rows[-2]["id"]]["late"] == {"a": 1}
+
+
+def _edited(rows: list[dict]) -> list[dict]:
+    """The module's corpus a while later: edited texts, a new vector, new ids, a kept field set on
+    unchanged texts, three ids gone (duplicate ids stay, so the first occurrence still wins)."""
+    out = []
+    for r in rows:
+        r = dict(r)
+        if r["id"] in ("p5", "p6", "p50"):
+            continue
+        first = not any(o["id"] == r["id"] for o in out)
+        if first and r["id"] in ("p1", "p40"):
+            r["text"] = f"edited passage {r['id']} about a lighthouse"
+        if first and r["id"] == "p20":
+            r["vec"] = [9.0, 9.0, 9.0, 9.0]  # a new vector alone replaces the row
+        if first and r["id"] in ("p10", "p45"):
+            r["tag"] = "kept"  # text unchanged: only the kept field is replaced, nothing re-encoded
+        out.append(r)
+        if r["id"] == "p2" and first:
+            out.append({"id": "n0", "text": "a new passage beside an edit", "vec": [0.25] * 4})
+    out.append({"id": "n1", "text": "a new passage at the end", "vec": [0.75] * 4})
+    return out
+
+
+def test_ray_update_and_delete_missing_equal_the_local_engine_row_by_row(built, tiny_model_dir, model):
+    """`--update --delete-missing` on Ray, stopped after its first window, then failed at a bad record,
+    then resumed, leaves the table a local update of the same input leaves, row by row (texts, vectors,
+    kept fields, matrices bitwise); neither the stopped nor the failed run deletes anything, and the
+    refusals (--skip-bad, an empty input, a mass delete) hold before any deletion."""
+    import shutil
+    from dataclasses import replace
+
+    import torch
+
+    from kalm_store.build import build
+    from kalm_store.plugins.ray import RayOptions, build_on_ray
+    from kalm_store.records import BadRecordError
+    from kalm_store.store import PassageStore
+
+    tmp = built["tmp"]
+    for name in ("upd_local", "upd_ray"):
+        shutil.copytree(tmp / "local", tmp / name)
+    edited = _edited(built["rows"])
+    corpus = tmp / "edited.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    upd = {"update": True, "delete_missing": True}
+    local = build(_options(corpus, tmp / "upd_local", tiny_model_dir, **upd), model=model)
+    assert (local.written, local.updated, local.deleted, local.rows) == (7, 5, 3, 59)  # 3 encoded + 2 fields, 2 new
+
+    threads = torch.get_num_threads()
+    ray_db = tmp / "upd_ray"
+
+    def ids() -> set[str]:
+        return PassageStore.open(str(ray_db), "docs").all_ids()
+
+    # refusals: nothing encoded, nothing deleted
+    with pytest.raises(ValueError, match="--skip-bad"):
+        build_on_ray(_options(corpus, ray_db, tiny_model_dir, **upd), RayOptions(), model=model, on_bad=print)
+    empty = tmp / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="holds no valid record: --delete-missing would delete all 60 stored rows"):
+        build_on_ray(_options(empty, ray_db, tiny_model_dir, **upd), RayOptions(), model=model)
+    few = tmp / "few.jsonl"
+    few.write_text("".join(json.dumps(r) + "\n" for r in built["rows"][:5]))
+    with pytest.raises(ValueError, match="more than half of the table"):
+        build_on_ray(_options(few, ray_db, tiny_model_dir, **upd), RayOptions(), model=model)
+    assert len(ids()) == 60
+
+    seen = {}
+
+    def stop(summary):
+        seen["stopped"] = replace(summary)
+        raise KeyboardInterrupt  # the driver stopped right after its first window's commit
+
+    with pytest.raises(KeyboardInterrupt):
+        build_on_ray(_options(corpus, ray_db, tiny_model_dir, **upd),
+                     RayOptions(window_rows=32, threads_per_worker=threads), model=model, on_commit=stop)
+    after_stop = {r["id"]: r for r in _snapshot(ray_db)["rows"]}
+    assert {"p5", "p6", "p50"} <= set(after_stop)  # stopped: nothing deleted
+    assert after_stop["p1"]["text"].startswith("edited") and "n0" in after_stop  # the first window is whole
+    assert not after_stop["p40"]["text"].startswith("edited") and "n1" not in after_stop  # later ones not begun
+
+    broken = tmp / "edited-broken.jsonl"
+    broken.write_text(corpus.read_text() + "not json\n")
+    with pytest.raises(BadRecordError, match="edited-broken.jsonl"):
+        build_on_ray(_options(broken, ray_db, tiny_model_dir, **upd),
+                     RayOptions(window_rows=10_000, threads_per_worker=threads), model=model,
+                     on_commit=lambda summary: seen.setdefault("failed", summary))
+    after_fail = {r["id"]: r for r in _snapshot(ray_db)["rows"]}
+    assert {"p5", "p6", "p50"} <= set(after_fail)  # failed: nothing deleted
+    assert after_fail["p40"]["text"].startswith("edited") and "n1" in after_fail  # records before it committed
+
+    stopped, failed = seen["stopped"], seen["failed"]
+    for count in ("written", "updated", "tokens", "truncated"):  # the two runs did the local run's work
+        assert getattr(stopped, count) + getattr(failed, count) == getattr(local, count), count
+    assert stopped.deleted == failed.deleted == 0
+    assert stopped.commits == 2  # window 1: one merge-insert for its encoded rows, one for the kept fields alone
+    resumed = build_on_ray(_options(corpus, ray_db, tiny_model_dir, **upd),
+                           RayOptions(threads_per_worker=threads), model=model)
+    assert (resumed.read, resumed.duplicates, resumed.deleted, resumed.rows) == \
+        (local.read, local.duplicates, local.deleted, local.rows)
+    assert (resumed.written, resumed.updated, resumed.already_stored) == (0, 0, local.rows)  # only deletions left
+    a, b = _snapshot(tmp / "upd_local"), _snapshot(ray_db)
+    assert a["schema"] == b["schema"] and a["schema"].metadata == b["schema"].metadata  # the kept `tag` column too
+    assert a["indices"] == b["indices"]
+    assert [r["id"] for r in a["rows"]] == [r["id"] for r in b["rows"]]
+    for x, y in zip(a["rows"], b["rows"]):
+        assert x == y, f"row {x['id']} differs"  # every column, kalm_r* bytes included
+    by_id = {r["id"]: r for r in b["rows"]}
+    assert by_id["p20"]["vector"] == [9.0] * 4 and by_id["p10"]["tag"] == "kept" and by_id["p11"]["tag"] is None
+    assert not {"p5", "p6", "p50"} & set(by_id)
+    hits = PassageStore.open(str(ray_db), "docs").table.search("lighthouse", query_type="fts").limit(5).to_arrow()
+    assert set(hits.column("id").to_pylist()) == {"p1", "p40"}  # the FTS index covers the replacing rows

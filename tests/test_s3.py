@@ -134,3 +134,117 @@ def test_s3_without_endpoint_names_the_problem(monkeypatch, tmp_path, tiny_model
     assert code == 1 and err.count("\n") == 1, err  # one line
     assert f"kalm-store info: error: could not reach s3://{BUCKET}/nothing: Connection refused at " \
            "http://127.0.0.1:9/" in err and "AWS_ENDPOINT_URL" in err
+
+
+# ---------------------------------------------------------------------- latency proxy and round trips
+@pytest.fixture
+def proxy(s3_endpoint):
+    from kalm_store.latency_proxy import LatencyProxy
+
+    with LatencyProxy(s3_endpoint, timeout=10) as p:
+        yield p
+
+
+def _client(endpoint):
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                        aws_secret_access_key="testing")
+
+
+def test_latency_proxy_adds_latency_counts_requests_and_round_trips(proxy):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kalm_store.latency_proxy import round_trips
+
+    s3 = _client(proxy.url)
+    s3.put_object(Bucket=BUCKET, Key="proxy/blob", Body=bytes(range(256)) * 64)
+    proxy.latency_ms = 150
+    proxy.reset()
+    t = time.perf_counter()
+    got = s3.get_object(Bucket=BUCKET, Key="proxy/blob", Range="bytes=256-511")["Body"].read()
+    one = time.perf_counter() - t
+    assert got == bytes(range(256)) and one >= 0.15  # the right bytes, after the added latency
+    (req,) = proxy.snapshot()
+    assert (req.method, req.path, req.range, req.status) == ("GET", f"/{BUCKET}/proxy/blob", "bytes=256-511", 206)
+    assert req.ms >= 150
+    # 8 reads issued together wait in parallel: one round trip, about one latency of wall time
+    proxy.reset()
+    t = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        parts = list(pool.map(lambda i: s3.get_object(Bucket=BUCKET, Key="proxy/blob", Range=f"bytes={i}-{i}")
+                              ["Body"].read(), range(8)))
+    together = time.perf_counter() - t
+    assert parts == [bytes([i]) for i in range(8)] and proxy.count("GET") == 8
+    assert round_trips(proxy.snapshot()) == 1 and together < 8 * 0.15
+    # 3 reads one after another: three round trips
+    proxy.latency_ms = 0
+    proxy.reset()
+    for i in range(3):
+        s3.head_object(Bucket=BUCKET, Key="proxy/blob")
+    assert proxy.count("HEAD") == 3 and round_trips(proxy.snapshot()) == 3
+    assert s3.head_object(Bucket=BUCKET, Key="proxy/blob")["ContentLength"] == 256 * 64  # HEAD keeps its size
+
+
+def test_fetch_of_100_candidates_takes_a_bounded_number_of_round_trips(proxy, s3_endpoint, tiny_model_dir):
+    """100 candidates over 4 fragments: the reranker's take by _rowid and PassageStore.matrices each take at most
+    3 sequential round trips through the proxy (their requests go out in parallel). Before, matrices() opened the
+    dataset anew on every call and re-read every file's metadata first: 8-10 round trips, shown below too."""
+    import numpy as np
+
+    from kalm_store import KaLMModel, PassageStore
+    from kalm_store.latency_proxy import round_trips
+    from kalm_store.plugins.lancedb import KaLMReranker
+
+    model = KaLMModel.from_pretrained(tiny_model_dir)
+    direct = {"endpoint": s3_endpoint, "region": "us-east-1", "aws_access_key_id": "testing",
+              "aws_secret_access_key": "testing",
+              "allow_http": "true"}
+    db = f"s3://{BUCKET}/round-trips"
+    words = "json file parse return data string compress time list object value error".split()
+    store = PassageStore.create(db, "docs", model, ratios=[4], storage_options=direct)
+    for f in range(4):  # four commits: four fragments, four data files
+        store.add([{"id": f"p{f}-{i}", "text": f"{words[i % 12]} {words[(i * 5 + f) % 12]} passage {i} of part {f}: "
+                    + " ".join(words[(i + j) % 12] for j in range(10 + i % 20))} for i in range(60)])
+    store.update_indices(fts=True, id_index=True)  # as a build leaves it: FTS on text, BTREE on id and digest
+    opts = direct | {"endpoint": proxy.url}
+    s3_store = PassageStore.open(db, "docs", model=model, storage_options=opts)
+    ds = s3_store.table.to_lance()
+    assert len(ds.get_fragments()) == 4
+    every = ds.to_table(columns=["id", "text"], with_row_id=True)
+    cand = every.take(np.random.default_rng(0).choice(every.num_rows, 100, replace=False))  # from every fragment
+    ids = cand.column("id").to_pylist()
+    assert {i.split("-")[0] for i in ids} == {"p0", "p1", "p2", "p3"}
+    rr = KaLMReranker(model, table=s3_store.table, ratio=4)
+    rr._matrices(cand), s3_store.matrices(ids[:5], 4)  # a first read of each file's metadata, kept after
+
+    def every_tokens(st):
+        return st.table.to_lance().to_table(columns=["id", "n_tokens"]).to_pydict()
+
+    def traced(fn):
+        proxy.reset()
+        out = fn()
+        reqs = proxy.snapshot()
+        return out, len(reqs), round_trips(reqs)
+
+    by_rowid, n_rowid, rt_rowid = traced(lambda: rr._matrices(cand)[0])
+    by_id, n_id, rt_id = traced(lambda: s3_store.matrices(ids, 4))
+    assert 1 <= rt_rowid <= 3 and 1 <= rt_id <= 3, (rt_rowid, rt_id)
+    assert n_rowid >= 4 and n_id >= 4  # really read through the proxy, from every file
+    assert len(by_id) == 100 and all(np.array_equal(a, b) for a, b in zip(by_rowid, by_id))
+    counts = dict(zip(*every_tokens(s3_store).values()))
+    assert [m.shape for m in by_id] == [(-(-counts[i] // 4), model.dim) for i in ids]
+    # the whole query as kalm_store.search runs it (FTS first stage selecting the stored columns, then scoring)
+    from kalm_store.query import run_search
+
+    run_search(s3_store.table, rr, "parse the json file", k=5, candidates=100, mode="fts")  # the index, once
+    hits, n_search, rt_search = traced(lambda: run_search(s3_store.table, rr, "parse the json file", k=5,
+                                                          candidates=100, mode="fts"))
+    assert len(hits) == 5 and n_search >= 4 and rt_search <= 3, (n_search, rt_search)
+    want = model.score("parse the json file", s3_store.matrices([h["id"] for h in hits], 4))
+    assert [h["score"] for h in hits] == pytest.approx(want.tolist(), abs=1e-6)
+    # what the dataset kept per version saves: a dataset opened anew reads manifest and file metadata first
+    from kalm_store.store import sql_in
+
+    _, _, rt_reopen = traced(lambda: s3_store.table.to_lance().to_table(columns=["id", "kalm_r4"],
+                                                                        filter=sql_in("id", ids)))
+    assert rt_reopen > 3, rt_reopen

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 
 from kalm_store import schema
-from kalm_store.store import (PassageStore, StaleMatrixError, StoreMismatchError, check_ratio_stored, decode_rows,
-                              text_digest)
+from kalm_store.store import (MissingRowError, PassageStore, StaleMatrixError, StoreMismatchError, check_ratio_stored,
+                              decode_rows, text_digest)
 
 
 @pytest.fixture
@@ -80,6 +80,32 @@ def test_upsert_replaces_only_changed_rows(store, model, passages):
     version = store.table.version
     assert store.upsert(records) == 0 and store.table.version == version  # idempotent: no commit at all
     assert store.add([{"id": "p1", "text": "add never replaces"}]) == 0 and column("text")["p1"].startswith("zep")
+
+
+def test_add_and_upsert_keep_other_keys_as_typed_columns(store, model, passages):
+    """Keys beyond id/text/vector are the user's own fields: kept as columns (as a build keeps input
+    fields), never dropped; an upsert that changes only them replaces those values without encoding."""
+    def rows():
+        t = store.table.to_arrow()
+        return {r["id"]: r for r in t.to_pylist()}
+
+    assert store.add([{"id": "u1", "text": "a page about harbours", "url": "https://a.example", "year": 2020},
+                      {"id": "u2", "text": "a page about zeppelins", "url": "https://b.example"}]) == 2
+    got = rows()
+    assert store.table.schema.field("url").type == pa.string() and store.table.schema.field("year").type == pa.int64()
+    assert (got["u1"]["url"], got["u1"]["year"]) == ("https://a.example", 2020)
+    assert (got["u2"]["url"], got["u2"]["year"]) == ("https://b.example", None)
+    assert got["p0"]["url"] is None  # rows stored before the column existed read null
+    r4 = got["u1"]["kalm_r4"]
+    version = store.table.version
+    with pytest.raises(ValueError, match=r"record 1 \(id 'u4'\).*'year'.*int64"):  # 2020.5 does not fit int64
+        store.add([{"id": "u3", "text": "fine"}, {"id": "u4", "text": "bad", "year": 2020.5}])
+    assert store.table.version == version and "u3" not in rows()  # refused before any write
+    assert store.upsert([{"id": "u1", "text": "a page about harbours", "url": "https://c.example", "year": 2021}]) == 1
+    got = rows()
+    assert (got["u1"]["url"], got["u1"]["year"]) == ("https://c.example", 2021)
+    assert got["u1"]["kalm_r4"] == r4  # fields only: the matrix was not re-encoded
+    assert store.upsert([{"id": "u1", "text": "a page about harbours", "url": "https://c.example", "year": 2021}]) == 0
 
 
 def test_changed_compares_brought_vectors_as_stored(tmp_path, model):
@@ -281,3 +307,20 @@ def test_db_pointing_at_a_table_folder_says_to_pass_its_parent(model, tmp_path, 
     assert main(["info", "--db", str(table_dir), "--table", "docs"]) == 1
     assert (f"--db '{table_dir}' is the folder of one table, not a database: pass its parent folder "
             f"'{tmp_path / 'db'}' as --db and --table docs") in capsys.readouterr().err
+
+
+def test_dataset_is_kept_per_version_and_follows_other_writers(store, model, passages, tmp_path):
+    """PassageStore.dataset() opens Lance once per table version (a fresh open re-reads every file's metadata,
+    8-11 round trips on object storage: tests/test_s3.py); a commit through another handle is seen after
+    refresh(), with the new rows' matrices."""
+    ds = store.dataset()
+    assert store.dataset() is ds and ds.version == store.table.version
+    other = PassageStore.open(str(tmp_path / "db"), "docs", model=model)  # another writer, e.g. another process
+    other.add([{"id": "new", "text": "a passage written by another handle"}])
+    with pytest.raises(MissingRowError, match="new"):  # this handle still reads its version, as before
+        store.matrices(["new"], 4)
+    store.refresh()
+    assert store.dataset() is not ds and store.dataset().version == store.table.version > ds.version
+    got = store.matrices(["new", "p0"], 4)
+    assert got[0].tobytes() == model.encode(["a passage written by another handle"], 4)[0].tobytes()
+    assert got[1].tobytes() == store.matrices(["p0"], 4)[0].tobytes()

@@ -28,7 +28,9 @@ is plain LanceDB, tbl.delete("id IN ('a', 'b')"), or --delete-missing: once the 
 read and committed, stored ids it does not hold are deleted, so that the table mirrors the input
 (with --update: edits, additions and removals in one run). It refuses --skip-bad, a build
 stopped by an error deletes nothing, and it refuses to delete more than half of the stored rows (the
-input is more likely truncated or misread) unless --allow-mass-delete is given.
+input is more likely truncated or misread) unless --allow-mass-delete is given. Both run on
+--engine ray as well, with the same results: each window is one atomic commit (a window that replaces
+rows is merged by the driver, its encoded rows held there), and deletions wait for the last window.
 
 Other input fields (url, title, date...) are kept as columns, to filter (search --where) and show
 (search --field): each column's Arrow type is set by the field's first value (or the table's column)

@@ -61,9 +61,10 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                    help="first stage (default: vector when the table has an embedding function, else fts: BM25 "
                         "on LanceDB's full-text index; hybrid: LanceDB's RRF fusion of both, cut at --candidates)")
     p.add_argument("--candidates", type=int, default=100, help="first-stage passages reranked per query (default: 100)")
-    p.add_argument("--ratios", default="4",
-                   help="comma list of MEP ratios to rerank at, e.g. 1,4,8 (default: 4); a new table stores the "
-                        "finest, the others are derived from it")
+    from kalm_store.cli._args import add_ratios_argument
+
+    add_ratios_argument(p, "MEP ratios to rerank at, e.g. --ratios 1,4,8 or --ratio 1 --ratio 4 (default: 4); a new "
+                           "table stores the finest, the others are derived from it")
     p.add_argument("--embedder", choices=EMBEDDERS, default=None,
                    help="embedding function computing the vectors of a new table (with --embedder-model); default: "
                         "none, a text-only store searched with fts")
@@ -96,10 +97,7 @@ def parse_options(args: argparse.Namespace) -> EvalOptions:
     """Validate every flag before any file or model is opened."""
     from kalm_store.evaluate import check_eval_args
 
-    try:
-        ratios = [int(r) for r in args.ratios.split(",") if r.strip()]
-    except ValueError:
-        raise ValueError(f"--ratios must be a comma list of ratios such as 1,4,8, got {args.ratios!r}") from None
+    ratios = args.ratios or [4]
     ratios = check_eval_args(ratios, args.mode, args.candidates, args.joint_sample, args.batch_size, args.max_queries)
     if args.build_batch_size < 1:
         raise ValueError(f"--build-batch-size must be >= 1, got {args.build_batch_size}")

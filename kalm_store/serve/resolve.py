@@ -138,7 +138,7 @@ class Resolver:
                     check_compatible(self.store.metadata, self.model, what=what)
                     check_ratio_stored(self.store.metadata, self.ratio, what=what)
                     self._version = version
-            return self.store.table.to_lance()
+        return self.store.dataset()  # opened once per version: a fresh one re-reads every file's metadata
 
     def _columns(self) -> list[str]:
         return ["id", "text", "n_tokens", self.column] + ([schema.DIGEST_COLUMN] if self.store.has_digests else [])

@@ -358,7 +358,7 @@ def scale_markdown(res: dict[str, Any]) -> str:
              f"{res['words_per_passage']} words per passage; --chunk-size {res['chunk_size']}; no FTS/id index; "
              f"Ray: local, {res['ray_cpus']} CPUs, 1 actor, --window-rows {res['window_rows']}. "
              + (f"The runs above ran at the same time (one command per engine; combined by `{res['merged']}`), so "
-                "their seconds include each other's load. " if res.get("merged") else "") + "BENCHMARK SWITCH: "
+                "their seconds include each other's load. " if res.get("merged") and len(commands) > 1 else "") + "BENCHMARK SWITCH: "
              "the encoder is replaced by a fixed 1 x d matrix per passage (see the script's docstring); reading, "
              "validation, the duplicate-id rule, compression, digests and commits are the real build. One run each.",
              "", "| engine | passages | input MiB | driver peak RSS MiB, up to the last commit | driver peak RSS MiB, "

@@ -10,7 +10,8 @@ the file is deleted when the set is closed. Lookups are exact (no hashing, no fa
 Stored ids are streamed into it from the table's ``id`` column in batches, never materialised in
 Python. The file lives under the system temporary directory (``TMPDIR``), or the ``directory`` given;
 it takes about ``1.3 x (id length + 8)`` bytes per id (about 30 GB for a billion 16-character ids).
-A full disk stops the build with an error naming the file and ``TMPDIR``.
+A full disk stops the build with an error naming the file and ``TMPDIR``. Where the temporary
+directory is a tmpfs (held in RAM), point ``TMPDIR`` at a disk folder for large builds.
 """
 
 from __future__ import annotations

@@ -20,6 +20,16 @@ STORED_DTYPE = "float16"
 
 
 _EMPTY_FRAME = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(b"")
+# One decompressor per thread, reused: making one per matrix was a quarter of decoding a short matrix
+# (a served request decodes ~100), and a ZstdDecompressor must not be shared between threads.
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "decompressor", None)
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor()
+    return d
 
 
 class CorruptMatrixError(ValueError):
@@ -86,7 +96,7 @@ def decode_matrix(blob: bytes | memoryview | None, rows: int, d: int, what: str 
         return np.zeros((rows, d), np.float16)
     try:
         # allow_extra_data=False: bytes after the one frame mean the value was altered; never ignore them
-        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=expected, allow_extra_data=False)
+        raw = _decompressor().decompress(blob, max_output_size=expected, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise CorruptMatrixError(f"{what}: corrupt zstd frame ({e})") from e
     if len(raw) != expected:

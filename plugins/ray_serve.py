@@ -29,7 +29,7 @@ log = logging.getLogger("kalm_store.serve")
 
 
 def deployment(options: ServeOptions, model: str, *, replicas: int = 1, device: str | None = None,
-               gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0) -> Any:
+               dtype: str | None = None, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0) -> Any:
     """The bound Ray Serve application: ``replicas`` copies of the kalm-store app.
 
     Parameters
@@ -42,6 +42,9 @@ def deployment(options: ServeOptions, model: str, *, replicas: int = 1, device: 
         Number of replicas.
     device : str, optional
         Device inside a replica; default ``None`` picks the replica's GPU when it reserved one.
+    dtype : {"float32", "bfloat16", "auto"}, optional
+        Compute dtype inside a replica (``auto`` is decided on the replica's own device); default
+        ``None``: bfloat16 on CUDA, float32 on CPU.
     gpus_per_replica : float, default 0.0
         GPUs each replica reserves.
     cpus_per_replica : float, default 1.0
@@ -57,23 +60,24 @@ def deployment(options: ServeOptions, model: str, *, replicas: int = 1, device: 
                       ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": cpus_per_replica})
     @serve.ingress()
     class KalmStoreReplica:
-        def __init__(self, fields: dict[str, Any], model: str, device: str | None) -> None:
+        def __init__(self, fields: dict[str, Any], model: str, device: str | None, dtype: str | None) -> None:
             from kalm_store.serve import create_app
 
             o = ServeOptions(**fields)
             self.asgi_app = create_app(o.db, o.table, model, ratio=o.ratio, max_pending=o.max_pending,
                                        max_documents=o.max_documents, api_key=o.api_key, cache_mib=o.cache_mib,
                                        batch_size=o.batch_size, max_batch_rows=o.max_batch_rows, batching=o.batching,
-                                       device=device, storage_options=o.storage_options)
+                                       device=device, dtype=dtype, storage_options=o.storage_options)
 
         def __serve_build_asgi_app__(self) -> Any:
             return self.asgi_app
 
-    return KalmStoreReplica.bind(fields, model, device)
+    return KalmStoreReplica.bind(fields, model, device, dtype)
 
 
 def serve_replicas(options: ServeOptions, model: str, *, replicas: int = 1, host: str = "127.0.0.1",
-                   port: int = 8000, device: str | None = None, gpus_per_replica: float | None = None,
+                   port: int = 8000, device: str | None = None, dtype: str | None = None,
+                   gpus_per_replica: float | None = None,
                    cpus_per_replica: float = 1.0, address: str | None = None) -> int:
     """Run ``replicas`` replicas behind Ray Serve's HTTP proxy on ``host:port`` until SIGTERM/SIGINT.
 
@@ -90,7 +94,7 @@ def serve_replicas(options: ServeOptions, model: str, *, replicas: int = 1, host
                  log_to_driver=True, configure_logging=False)
     if gpus_per_replica is None:
         gpus_per_replica = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    app = deployment(options, model, replicas=replicas, device=device, gpus_per_replica=gpus_per_replica,
+    app = deployment(options, model, replicas=replicas, device=device, dtype=dtype, gpus_per_replica=gpus_per_replica,
                      cpus_per_replica=cpus_per_replica)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -27,6 +27,7 @@ pytest.importorskip("uvicorn")
 
 QUERY = "how do I parse a json file in python?"
 DEADLINE_S = 120  # any wait on a server gives up after this
+BF16_TOL = 0.03  # max |P_bf16 - P_fp32|: tests/test_dtypes.py's BF16_TOL (measured there)
 
 
 def free_port() -> int:
@@ -188,8 +189,34 @@ def test_info_health_and_metrics(server, built):
     info = httpx.get(f"{server}/info", timeout=30).json()
     assert info["ratio"] == 2 and info["rows"] == 6 and info["fingerprint"] == built[1].metadata["fingerprint"]
     assert info["table"] == "docs" and isinstance(info["table_version"], int)
+    assert info["dtype"] == "float32" and info["device"] == "cpu"  # the CPU default without --dtype
     metrics = httpx.get(f"{server}/metrics", timeout=30).text
     assert "kalm_decoder_passes_total" in metrics and 'kalm_documents_total{source="stored"}' in metrics
+
+
+def test_dtype_bfloat16_is_honoured(built, model, passages, tiny_model_dir):
+    """`kalm-store serve --dtype bfloat16`: /info says so, and the scores are bf16's (not float32's, within
+    the bf16 tolerance tests/test_dtypes.py measured)."""
+    db, store = built
+    proc, url = start_server(db, tiny_model_dir, "--dtype", "bfloat16")
+    try:
+        assert httpx.get(f"{url}/info", timeout=30).json()["dtype"] == "bfloat16"
+        r = httpx.post(f"{url}/v2/rerank", json={"query": QUERY, "documents": passages}, timeout=DEADLINE_S)
+        assert r.status_code == 200, r.text
+    finally:
+        assert stop(proc) == 0
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    got = np.array([got[i] for i in range(len(passages))])
+    ref = stored_scores(model, store, [f"p{i}" for i in range(len(passages))])  # float32 decoder
+    diff = float(np.abs(got - ref).max())
+    assert 1e-4 < diff <= BF16_TOL, diff  # really bf16 (float32 would agree to ~1e-7), and close
+
+
+def test_create_app_refuses_a_loaded_model_of_another_dtype(built, model):
+    from kalm_store.serve import create_app
+
+    with pytest.raises(ValueError, match="computes in float32"):
+        create_app(str(built[0]), "docs", model, dtype="bfloat16")
 
 
 # ---------------------------------------------------------------------- bad input
@@ -266,12 +293,20 @@ class Gate:
         self.open = threading.Event()
         self.entered = threading.Event()
         self.queries: list[list[str]] = []
+        self.passes: list[tuple[int, int]] = []  # (padded rows, candidates) of each decoder pass
 
     def score_many(self, queries, *args, **kwargs):
         self.queries.append(list(queries))
         self.entered.set()
         assert self.open.wait(DEADLINE_S)
-        return self.model.score_many(queries, *args, **kwargs)
+        on_pass = kwargs.get("on_pass")
+
+        def record(candidates, n_queries, rows):
+            self.passes.append((rows, candidates))
+            if on_pass is not None:
+                on_pass(candidates, n_queries, rows)
+
+        return self.model.score_many(queries, *args, **(kwargs | {"on_pass": record}))
 
 
 @pytest.fixture
@@ -359,8 +394,14 @@ def test_waiting_requests_share_decoder_passes_and_keep_their_scores(gated, buil
     for q, res in zip(queries, results):
         got = {x["index"]: x["relevance_score"] for x in res["results"]}
         np.testing.assert_allclose([got[i] for i in range(len(passages))], model.score(q, mats), atol=1e-5, rtol=0)
-    info = httpx.get(f"{url}/info").json()["batcher"]
-    assert info["mean_queries_per_pass"] > 1
+    info = httpx.get(f"{url}/info").json()
+    assert info["batch_size"] is None and info["max_batch_rows"] == 1024  # the CPU default: rows bound a pass
+    # the step's 5 x 6 candidates went through passes bounded by the row budget only: a pass held the
+    # candidates of several requests, more than any one request has
+    widest = max(rows for rows, _ in gate.passes)
+    assert max(c for _, c in gate.passes) > len(passages) and widest <= 1024
+    assert info["batcher"]["mean_queries_per_pass"] > 1
+    assert info["batcher"]["mean_candidates_per_pass"] > len(passages)
 
 
 def test_api_key_is_required_when_set(gated, passages):

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1... (default: CUDA when available)")
+    from kalm_store.dtypes import add_dtype_argument
+
+    add_dtype_argument(p, "decoder (and online encoder)")  # any table scores in either: storage is float16
     p.add_argument("--max-pending", type=int, default=64,
                    help="requests waiting for the scoring worker before new ones get 429 + Retry-After (default: 64)")
     p.add_argument("--max-documents", type=int, default=1000,
@@ -37,10 +40,12 @@ def register(sub: argparse._SubParsersAction, name: str) -> None:
                         "the KALM_STORE_API_KEY environment variable is read when this is not given)")
     p.add_argument("--cache-mib", type=float, default=256,
                    help="LRU of matrices encoded online for texts the table does not hold, MiB (default: 256)")
-    p.add_argument("--batch-size", type=int, default=64, help="candidates per decoder pass (default: 64)")
-    p.add_argument("--max-batch-rows", type=int, default=8192,
-                   help="padded stored rows per decoder pass; the worker also takes waiting requests up to this "
-                        "many stored rows per step (default: 8192)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="candidates per decoder pass at most (default: no cap; --max-batch-rows bounds a pass)")
+    p.add_argument("--max-batch-rows", type=int, default=None,
+                   help="padded stored rows per decoder pass, whichever requests the candidates come from (a pass "
+                        "packs several); the worker takes waiting requests up to 8 passes' worth per step "
+                        "(default: 1024 on the CPU, where small passes stay in cache; 8192 on a GPU)")
     p.add_argument("--no-batching", action="store_true",
                    help="score one request per step (no decoder passes shared across requests)")
     p.add_argument("--engine", choices=ENGINES, default="uvicorn",
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         from kalm_store.plugins.ray_serve import serve_replicas
 
         return serve_replicas(options, args.model, replicas=args.replicas, host=args.host, port=args.port,
-                              device=args.device, gpus_per_replica=args.gpus_per_replica)
+                              device=args.device, dtype=args.dtype, gpus_per_replica=args.gpus_per_replica)
     import logging
 
     import uvicorn
@@ -89,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(options.db, options.table, args.model, ratio=options.ratio, max_pending=options.max_pending,
                      max_documents=options.max_documents, api_key=options.api_key, cache_mib=options.cache_mib,
                      batch_size=options.batch_size, max_batch_rows=options.max_batch_rows,
-                     batching=options.batching, device=args.device, storage_options=options.storage_options)
+                     batching=options.batching, device=args.device, dtype=args.dtype,
+                     storage_options=options.storage_options)
     # uvicorn handles SIGTERM/SIGINT: stop accepting, finish in-flight requests, run the app's shutdown. It
     # then re-raises the signal to the handler it found installed; for SIGTERM that is this one, so a
     # drained server exits 0 (what process managers expect) instead of dying of the signal afterwards.

@@ -45,8 +45,18 @@ log = logging.getLogger("kalm_store.serve")
 DEFAULT_MAX_PENDING = 64
 DEFAULT_MAX_DOCUMENTS = 1000
 DEFAULT_CACHE_MIB = 256
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_MAX_BATCH_ROWS = 8192
+DEFAULT_BATCH_SIZE: int | None = None  # no candidate cap: the row budget bounds a pass
+# Padded stored rows per decoder pass when not given, by device. On the CPU, packed passes of 512-1024
+# rows scored 106-112 candidates per CPU second against 85 at 8192 rows (they stay in cache; the sweep in
+# benchmarks/results/serve_small.md, small shape, 4 queries x 100 candidates; the tiny shape agreed).
+# On a GPU bigger passes keep it busy; 8192 is the model's own memory bound (model._ROWS_PER_BATCH).
+CPU_MAX_BATCH_ROWS = 1024
+GPU_MAX_BATCH_ROWS = 8192
+
+
+def default_max_batch_rows(device: Any) -> int:
+    """The row budget per decoder pass for a model on ``device`` (see ``CPU_MAX_BATCH_ROWS``)."""
+    return CPU_MAX_BATCH_ROWS if str(device).startswith("cpu") else GPU_MAX_BATCH_ROWS
 
 
 # ---------------------------------------------------------------------- request / response models
@@ -162,8 +172,8 @@ class ServeOptions:
     max_documents: int = DEFAULT_MAX_DOCUMENTS  # documents per request before 413 (and /search candidates)
     api_key: str | None = None  # required as `Authorization: Bearer KEY` when set
     cache_mib: float = DEFAULT_CACHE_MIB  # LRU of online-encoded matrices, MiB
-    batch_size: int = DEFAULT_BATCH_SIZE  # candidates per decoder pass
-    max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS  # padded stored rows per decoder pass (and per worker step)
+    batch_size: int | None = DEFAULT_BATCH_SIZE  # candidates per decoder pass at most; None: rows bound a pass
+    max_batch_rows: int | None = None  # padded stored rows per decoder pass; None: by device (default_max_batch_rows)
     batching: bool = True  # pack several requests into each decoder pass
     storage_options: dict[str, str] | None = None  # object-store options for lancedb.connect
     create_digest_index: bool = True  # create the text_digest scalar index at start when missing
@@ -173,6 +183,8 @@ def check_options(o: ServeOptions) -> None:
     """Refuse bad settings (``ValueError`` naming them) before anything is opened or loaded."""
     for name in ("max_pending", "max_documents", "batch_size", "max_batch_rows"):
         value = getattr(o, name)
+        if value is None and name in ("batch_size", "max_batch_rows"):
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if isinstance(o.cache_mib, bool) or not isinstance(o.cache_mib, (int, float)) or o.cache_mib < 0:
@@ -203,8 +215,10 @@ class Service:
             self._digest_index()
         self.metrics = metrics.Metrics()
         self.resolver = Resolver(self.store, model, self.ratio, int(options.cache_mib * 2**20))
+        self.max_batch_rows = (options.max_batch_rows if options.max_batch_rows is not None
+                               else default_max_batch_rows(model.device))
         self.batcher = Batcher(model, max_pending=options.max_pending, batch_size=options.batch_size,
-                               max_rows=options.max_batch_rows, batching=options.batching,
+                               max_rows=self.max_batch_rows, batching=options.batching,
                                on_pass=self.metrics.on_pass)
         self.metrics.bind(self)
         names = {model.name_or_path, Path(model.name_or_path).name}
@@ -234,7 +248,7 @@ class Service:
                 "ratio": self.ratio, "ratios": self.store.ratios, "rows": self.store.table.count_rows(),
                 "table_version": self.store.table.version, "max_documents": self.options.max_documents,
                 "max_pending": self.options.max_pending, "batching": self.options.batching,
-                "batch_size": self.options.batch_size, "max_batch_rows": self.options.max_batch_rows,
+                "batch_size": self.options.batch_size, "max_batch_rows": self.max_batch_rows,
                 "pid": os.getpid(), "device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", ""),
                 "cache": {"bytes": self.resolver.cache.bytes, "max_bytes": self.resolver.cache.max_bytes,
                           "entries": len(self.resolver.cache)},
@@ -311,10 +325,11 @@ def create_app(
     max_documents: int = DEFAULT_MAX_DOCUMENTS,
     api_key: str | None = None,
     cache_mib: float = DEFAULT_CACHE_MIB,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
+    max_batch_rows: int | None = None,
     batching: bool = True,
     device: str | None = None,
+    dtype: str | None = None,
     storage_options: dict[str, str] | None = None,
 ) -> FastAPI:
     """The kalm-store rerank service as an ASGI app (run it with uvicorn, or ``kalm-store serve``).
@@ -337,15 +352,20 @@ def create_app(
         When set, every request but ``GET /health`` needs ``Authorization: Bearer <api_key>``.
     cache_mib : float, default 256
         Size of the LRU of matrices encoded online for texts the table does not hold.
-    batch_size : int, default 64
-        Candidates per decoder pass.
-    max_batch_rows : int, default 8192
-        Padded stored rows per decoder pass; the worker also takes waiting requests up to this many
-        stored rows per step.
+    batch_size : int, optional
+        Candidates per decoder pass at most; default ``None``: only ``max_batch_rows`` bounds a pass.
+    max_batch_rows : int, optional
+        Padded stored rows per decoder pass, whichever requests the candidates come from (a pass
+        packs several); the worker takes waiting requests up to 8 passes' worth per step. Default
+        ``None``: 1024 on the CPU (smaller passes stay in cache), 8192 on a GPU.
     batching : bool, default True
         Pack the candidates of several waiting requests into each decoder pass.
     device : str, optional
         Device of a model loaded here; default ``None`` picks CUDA when available.
+    dtype : {"float32", "bfloat16", "auto"}, optional
+        Compute dtype of a model loaded here (``kalm-store serve --dtype``; see :mod:`kalm_store.dtypes`);
+        default ``None``: bfloat16 on CUDA, float32 on CPU. Stored matrices are float16 either way. With a
+        loaded ``model``, a dtype it does not have is refused.
     storage_options : dict, optional
         Object-store options for ``lancedb.connect``.
 
@@ -367,9 +387,14 @@ def create_app(
     from ..model import KaLMModel
     from ..store import PassageStore
 
+    from ..dtypes import dtype_name, resolve_dtype
+
     if not isinstance(model, KaLMModel):
         PassageStore.open(db, table, storage_options=storage_options)  # a wrong --db/--table fails before loading
-        model = KaLMModel.from_pretrained(model, device=device)
+        model = KaLMModel.from_pretrained(model, device=device, dtype=resolve_dtype(dtype, device))
+    elif dtype is not None and dtype != "auto" and dtype_name(model.dtype) != resolve_dtype(dtype, str(model.device)):
+        raise ValueError(f"dtype={dtype!r}, but the given model computes in {dtype_name(model.dtype)}: load it "
+                         f"with KaLMModel.from_pretrained(..., dtype={dtype!r}), or pass its name instead")
     return build_app(Service(options, model))
 
 
@@ -593,4 +618,4 @@ def _version() -> str:
     return __version__
 
 
-__all__ = ["create_app", "build_app", "Service", "ServeOptions", "check_options"]
+__all__ = ["create_app", "build_app", "Service", "ServeOptions", "check_options", "default_max_batch_rows"]

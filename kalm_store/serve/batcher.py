@@ -1,10 +1,14 @@
 """Batching across requests: a bounded queue and one scoring worker thread.
 
 Requests put a :class:`Job` (one query and its candidates' matrices) in the queue and wait on its
-future. The worker takes every waiting job whose candidates fit the step's row budget (at least one)
-and scores them with one :meth:`KaLMModel.score_many` call, which packs the candidates of several
-queries into each decoder pass. That is the model's own scoring API: the server adds queueing, not a
-second scorer. Model code runs on the worker thread only, never on the event loop.
+future. The worker takes every waiting job whose candidates fit the step's row budget (at least one;
+``STEP_PASSES`` passes' worth of rows) and scores them with one :meth:`KaLMModel.score_many` call,
+which sorts the candidates of all those queries by length and cuts them into decoder passes of at
+most ``max_rows`` padded stored rows: a pass holds the candidates of several requests. The row
+budget, not a candidate count, bounds a pass (``batch_size`` is an optional extra cap), so a pass is
+as full as memory allows whichever requests its candidates come from. That is the model's own
+scoring API: the server adds queueing, not a second scorer. Model code runs on the worker thread
+only, never on the event loop.
 
 A job that is cancelled while still queued (its client went away) is removed and never scored; a job
 the worker has taken runs to the end.
@@ -28,6 +32,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..model import KaLMModel
 
 log = logging.getLogger("kalm_store.serve")
+
+# A worker step takes waiting jobs up to this many passes' worth of stored rows: enough to fill the
+# passes of several requests (little padding: candidates are sorted by length across them), few
+# enough that the first job of a step does not wait long for the step's last pass.
+STEP_PASSES = 8
 
 
 class QueueFullError(RuntimeError):
@@ -67,6 +76,7 @@ class PassStats:
     jobs: int = 0
     cancelled: int = 0
     score_seconds: float = 0.0  # wall time of the worker's score_many calls
+    score_cpu_seconds: float = 0.0  # the worker thread's CPU time in them (unlike wall time, blind to other load)
 
 
 class Batcher:
@@ -78,26 +88,30 @@ class Batcher:
         Scores with :meth:`KaLMModel.score_many`.
     max_pending : int
         Queued (not yet taken) jobs at most; :meth:`submit` raises :class:`QueueFullError` beyond.
-    batch_size : int
-        Candidates per decoder pass.
+    batch_size : int or None
+        Candidates per decoder pass at most; ``None``: only ``max_rows`` bounds a pass.
     max_rows : int
-        Padded stored rows per decoder pass; also the budget of stored rows one worker step takes
-        from the queue (at least one job).
+        Padded stored rows per decoder pass (candidates x the pass's longest matrix), whichever
+        requests the candidates come from. A worker step takes waiting jobs up to ``STEP_PASSES``
+        times this many stored rows (at least one job).
     batching : bool, default True
         False scores one job per step (no packing across requests): the benchmark's baseline.
     on_pass : callable, optional
         Called on the worker thread after each decoder pass with (candidates, queries, padded rows).
     """
 
-    def __init__(self, model: KaLMModel, *, max_pending: int, batch_size: int, max_rows: int,
+    def __init__(self, model: KaLMModel, *, max_pending: int, batch_size: int | None, max_rows: int,
                  batching: bool = True, on_pass: Callable[[int, int, int], None] | None = None) -> None:
         for name, value in (("max_pending", max_pending), ("batch_size", batch_size), ("max_rows", max_rows)):
+            if value is None and name == "batch_size":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.model = model
         self.max_pending = max_pending
         self.batch_size = batch_size
         self.max_rows = max_rows
+        self.step_rows = STEP_PASSES * max_rows
         self.batching = batching
         self.stats = PassStats()
         self._on_pass = on_pass
@@ -167,7 +181,7 @@ class Batcher:
                 return []
             jobs = [self._queue.popleft()]
             rows = jobs[0].rows
-            while self.batching and self._queue and rows + self._queue[0].rows <= self.max_rows:
+            while self.batching and self._queue and rows + self._queue[0].rows <= self.step_rows:
                 rows += self._queue[0].rows
                 jobs.append(self._queue.popleft())
             self._busy = True
@@ -178,13 +192,14 @@ class Batcher:
             jobs = self._take()
             if not jobs:
                 return
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 self._score(jobs)
             finally:
                 with self._cond:
                     self._busy = False
                 elapsed = time.perf_counter() - start
+                self.stats.score_cpu_seconds += time.thread_time() - cpu
                 self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * elapsed / len(jobs)
                 self.stats.score_seconds += elapsed
                 self.stats.steps += 1
@@ -197,6 +212,10 @@ class Batcher:
         if self._on_pass is not None:
             self._on_pass(candidates, queries, rows)
 
+    def _batch_size(self, jobs: list[Job]) -> int:
+        """The candidate cap handed to score_many: ``batch_size``, or (None) every candidate: rows bound."""
+        return self.batch_size if self.batch_size is not None else max(1, sum(len(j.matrices) for j in jobs))
+
     def _score(self, jobs: list[Job]) -> None:
         """Score the step's jobs together; if that fails, each alone, so one bad job fails only itself."""
         live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
@@ -204,7 +223,7 @@ class Batcher:
             return
         try:
             margins = self.model.score_many([j.query for j in live], [j.matrices for j in live],
-                                            [j.instruction for j in live], batch_size=self.batch_size,
+                                            [j.instruction for j in live], batch_size=self._batch_size(live),
                                             max_rows=self.max_rows, return_margin=True, on_pass=self._pass)
         except Exception as e:  # noqa: BLE001 - handed to the request, which logs and answers it
             if len(live) == 1:
@@ -213,7 +232,7 @@ class Batcher:
             for job in live:
                 try:
                     job.future.set_result(self.model.score_many(
-                        [job.query], [job.matrices], [job.instruction], batch_size=self.batch_size,
+                        [job.query], [job.matrices], [job.instruction], batch_size=self._batch_size([job]),
                         max_rows=self.max_rows, return_margin=True, on_pass=self._pass)[0])
                 except Exception as one:  # noqa: BLE001
                     job.future.set_exception(one)
@@ -231,8 +250,9 @@ def describe(stats: PassStats) -> dict[str, Any]:
     """The stats as a JSON-able dict (``/info`` and the benchmark)."""
     return {"decoder_passes": stats.passes, "candidates": stats.candidates, "steps": stats.steps,
             "jobs": stats.jobs, "cancelled": stats.cancelled, "score_seconds": stats.score_seconds,
+            "score_cpu_seconds": stats.score_cpu_seconds,
             "mean_candidates_per_pass": stats.candidates / stats.passes if stats.passes else 0.0,
             "mean_queries_per_pass": stats.queries_in_passes / stats.passes if stats.passes else 0.0}
 
 
-__all__ = ["Batcher", "Job", "QueueFullError", "ShuttingDownError", "probabilities", "describe"]
+__all__ = ["STEP_PASSES", "Batcher", "Job", "QueueFullError", "ShuttingDownError", "probabilities", "describe"]

@@ -16,9 +16,12 @@ row's: then it is re-encoded and replaces that row in the chunk's commit (``upda
 ``delete_missing=True``, once the whole input has been read and committed, stored ids it does not
 hold are deleted (``deleted``); with ``update=True`` as well, the table then mirrors the input. An
 input with no valid record never deletes anything: it is refused, and so is a deletion of more than
-half of the stored rows unless ``allow_mass_delete=True``. Memory
-grows with the number of distinct ids only (a set of id strings, about 100 bytes each); texts and
-matrices stream in chunks of ``chunk_size`` records.
+half of the stored rows unless ``allow_mass_delete=True``.
+
+Memory does not grow with the corpus: texts and matrices stream in chunks of ``chunk_size`` records,
+and the ids stored before the run and those seen in its input are kept in an exact set on disk
+(:class:`~kalm_store.idset.IdSet`, a temporary SQLite file under ``TMPDIR``), queried one chunk at a
+time.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._text import plural
+from .idset import IdSet
 from .pooling import check_ratio
 from .records import (STDIN, BadRecordError, Fields, InputFormat, Record, count_records, read_records,
                       resolve_format, validate_record)
@@ -252,15 +256,28 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     if options.input != STDIN and not Path(options.input).is_file():
         raise FileNotFoundError(f"input {options.input!r} does not exist or is not a file")
     from .model import KaLMModel
-    from .store import PassageStore
 
     target, columns, vector_dim, summary, records = check_before_model(options, options.storage_options,
                                                                        on_bad, model_given=model is not None)
-    fields = options.fields
     if model is None:
         model = KaLMModel.from_pretrained(options.model, revision=options.revision, device=options.device,
                                           dtype=options.dtype, max_length=options.max_length)
-    store, stored, embedder = open_target(options, model, options.storage_options, target=target)
+    store, ids, embedder = open_target(options, model, options.storage_options, target=target)
+    try:
+        return _build(options, model, store, ids, embedder, columns, vector_dim, summary, records,
+                      on_bad=on_bad, on_commit=on_commit, start=start)
+    finally:
+        ids.close()  # the id set's file goes; nothing of it is needed to resume
+
+
+def _build(options: BuildOptions, model: KaLMModel, store: PassageStore | None, ids: IdSet, embedder: Any,
+           columns: InputColumns, vector_dim: int | None, summary: BuildSummary,
+           records: Iterator[tuple[str, dict[str, Any]]], *, on_bad: Callable[[BadRecordError], None] | None,
+           on_commit: Callable[[BuildSummary], None] | None, start: float) -> BuildSummary:
+    """The body of :func:`build`, once the model is loaded and the table's id set read."""
+    from .store import PassageStore
+
+    fields = options.fields
     summary.max_length = model.max_length
     ratios = options.ratios_for(store)
     summary.ratios = ratios
@@ -269,7 +286,6 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     bar = _progress(total, options.progress)
     summary.setup_seconds = time.perf_counter() - start
     writer: _Writer | None = None
-    seen: set[str] = set()
     try:
         for chunk in read_chunks(options, fields, vector_dim, summary, on_bad, records=records, columns=columns):
             if store is None:  # first chunk of a new table: now the vector width and the input's columns are known
@@ -277,12 +293,13 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
                 store = PassageStore.create(options.db, options.table, model, ratios,
                                             vector_dim=width, embedder=embedder,
                                             storage_options=options.storage_options, columns=columns.take_new())
+                ids.version = empty_version(store.table)
             if writer is None:
-                writer = _Writer(store, summary, on_commit)
+                writer = _Writer(store, summary, on_commit, known_version=ids.version)
             if new_columns := columns.take_new():  # fields met first in this chunk: columns before rows
                 writer.drain()
                 store.add_input_columns(new_columns)
-            todo, replaced, fields_only = select_work(store, chunk, seen, stored, summary, update=options.update,
+            todo, replaced, fields_only = select_work(store, chunk, ids, summary, update=options.update,
                                                       columns=columns)
             if todo:
                 enc = model.encode_ratios([r.text for r in todo], ratios, batch_size=options.batch_size)
@@ -308,7 +325,7 @@ def build(options: BuildOptions, *, model: KaLMModel | None = None,
     finally:
         bar.close()
     if options.delete_missing and store is not None:  # only here: the whole input was read and committed
-        delete_missing(store, options, seen, stored, summary)
+        delete_missing(store, options, ids, summary)
     return finish_build(store, options, summary, start)
 
 
@@ -319,27 +336,36 @@ def check_skip_bad(options: BuildOptions, on_bad: Callable[[BadRecordError], Non
                          "as missing and its stored row be deleted")
 
 
-def delete_missing(store: PassageStore, options: BuildOptions, seen: set[str], stored: set[str],
-                   summary: BuildSummary) -> None:
-    """``delete_missing=True``, both engines: delete the ``stored`` ids (those of the table when the run
-    began) that the input did not hold (``seen``). Call it only once the whole input has been read and
-    committed, so that a stopped or failed run deletes nothing. Refuses an input with no valid record,
-    and (unless ``allow_mass_delete``) a deletion of more than half of the stored rows; nothing is
-    deleted then."""
-    if not seen:  # an empty file or a failed producer piped in must not read as "delete everything"
+def delete_missing(store: PassageStore, options: BuildOptions, ids: IdSet, summary: BuildSummary) -> None:
+    """``--delete-missing`` (both engines), once the whole input was read and committed: delete the ids
+    stored before the run that the input did not hold, streamed from ``ids`` 1000 per commit.
+
+    Refuses, deleting nothing, an input without one valid record and (unless ``allow_mass_delete``)
+    the deletion of more than :data:`MASS_DELETE_FRACTION` of the rows stored before the run.
+    """
+    stored = ids.stored_count
+    if not ids.seen_count:  # an empty file or a failed producer piped in must not read as "delete everything"
         raise ValueError(f"input {options.input!r} holds no valid record: --delete-missing would delete all "
-                         f"{len(stored)} stored rows, so nothing was deleted")
-    doomed = stored - seen
-    if len(doomed) > MASS_DELETE_FRACTION * len(stored) and not options.allow_mass_delete:
+                         f"{stored} stored rows, so nothing was deleted")
+    doomed = ids.missing_count()
+    if doomed > MASS_DELETE_FRACTION * stored and not options.allow_mass_delete:
         # a truncated export or a file read wrongly looks like this: far fewer records than stored rows
-        raise ValueError(f"input {options.input!r} holds {len(stored) - len(doomed)} of the {len(stored)} stored "
-                         f"ids: --delete-missing would delete {len(doomed)} rows, more than half of the table, so "
+        raise ValueError(f"input {options.input!r} holds {stored - doomed} of the {stored} stored "
+                         f"ids: --delete-missing would delete {doomed} rows, more than half of the table, so "
                          "nothing was deleted (the input's own records are stored); if the input is complete, "
                          "run the same command with --allow-mass-delete")
     t = time.perf_counter()
-    summary.deleted, commits = store.delete_ids(sorted(doomed))
-    summary.commits += commits
+    for batch in ids.missing(1000):  # sorted, 1000 per commit: the batches a sorted list gave before
+        deleted, commits = store.delete_ids(batch)
+        summary.deleted += deleted
+        summary.commits += commits
     summary.delete_seconds = time.perf_counter() - t
+
+
+def empty_version(table: Any) -> int | None:
+    """The latest version of ``table`` if it holds no row (every stored id known: none), else ``None``."""
+    ds = table.to_lance()
+    return ds.version if ds.count_rows() == 0 else None
 
 
 def finish_build(store: PassageStore | None, options: BuildOptions, summary: BuildSummary,
@@ -417,13 +443,14 @@ def check_before_model(options: BuildOptions, storage_options: dict[str, str] | 
 
 
 def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[str, str] | None, *,
-                target: Any = None, compute_dtype: str | None = None) -> tuple[PassageStore | None, set[str], Any]:
+                target: Any = None, compute_dtype: str | None = None) -> tuple[PassageStore | None, IdSet, Any]:
     """The build's table checked against its options and the model, before any encoding (one place for
     both engines).
 
     ``target`` is what :func:`check_target` returned (run here when not given). Returns the open store
-    (``None`` when the table does not exist yet), the ids it already holds, and the LanceDB embedding
-    function of ``--embedder`` (``None`` without one). Refuses another model, a ratio the table does not
+    (``None`` when the table does not exist yet), the ids it already holds (an :class:`IdSet` on disk,
+    streamed from the table; the caller closes it), and the LanceDB embedding function of ``--embedder``
+    (``None`` without one). Refuses another model, a ratio the table does not
     store or another vector setup, naming the difference. An existing table gets the encoder's
     ``compute_dtype`` (default: ``model``'s) added to its ``compute_dtypes`` before anything is encoded.
     """
@@ -433,17 +460,17 @@ def open_target(options: BuildOptions, model: KaLMModel, storage_options: dict[s
     if target is None:
         target = check_target(options, storage_options)
     store: PassageStore | None = None
-    stored: set[str] = set()
     if target is not None:
         store = PassageStore(target, model)  # refuses another model (fingerprint, d, max_length...)
-        stored = store.all_ids()
         record_compute_dtype(store.table, compute_dtype or dtype_name(model.dtype))
     embedder = make_embedder(options.embedder, options.embedder_model or "", options.embedder_device) \
         if options.embedder else None
     if embedder is not None and store is not None and embedder_metadata(embedder) != store.metadata.get("embedder"):
         raise StoreMismatchError(f"table {options.table!r} was embedded by {store.metadata.get('embedder')!r}, "
                                  f"not {embedder_metadata(embedder)!r}")
-    return store, stored, embedder
+    # last: the checks above cost nothing, reading a large table's ids does
+    ids = IdSet.of_table(store.table) if store is not None else IdSet()
+    return store, ids, embedder
 
 
 def open_input(options: BuildOptions, fields: Fields, vector_dim: int | None, columns: InputColumns | None,
@@ -509,14 +536,20 @@ def read_chunks(options: BuildOptions, fields: Fields, vector_dim: int | None, s
         raise error
 
 
-def commit_encoded(store: PassageStore, rows: pa.Table, replaced: int, summary: BuildSummary) -> None:
+def commit_encoded(store: PassageStore, rows: pa.Table, replaced: int, summary: BuildSummary, *,
+                   known_version: int | None = None) -> int | None:
     """Commit encoded rows (both engines): one atomic commit through the pinned merge-insert of
-    :mod:`kalm_store.commit`; ``replaced`` of them replace stored rows of the same id (``update=True``)."""
-    result = store.write(rows, replace=replaced > 0)
+    :mod:`kalm_store.commit` (an append while the table is still at ``known_version``, the version whose
+    every id the build's id set holds); ``replaced`` of them replace stored rows of the same id
+    (``update=True``). Returns the version known after the commit (``None``: unknown from now on)."""
+    from .commit import next_known_version
+
+    result = store.write(rows, replace=replaced > 0, known_version=known_version)
     summary.written += result.inserted + result.replaced
     summary.already_stored += result.skipped  # a concurrent writer stored them first
     summary.updated += replaced
     summary.commits += 1
+    return next_known_version(known_version, result)
 
 
 def fields_rows(records: list[Record], columns: InputColumns) -> pa.Table:
@@ -548,8 +581,11 @@ class _Writer:
     """
 
     def __init__(self, store: PassageStore, summary: BuildSummary,
-                 on_commit: Callable[[BuildSummary], None] | None) -> None:
+                 on_commit: Callable[[BuildSummary], None] | None, known_version: int | None = None) -> None:
         self.store = store
+        # the version at which every stored id is in the build's id set (None: unknown): while no other
+        # writer commits, chunks are appended instead of merged on id (kalm_store.commit)
+        self.known_version = known_version
         self.summary = summary
         self.on_commit = on_commit
         # (rows, rows replacing stored ones, fields only): full rows, or id + kept fields of unchanged texts
@@ -569,9 +605,11 @@ class _Writer:
                 rows, replaced, fields_only = item
                 try:
                     if fields_only:
+                        self.known_version = None  # a commit commit_rows does not see: merge from now on
                         commit_fields(self.store, rows, self.summary)
                     else:
-                        commit_encoded(self.store, rows, replaced, self.summary)
+                        self.known_version = commit_encoded(self.store, rows, replaced, self.summary,
+                                                            known_version=self.known_version)
                     if self.on_commit is not None:
                         self.on_commit(self.summary)
                 except BaseException as e:  # re-raised in the main thread
@@ -614,22 +652,21 @@ def _progress(total: int | None, enabled: bool) -> Any:
                 smoothing=0.1)
 
 
-__all__ = ["BuildOptions", "BuildSummary", "build", "make_embedder", "EMBEDDERS"]
+__all__ = ["BuildOptions", "BuildSummary", "build", "delete_missing", "make_embedder", "EMBEDDERS"]
 
 
-def select_new(chunk: list[Record], seen: set[str], stored: set[str], summary: BuildSummary,
+def select_new(chunk: list[Record], ids: IdSet, summary: BuildSummary,
                stored_again: list[Record] | None = None) -> list[Record]:
     """The duplicate-id policy, shared by every engine: the first occurrence of an id in the input
     wins (later ones are counted as ``duplicates``), ids already stored are skipped (``already_stored``)
     or, when ``stored_again`` is a list, collected there for :func:`select_changed`.
-    ``seen`` is updated in place."""
+    ``ids`` (stored before the run, seen so far) records the chunk's ids as seen."""
     todo = []
-    for rec in chunk:
-        if rec.id in seen:
+    for rec, verdict in zip(chunk, ids.classify([r.id for r in chunk])):
+        if verdict == "duplicate":
             summary.duplicates += 1
             continue
-        seen.add(rec.id)
-        if rec.id in stored:
+        if verdict == "stored":
             if stored_again is None:
                 summary.already_stored += 1
             else:
@@ -639,13 +676,13 @@ def select_new(chunk: list[Record], seen: set[str], stored: set[str], summary: B
     return todo
 
 
-def select_work(store: PassageStore, chunk: list[Record], seen: set[str], stored: set[str], summary: BuildSummary,
+def select_work(store: PassageStore, chunk: list[Record], ids: IdSet, summary: BuildSummary,
                 *, update: bool, columns: InputColumns | None = None) -> tuple[list[Record], int, list[Record]]:
     """What one chunk asks of either engine: the records to encode (new ids, then, with ``update``, stored
     ids whose text or brought vector changed), how many of those replace stored rows (the last ones),
     and the stored records whose kept input fields alone changed (:func:`commit_fields`)."""
     stored_again: list[Record] | None = [] if update else None
-    todo = select_new(chunk, seen, stored, summary, stored_again)
+    todo = select_new(chunk, ids, summary, stored_again)
     changed, fields_only = select_changed(store, stored_again, summary, columns) if stored_again else ([], [])
     return todo + changed, len(changed), fields_only
 

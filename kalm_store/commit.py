@@ -9,6 +9,12 @@ Two rules hold for every chunk a writer commits, whoever else commits meanwhile:
   is deleted: the copy with the lowest ``_rowid`` (the first committed) stays, so every writer that
   checks keeps the same one. A writer killed between its commit and that check can leave a duplicate:
   ``kalm-store verify`` names it and ``kalm-store optimize --dedupe`` removes it.
+
+  The merge joins the rows against the whole ``id`` column, so its cost grows with the table (at 6M
+  rows: 0.5 s and +130 MB per 100k-row chunk, against 0.02 s for an append). A builder that knows every
+  id stored at some version (its :class:`~kalm_store.idset.IdSet`) passes that version: while the table
+  is still at it (no other writer committed since), its new rows are appended instead, pinned to that
+  version, and the check above runs as after a merge. Once another commit lands, it merges again.
 * **A replaced row never keeps another text's matrix.** A merge-insert keeps the old value of every
   column the new rows lack. The rows are therefore completed with null for every ``kalm_r*`` column of
   the very version the merge reads (pinned), and Lance's own retry, which would run the same rows
@@ -81,9 +87,18 @@ class CommitResult:
     skipped: int  # rows whose id was stored by the time of the commit (another writer was first)
     duplicates_removed: int  # extra copies of our ids, committed concurrently by another writer, deleted
     version: int  # table version after the commit (and any clean-up)
+    read_version: int = -1  # the version the commit was made against
+    committed_version: int = -1  # the version this commit made
 
 
-def commit_rows(table: Any, rows: pa.Table, *, replace: bool = False) -> CommitResult:
+def next_known_version(known: int | None, result: CommitResult) -> int | None:
+    """The version at which a writer still knows every stored id after ``result``: the one its commit
+    made when nobody else committed since ``known`` (``None``: unknown from now on)."""
+    uncontested = known is not None and result.read_version == known and result.committed_version == known + 1
+    return result.committed_version if uncontested else None
+
+
+def commit_rows(table: Any, rows: pa.Table, *, replace: bool = False, known_version: int | None = None) -> CommitResult:
     """Commit ``rows`` to the LanceDB ``table`` in one Lance commit, under the rules of this module.
 
     Parameters
@@ -96,6 +111,10 @@ def commit_rows(table: Any, rows: pa.Table, *, replace: bool = False) -> CommitR
         ``kalm_r*`` column they lack holds null.
     replace : bool, default False
         Also replace the stored rows of the same ids; otherwise rows whose id is stored are skipped.
+    known_version : int, optional
+        A version at which the caller knows that none of the rows' ids was stored, having seen every
+        commit up to it (:func:`next_known_version`). While it is the latest version, the rows are
+        appended without the id join (``replace=False`` only). Default ``None``: always merge.
 
     Returns
     -------
@@ -107,6 +126,9 @@ def commit_rows(table: Any, rows: pa.Table, *, replace: bool = False) -> CommitR
         table.checkout_latest()
         ds = table.to_lance()  # pinned: the merge reads exactly this version
         full = complete_rows(table, ds.schema, rows, replace=replace)
+        if not replace and known_version is not None and ds.version == known_version:
+            stats, committed = _append(ds, full)
+            return stats, known_version, committed
         merge = ds.merge_insert("id")
         if replace:
             merge = merge.when_matched_update_all()
@@ -124,7 +146,23 @@ def commit_rows(table: Any, rows: pa.Table, *, replace: bool = False) -> CommitR
     if committed != read_version + 1:  # other commits landed in between: one may hold our ids as well
         removed = remove_duplicates(table, ids)
     return CommitResult(inserted=inserted, replaced=replaced, skipped=len(ids) - inserted - replaced,
-                        duplicates_removed=removed, version=table.version)
+                        duplicates_removed=removed, version=table.version, read_version=read_version,
+                        committed_version=committed)
+
+
+def _append(ds: Any, rows: pa.Table) -> tuple[dict[str, Any], int]:
+    """Append ``rows`` to the pinned Lance dataset ``ds``, committed against its version (so a race
+    shows as a version gap); columns the rows lack hold null, as in a merge's inserted rows. Returns
+    merge-like stats and the version committed."""
+    import lance
+
+    target = ds.schema
+    for f in target:
+        if f.name not in rows.column_names:
+            rows = rows.append_column(f, pa.nulls(rows.num_rows, f.type))
+    rows = rows.select(target.names).cast(target)
+    committed = lance.write_dataset(rows, ds, mode="append")
+    return {"num_inserted_rows": rows.num_rows, "num_updated_rows": 0}, committed.version
 
 
 def complete_rows(table: Any, target: pa.Schema, rows: pa.Table, *, replace: bool) -> pa.Table:
@@ -190,5 +228,5 @@ def remove_duplicates(table: Any, ids: Sequence[str] | None = None) -> int:
     return removed
 
 
-__all__ = ["CommitResult", "commit_rows", "duplicate_ids", "is_retryable_conflict", "remove_duplicates",
-           "retry_conflicts"]
+__all__ = ["CommitResult", "commit_rows", "duplicate_ids", "is_retryable_conflict", "next_known_version",
+           "remove_duplicates", "retry_conflicts"]

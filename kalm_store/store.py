@@ -390,18 +390,20 @@ class PassageStore:
             commits += 1
         return deleted, commits
 
-    def write(self, rows: pa.Table, *, replace: bool = False) -> CommitResult:
+    def write(self, rows: pa.Table, *, replace: bool = False, known_version: int | None = None) -> CommitResult:
         """Commit ``rows`` (from :meth:`rows_table`) in one atomic Lance commit; returns what it did.
 
         Rows whose id is stored by the time of the commit are skipped (another writer was first), so
         concurrent builds never store an id twice. ``replace=True`` instead replaces the stored rows
         with the same ids (a merge-insert on ``id``: old rows deleted, new ones written, in the same
         commit), with null at any ``kalm_r*`` column the rows lack (a ratio a concurrent ``repool``
-        added), never the old text's matrix. See :mod:`kalm_store.commit`.
+        added), never the old text's matrix. ``known_version``: see :func:`~kalm_store.commit.commit_rows`
+        (a builder's version at which it knows every stored id; the rows are then appended while the
+        table is still at it). See :mod:`kalm_store.commit`.
         """
         from .commit import commit_rows
 
-        return commit_rows(self.table, rows, replace=replace)
+        return commit_rows(self.table, rows, replace=replace, known_version=known_version)
 
     def model_or_raise(self) -> KaLMModel:
         """The model this store was opened with; writing rows needs it."""

@@ -207,8 +207,8 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
         ``commits`` counts windows (plus, with ``update``, one per window whose kept fields alone
         changed, and the deletions' commits).
     """
-    from kalm_store.build import (check_before_model, check_skip_bad, commit_fields, delete_missing, fields_rows,
-                                  finish_build, open_target, read_chunks, select_work)
+    from kalm_store.build import (check_before_model, check_skip_bad, commit_fields, delete_missing, empty_version,
+                                  fields_rows, finish_build, open_target, read_chunks, select_work)
     from kalm_store.model import KaLMModel
     from kalm_store.records import STDIN, BadRecordError
     from kalm_store.store import PassageStore
@@ -235,14 +235,13 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     # the workers encode, on the device _run_window gives them, in options.dtype or that device's default
     worker_device = "cuda" if ray_options.gpus_per_worker > 0 else (options.device or "cpu")
     compute_dtype = options.dtype or ("bfloat16" if worker_device.startswith("cuda") else "float32")
-    store, stored, embedder = open_target(replace(options, db=db_uri), model, storage_options, target=target,
-                                          compute_dtype=compute_dtype)
+    store, ids, embedder = open_target(replace(options, db=db_uri), model, storage_options, target=target,
+                                       compute_dtype=compute_dtype)  # ids: stored before the run and seen, on disk
     summary.max_length = model.max_length
     summary.ratios = options.ratios_for(store)
 
     summary.setup_seconds = time.perf_counter() - start  # Ray's own start stays in the measured work
     started_ray = init_ray(ray_options)
-    seen: set[str] = set()
     window: list[dict[str, Any]] = []  # chunks to encode
     field_rows: list[Any] = []  # id + kept fields of stored rows whose fields alone changed (update)
     window_rows = replaced = 0  # records read into the window; of its records to encode, those replacing rows
@@ -251,12 +250,13 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
         nonlocal window, field_rows, window_rows, replaced
         assert store is not None  # created with the first chunk, before any window
         if window:
-            _run_window(window, store, options, ray_options, model_ref, db_uri, storage_options, summary,
-                        replaced=replaced)
+            ids.version = _run_window(window, store, options, ray_options, model_ref, db_uri, storage_options,
+                                      summary, replaced=replaced, known_version=ids.version)
         if field_rows:
             import pyarrow as pa
 
             commit_fields(store, pa.concat_tables(field_rows, promote_options="default"), summary)
+            ids.version = None  # a commit _run_window does not see: its next Append checks for duplicates
         if on_commit is not None:
             on_commit(summary)
         window, field_rows, window_rows, replaced = [], [], 0, 0
@@ -269,9 +269,10 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
                 store = PassageStore.create(db_uri, options.table, model, summary.ratios, vector_dim=width,
                                             embedder=embedder, storage_options=storage_options,
                                             columns=columns.take_new(), compute_dtype=compute_dtype)
+                ids.version = empty_version(store.table)
             if new_columns := columns.take_new():  # fields met first in this chunk: columns before rows
                 store.add_input_columns(new_columns)
-            todo, n_replaced, fields_only = select_work(store, chunk, seen, stored, summary, update=options.update,
+            todo, n_replaced, fields_only = select_work(store, chunk, ids, summary, update=options.update,
                                                         columns=columns)
             if todo:
                 item: dict[str, Any] = {"chunk": k, "ids": [r.id for r in todo], "texts": [r.text for r in todo]}
@@ -294,20 +295,26 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
     else:
         if window or field_rows:
             commit_window()
+        if options.delete_missing and store is not None:  # only here: every window was committed
+            delete_missing(store, options, ids, summary)
     finally:
+        ids.close()
         if started_ray:
             require("ray", "ray").shutdown()
-    if options.delete_missing and store is not None:  # only here: every window was committed
-        delete_missing(store, options, seen, stored, summary)
     return finish_build(store, options, summary, start)
 
 
 def _run_window(window: list[dict[str, Any]], store: PassageStore, options: BuildOptions,
                 ray_options: RayOptions, model_ref: str, db_uri: str,
-                storage_options: dict[str, str] | None, summary: BuildSummary, *, replaced: int = 0) -> None:
+                storage_options: dict[str, str] | None, summary: BuildSummary, *, replaced: int = 0,
+                known_version: int | None = None) -> int | None:
     """Encode one window of chunks on Ray and commit it atomically: the actors' fragments in one Append,
     or, when ``replaced`` of its records replace stored rows (``update``), the encoded rows through the
-    local engine's pinned merge-insert (:func:`kalm_store.build.commit_encoded`), run by the driver."""
+    local engine's pinned merge-insert (:func:`kalm_store.build.commit_encoded`), run by the driver.
+
+    ``known_version`` is the version at which the driver's id set holds every stored id: an Append read
+    at another version (someone committed after the ids were read) or racing another commit is checked
+    for ids stored twice. Returns the version known afterwards (``None``: unknown)."""
     import lance
     import ray.data
 
@@ -329,8 +336,7 @@ def _run_window(window: list[dict[str, Any]], store: PassageStore, options: Buil
                                num_cpus=ray_options.cpus_per_worker, num_gpus=gpus or None)
     max_length = store.model.max_length if store.model is not None else options.max_length
     if replaced:  # a Lance Append cannot replace rows: the window's rows come to the driver for one merge
-        _merge_window(encoded, store, replaced, max_length, summary)
-        return
+        return _merge_window(encoded, store, replaced, max_length, summary, known_version)
     written = encoded.map_batches(
         write_block,  # type: ignore[arg-type]  # Ray's stub does not model fn_kwargs
         batch_size=None, batch_format="pyarrow", num_cpus=0.5,
@@ -342,7 +348,9 @@ def _run_window(window: list[dict[str, Any]], store: PassageStore, options: Buil
     committed = lance.LanceDataset.commit(ds.uri, lance.LanceOperation.Append(fragments), read_version=read_version,
                                           storage_options=storage_options)
     summary.written += sum(p["rows"] for p in parts)
-    if committed.version != read_version + 1:  # another writer committed meanwhile: it may hold our ids too
+    # another writer committed meanwhile, or since the stored ids were read: it may hold our ids too
+    uncontested = read_version == known_version and committed.version == read_version + 1
+    if not uncontested:
         from kalm_store.commit import remove_duplicates
 
         store.refresh()
@@ -353,9 +361,11 @@ def _run_window(window: list[dict[str, Any]], store: PassageStore, options: Buil
     summary.truncated += sum(p["truncated"] for p in parts)  # as the local builder counts them
     summary.commits += 1
     store.refresh()
+    return committed.version if uncontested else None
 
 
-def _merge_window(encoded: Any, store: PassageStore, replaced: int, max_length: int, summary: BuildSummary) -> None:
+def _merge_window(encoded: Any, store: PassageStore, replaced: int, max_length: int, summary: BuildSummary,
+                  known_version: int | None = None) -> int | None:
     """Commit a window that replaces stored rows: its encoded rows (in input order) in one merge-insert."""
     import pyarrow as pa
     import ray
@@ -366,10 +376,12 @@ def _merge_window(encoded: Any, store: PassageStore, replaced: int, max_length: 
     blocks = [b for b in ray.get(encoded.to_arrow_refs()) if b.num_rows]
     rows = pa.concat_tables(blocks, promote_options="default").sort_by("_chunk")  # stable: input order
     tokens, truncated = _token_stats(rows, max_length)
-    commit_encoded(store, rows.drop_columns(["_chunk", "_tokens"]), replaced, summary)
+    known = commit_encoded(store, rows.drop_columns(["_chunk", "_tokens"]), replaced, summary,
+                           known_version=known_version)
     summary.tokens += tokens
     summary.truncated += truncated
     store.refresh()
+    return known
 
 
 def _token_stats(rows: Any, max_length: int) -> tuple[int, int]:

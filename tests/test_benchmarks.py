@@ -116,3 +116,17 @@ def test_bench_bf16_quick_writes_both_dtypes_and_their_fidelity(tmp_path):
     for paths in res["fidelity"].values():  # bf16 really differs from float32, within the tests' bound
         assert set(paths) == {"score", "build", "build+score"}
         assert all(1e-5 < v["max_abs_delta"] <= 0.03 and v["kendall_tau"] > 0.5 for v in paths.values())
+
+
+def test_bench_memory_scale_mode_builds_every_row_and_writes_its_table(tmp_path):
+    """The scale mode's plumbing only (its encoder is skipped, so nothing here says anything about the
+    model): every passage stored, one report per size, the table and the Command line written."""
+    prefix = tmp_path / "scale"
+    run_bench("bench_memory.py", "--scale", "--passages", "3000", "6000", "--chunk-size", "2000", "--engines",
+              "local", "--out", str(prefix))
+    res = json.loads(Path(f"{prefix}.json").read_text())
+    assert [(r["engine"], r["passages"], r["rows"], r["commits"]) for r in res["runs"]] == \
+        [("local", 3000, 3000, 2), ("local", 6000, 6000, 3)]
+    assert all(len(r["commit_seconds"]) == r["commits"] and r["driver_peak_rss_mib"] > 0 for r in res["runs"])
+    md = Path(f"{prefix}.md").read_text()
+    assert "Command: `python benchmarks/bench_memory.py --scale" in md and "BENCHMARK SWITCH" in md

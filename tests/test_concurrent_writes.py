@@ -330,3 +330,61 @@ def test_optimize_creates_missing_indices_compacts_and_removes_old_versions(mode
     assert sorted(store.all_ids()) == sorted(f"p{i}" for i in range(30) if i % 3)
     code, out, _ = cli(["verify", "--db", db, "--table", "docs", "--no-progress"], capsys)
     assert code == 0 and "no index" not in out
+
+
+def test_a_builder_that_knows_every_id_appends_until_another_writer_commits(model, tmp_path, monkeypatch):
+    """The build's fast path (kalm_store.commit, known_version): while the table is at the version whose
+    ids the builder holds, a chunk is appended without Lance's id join; after another writer's commit it
+    merges again (skipping what that writer stored); a commit landing inside the append is still seen,
+    and the extra copy deleted (the first committed stays)."""
+    import lance
+
+    import kalm_store.commit as commit
+    from kalm_store.commit import next_known_version
+    from kalm_store.store import PassageStore
+
+    db = str(tmp_path / "db")
+    store = PassageStore.create(db, "docs", model, ratios=[4])
+    store.add(corpus(6))
+    other = PassageStore.open(db, "docs")
+    merges: list[int] = []
+    real_merge = lance.LanceDataset.merge_insert
+    monkeypatch.setattr(lance.LanceDataset, "merge_insert", lambda self, *a, **k: (merges.append(1), real_merge(self, *a, **k))[1])
+
+    def rows(*ids: str, text: str = "mine"):
+        return store.encode_records([{"id": i, "text": f"{text} {i}"} for i in ids])
+
+    known = store.table.to_lance().version
+    first = store.write(rows("n1", "n2"), known_version=known)
+    assert merges == [] and (first.inserted, first.read_version, first.committed_version) == (2, known, known + 1)
+    known = next_known_version(known, first)
+    assert known == first.committed_version
+    other.write(rows("n3", text="theirs"))  # another writer (merging): our set no longer holds every stored id
+    assert len(merges) == 1
+    second = store.write(rows("n3", "n4"), known_version=known)
+    assert len(merges) == 2 and (second.inserted, second.skipped) == (1, 1)
+    assert next_known_version(known, second) is None
+
+    known = store.table.to_lance().version  # as if the builder knew every id again at this version
+    complete = commit.complete_rows
+    fired: list = []
+
+    def other_commits_first(*args, **kwargs):  # after our read of the known version, before our append
+        if not fired:
+            fired.append(None)
+            fired[0] = other.write(rows("n5", text="theirs"))
+        return complete(*args, **kwargs)
+
+    monkeypatch.setattr(commit, "complete_rows", other_commits_first)
+    third = store.write(rows("n5", "n6"), known_version=known)
+    assert len(merges) == 3  # only the other writer merged: ours was appended
+    assert third.committed_version == known + 2 and third.duplicates_removed == 1
+    assert next_known_version(known, third) is None
+    store.refresh()
+    got = store.table.to_lance().to_table(columns=["id", "text"]).to_pylist()
+    texts = {}
+    for r in got:
+        assert r["id"] not in texts, f"{r['id']} stored twice"
+        texts[r["id"]] = r["text"]
+    assert len(texts) == 12
+    assert texts["n3"] == "theirs n3" and texts["n5"] == "theirs n5" and texts["n6"] == "mine n6"

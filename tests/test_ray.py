@@ -119,6 +119,64 @@ def test_finished_ray_build_is_idempotent_and_refuses_mismatch_before_work(built
         build_on_ray(bad, RayOptions(workers=0), model=model)
 
 
+def test_ray_driver_keeps_the_ids_on_disk_not_in_memory(built, tiny_model_dir, model, tmp_path, monkeypatch):
+    """The driver streams the stored ids into the on-disk id set (never the whole column into a Python set)
+    and counts duplicates and stored ids as the local build does; the set's file goes afterwards."""
+    import tempfile
+
+    import kalm_store.idset as idset
+    from kalm_store.plugins.ray import RayOptions, build_on_ray
+    from kalm_store.store import PassageStore
+
+    def refuse(self):
+        raise AssertionError("the Ray driver read every stored id into memory")
+
+    batches: list[int] = []
+    real = idset.IdSet.add_stored
+    monkeypatch.setattr(PassageStore, "all_ids", refuse)
+    monkeypatch.setattr(idset, "STREAM_ROWS", 7)
+    monkeypatch.setattr(idset.IdSet, "add_stored", lambda self, ids: (batches.append(len(list(ids))), real(self, ids)))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    local = built["local"]
+    again = build_on_ray(_options(built["corpus"], built["tmp"] / "ray", tiny_model_dir), RayOptions(), model=model)
+    assert (again.written, again.already_stored, again.duplicates) == (0, local.written, local.duplicates)
+    assert max(batches) <= 7 and sum(batches) == local.written
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ray_window_sees_ids_another_writer_stored_after_the_run_read_its_ids(built, tiny_model_dir, model, tmp_path,
+                                                                            monkeypatch):
+    """Another writer commits, after the driver read the stored ids and before its window's read, an id of
+    the input: the window's Append (read at that newer version, so no race inside the commit) is still
+    checked and the extra copy deleted; the first committed copy (the other writer's) stays."""
+    import kalm_store.plugins.ray as kray
+    from kalm_store.build import build
+    from kalm_store.plugins.ray import RayOptions, build_on_ray
+    from kalm_store.store import PassageStore
+
+    rows = built["rows"]
+    firsts = list({r["id"]: r for r in reversed(rows)}.values())[::-1]  # first occurrence of each id, in order
+    half = tmp_path / "half.jsonl"
+    half.write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
+    build(_options(half, tmp_path / "db", tiny_model_dir), model=model)
+    stored_first = {r["id"] for r in rows[:20]}
+    late = next(r for r in firsts if r["id"] not in stored_first)
+    real_init = kray.init_ray
+
+    def other_writer_then_init(opts):  # runs after open_target read the ids, before any window
+        other = PassageStore.open(str(tmp_path / "db"), "docs", model=model)
+        other.add([{"id": late["id"], "text": "the other writer's text", "vector": [0.5] * 4}])
+        return real_init(opts)
+
+    monkeypatch.setattr(kray, "init_ray", other_writer_then_init)
+    s = build_on_ray(_options(built["corpus"], tmp_path / "db", tiny_model_dir), RayOptions(workers=1), model=model)
+    got = _snapshot(tmp_path / "db")["rows"]
+    ids = [r["id"] for r in got]
+    assert len(ids) == len(set(ids)) == len(firsts)  # every id once
+    assert {r["id"]: r["text"] for r in got}[late["id"]] == "the other writer's text"
+    assert s.written == len(firsts) - len(stored_first) - 1 and s.already_stored == len(stored_first) + 1
+
+
 def test_ray_build_with_an_embedder_matches_local(built, tiny_model_dir, model):
     """Fragments bypass LanceDB's add, so actors run the table's embedding function themselves."""
     import torch

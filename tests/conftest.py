@@ -70,3 +70,24 @@ def passages() -> list[str]:
             ]
         ),
     ]
+
+
+@pytest.fixture
+def run_bench():
+    """Run ``benchmarks/<script> *args`` with one torch thread; fail with its stderr when it fails."""
+    import os
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc
+
+    return run

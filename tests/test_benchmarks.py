@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,16 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADER = "| r | FBNL ms | joint ms | measured speed-up | FLOP-model speed-up |"
 
 
-def run_bench(script: str, *args: str) -> subprocess.CompletedProcess:
-    """Run ``benchmarks/<script>`` with one torch thread; fail with its stderr when it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc
 
 
-def test_bench_scoring_quick_writes_the_table(tmp_path):
+def test_bench_scoring_quick_writes_the_table(tmp_path, run_bench):
     prefix = tmp_path / "scoring_quick"
     proc = run_bench("bench_scoring.py", "--quick", "--threads", "1", "--output", str(prefix))
     md = Path(f"{prefix}.md").read_text()
@@ -50,7 +42,7 @@ def test_flop_model_reproduces_the_nano_trend():
         assert 0.95 * ref < got < 1.15 * ref, (ratios, reference)
 
 
-def test_bench_kv_cache_quick_cached_scores_equal_uncached(tmp_path):
+def test_bench_kv_cache_quick_cached_scores_equal_uncached(tmp_path, run_bench):
     prefix = tmp_path / "kv_quick"
     run_bench("bench_kv_cache.py", "--quick", "--threads", "1", "--output", str(prefix))
     res = json.loads(Path(f"{prefix}.json").read_text())
@@ -63,7 +55,7 @@ def test_bench_kv_cache_quick_cached_scores_equal_uncached(tmp_path):
     assert 0 < res["projection_share"] < 1
 
 
-def test_bench_gpu_quick_on_the_cpu_writes_the_table(tmp_path):
+def test_bench_gpu_quick_on_the_cpu_writes_the_table(tmp_path, run_bench):
     """The GPU benchmark is prepared for a lent GPU; here it runs its CPU smoke path end to end."""
     prefix = tmp_path / "gpu_quick"
     run_bench("bench_gpu.py", "--quick", "--device", "cpu", "--output", str(prefix))
@@ -78,7 +70,7 @@ def test_bench_gpu_quick_on_the_cpu_writes_the_table(tmp_path):
     assert res["max_abs_margin_diff_r1"]["64"] < 5e-3
 
 
-def test_bench_update_quick_checks_the_updated_table(tmp_path):
+def test_bench_update_quick_checks_the_updated_table(tmp_path, run_bench):
     proc = run_bench("bench_update.py", "--quick", "--out", str(tmp_path))
     res = json.loads((tmp_path / "update_quick.json").read_text())
     steps = {r["step"]: r for r in res["rows"]}
@@ -88,7 +80,7 @@ def test_bench_update_quick_checks_the_updated_table(tmp_path):
     assert "| --update, 25% of texts changed | 10 | 10 |" in proc.stdout
 
 
-def test_bench_finetune_quick_writes_the_table(tmp_path):
+def test_bench_finetune_quick_writes_the_table(tmp_path, run_bench):
     proc = run_bench("bench_finetune.py", "--quick", "--threads", "1", "--out", str(tmp_path))
     res = json.loads((tmp_path / "finetune_cpu.json").read_text())
     rows = {row["method"]: row for row in res["results"]}
@@ -101,7 +93,7 @@ def test_bench_finetune_quick_writes_the_table(tmp_path):
     assert "| store |" in proc.stdout and "--quick" in (tmp_path / "finetune_cpu.md").read_text()
 
 
-def test_bench_bf16_quick_writes_both_dtypes_and_their_fidelity(tmp_path):
+def test_bench_bf16_quick_writes_both_dtypes_and_their_fidelity(tmp_path, run_bench):
     prefix = tmp_path / "bf16_quick"
     run_bench("bench_bf16.py", "--quick", "--threads", "1", "--out", str(prefix))
     md = Path(f"{prefix}.md").read_text()
@@ -118,7 +110,7 @@ def test_bench_bf16_quick_writes_both_dtypes_and_their_fidelity(tmp_path):
         assert all(1e-5 < v["max_abs_delta"] <= 0.03 and v["kendall_tau"] > 0.5 for v in paths.values())
 
 
-def test_bench_memory_scale_mode_builds_every_row_and_writes_its_table(tmp_path):
+def test_bench_memory_scale_mode_builds_every_row_and_writes_its_table(tmp_path, run_bench):
     """The scale mode's plumbing only (its encoder is skipped, so nothing here says anything about the
     model): every passage stored, one report per size, the table and the Command line written."""
     prefix = tmp_path / "scale"

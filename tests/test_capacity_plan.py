@@ -7,10 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,18 +18,11 @@ capacity_plan = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(capacity_plan)
 
 
-def run_bench(script: str, *args: str) -> subprocess.CompletedProcess:
-    """Run ``benchmarks/<script>`` with one torch thread; fail with its stderr when it fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc
 
 
-def test_quick_measurement_and_plan_agree_with_their_own_arithmetic(tmp_path):
+def test_quick_measurement_and_plan_agree_with_their_own_arithmetic(tmp_path, run_bench):
     rates_prefix = tmp_path / "rates"
-    run_bench("capacity_measure.py", "--quick", "--out", str(rates_prefix))
+    run_bench("capacity_measure.py", "--quick", "--out", str(rates_prefix), timeout=240)
     rates = json.loads(Path(f"{rates_prefix}.json").read_text())
     assert "--quick" in Path(f"{rates_prefix}.md").read_text() and rates["shape_name"] == "tiny"
     assert 0 < rates["tokens_mean"] <= rates["tokens_max"] <= 256  # passages cut to at most 256 tokens
@@ -45,7 +35,7 @@ def test_quick_measurement_and_plan_agree_with_their_own_arithmetic(tmp_path):
     assert rates["other_columns"]["bytes_per_row"]["vector (data)"] == pytest.approx(768 * 4, rel=0.01)
 
     plan_prefix = tmp_path / "plan"
-    proc = run_bench("capacity_plan.py", "--rates", f"{rates_prefix}.json", "--out", str(plan_prefix))
+    proc = run_bench("capacity_plan.py", "--rates", f"{rates_prefix}.json", "--out", str(plan_prefix), timeout=240)
     md = Path(f"{plan_prefix}.md").read_text()
     assert "Command: `python benchmarks/capacity_plan.py --rates" in md and "| passages | r |" in proc.stdout
     res = json.loads(Path(f"{plan_prefix}.json").read_text())

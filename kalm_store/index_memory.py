@@ -3,11 +3,14 @@ the freed heap handed back to the system before it.
 
 Lance trains a BTREE index by sorting the whole column with DataFusion, and merges an update the same
 way; the sort spills to disk once its memory pool is full. That pool is ``LANCE_MEM_POOL_SIZE`` bytes
-when the variable is set, else 150 MiB per DataFusion partition (pylance 14). Measured on a 2-core box
-(``benchmarks/results/memory_scale.md``, index created alone on an existing table), the default lets
-the ``text_digest`` index take +95 MiB at 1M rows and +338 MiB at 10M (the sort filling its pool),
-+353 MiB at 30M; with a 32 MiB pool +62, +134 and +254 MiB, and no slower (a smaller pool only
-spills earlier). What remains grows by a few bytes per row in Lance's merge phase, whatever the pool.
+when the variable is set, else 150 MiB (pylance 14). Measured on a 2-core box
+(``benchmarks/results/index_memory.md``, ``python benchmarks/bench_index_memory.py``: the index created
+alone on an existing table), the default lets the ``text_digest`` index add +95 MiB at 1M rows, +341 MiB
+at 10M (the sort filling its pool) and +411 MiB at 30M; with a 32 MiB pool +69, +141 and +240 MiB, in
+the same time (a smaller pool only spills earlier). What remains grows by a few bytes per row in
+Lance's merge phase, whatever the pool (2 to 64 MiB measured), and an incremental update
+(``optimize_indices``) holds about 13 B per row already indexed, so building the index in parts as
+the table grows would not bound it either.
 
 :func:`bounded_index_memory` sets the variable to :data:`INDEX_POOL_BYTES` around kalm-store's own
 index builds (``PassageStore.update_indices``, ``kalm-store optimize``, the server's digest index), so
@@ -31,9 +34,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 ENV = "LANCE_MEM_POOL_SIZE"
-# 32 MiB: the lowest peak of those measured at 10M and 30M rows without costing time; 1B rows of 8-byte
-# digests then spill in about 1000 runs, which DataFusion merges (30M rows in a 2 MiB pool, the same
-# ratio of rows to pool, built correctly here)
+# 32 MiB: as low a peak as any pool measured (2 to 64 MiB) at 10M and 30M rows, at no cost in time; a
+# billion rows then spill in about 1000 sorted runs for DataFusion to merge (the most runs tried: 30M
+# rows in a 2 MiB pool, about 500, built correctly); tests/test_index_memory.py checks lookups after spilling
 INDEX_POOL_BYTES = 32 * 2**20
 
 _lock = threading.Lock()

@@ -290,10 +290,7 @@ def _build(options: BuildOptions, model: KaLMModel, store: PassageStore | None, 
         for chunk in read_chunks(options, fields, vector_dim, summary, on_bad, records=records, columns=columns):
             if store is None:  # first chunk of a new table: now the vector width and the input's columns are known
                 width = len(chunk[0].vector) if options.vector_field and chunk[0].vector else None
-                store = PassageStore.create(options.db, options.table, model, ratios,
-                                            vector_dim=width, embedder=embedder,
-                                            storage_options=options.storage_options, columns=columns.take_new())
-                ids.version = empty_version(store.table)
+                store = create_or_join(options, model, ratios, width, embedder, columns.take_new(), ids)
             if writer is None:
                 writer = _Writer(store, summary, on_commit, known_version=ids.version)
             if new_columns := columns.take_new():  # fields met first in this chunk: columns before rows
@@ -327,6 +324,42 @@ def _build(options: BuildOptions, model: KaLMModel, store: PassageStore | None, 
     if options.delete_missing and store is not None:  # only here: the whole input was read and committed
         delete_missing(store, options, ids, summary)
     return finish_build(store, options, summary, start)
+
+
+def create_or_join(options: BuildOptions, model: KaLMModel, ratios: list[int], vector_dim: int | None,
+                   embedder: Any, new_columns: list[pa.Field], ids: IdSet) -> PassageStore:
+    """The table a build found missing, created for its first chunk; ``ids`` learns the version at
+    which it knows every stored id (none).
+
+    Two builds started on one missing table both get here. The one whose creation loses (LanceDB:
+    "Table ... already exists") joins the table the other made, as if it had found it at start: checked
+    against its options and model, its ids read into ``ids`` (nothing of the input is seen yet), its
+    missing input columns added. Its chunks then merge on id, so neither build stores an id twice.
+    """
+    from .dtypes import dtype_name, record_compute_dtype
+    from .store import PassageStore, StoreMismatchError
+
+    try:
+        store = PassageStore.create(options.db, options.table, model, ratios, vector_dim=vector_dim,
+                                    embedder=embedder, storage_options=options.storage_options,
+                                    columns=new_columns)
+    except (ValueError, OSError) as e:
+        # the same checks as a table found at start (open_target), now against the one another build made
+        target = check_target(options, options.storage_options, max_length=model.max_length)
+        if target is None:  # no table made by another build: a real failure
+            raise
+        store = PassageStore(target, model)  # refuses another model
+        if store.ratios != ratios:  # this build encodes `ratios`: it cannot fill the other's columns
+            raise StoreMismatchError(f"table {options.table!r} was created meanwhile by another build with ratios "
+                                     f"{store.ratios}, this build writes {ratios}; run it again with --ratio "
+                                     f"{' --ratio '.join(map(str, store.ratios))}") from e
+        record_compute_dtype(store.table, dtype_name(model.dtype))
+        ids.add_table(store.table)  # every id stored so far, and the version it holds them at
+        if missing := [f for f in new_columns if f.name not in store.table.schema.names]:
+            store.add_input_columns(missing)
+        return store
+    ids.version = empty_version(store.table)
+    return store
 
 
 def check_skip_bad(options: BuildOptions, on_bad: Callable[[BadRecordError], None] | None) -> None:

@@ -85,17 +85,21 @@ class IdSet:
         """An id set holding every id of the LanceDB ``table`` as stored: its ``id`` column streamed
         in batches of ``batch_rows`` (default :data:`STREAM_ROWS`; the memory it takes), never read whole."""
         ids = cls(directory)
-        batch_rows = batch_rows or STREAM_ROWS
         try:
-            ds = table.to_lance()  # pinned: exactly the ids of this version
-            if ds.count_rows():
-                for batch in ds.to_batches(columns=["id"], batch_size=batch_rows):
-                    ids.add_stored(batch.column(0).to_pylist())
-            ids.version = ds.version
+            ids.add_table(table, batch_rows=batch_rows)
         except BaseException:
             ids.close()
             raise
         return ids
+
+    def add_table(self, table: Any, *, batch_rows: int | None = None) -> None:
+        """Record every id of the LanceDB ``table`` as stored (streamed as in :meth:`of_table`), and its
+        version as :attr:`version`."""
+        ds = table.to_lance()  # pinned: exactly the ids of this version
+        if ds.count_rows():
+            for batch in ds.to_batches(columns=["id"], batch_size=batch_rows or STREAM_ROWS):
+                self.add_stored(batch.column(0).to_pylist())
+        self.version = ds.version
 
     def add_stored(self, ids: Iterable[str]) -> None:
         """Record ``ids`` as stored before this build (repeats are ignored)."""

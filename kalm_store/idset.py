@@ -5,7 +5,8 @@ A build needs two sets of ids: those stored before it started (resume, idempoten
 occurrence wins). Held as Python sets they cost about 100 bytes per id, 100 GB at a billion
 passages. :class:`IdSet` keeps both in one SQLite table in a temporary file instead (one row per id,
 a bit for "stored", a bit for "seen"), with a bounded page cache, queried one chunk of ids at a time;
-the file is deleted when the set is closed. Lookups are exact (no hashing, no false positives).
+the file's name is removed as soon as it is open (the space goes when the set is closed or the process
+ends, even by SIGKILL), so no build leaves files behind in ``TMPDIR``. Lookups are exact (no hashing, no false positives).
 
 Stored ids are streamed into it from the table's ``id`` column in batches, never materialised in
 Python. The file lives under the system temporary directory (``TMPDIR``), or the ``directory`` given;
@@ -60,7 +61,7 @@ class IdSet:
         fd, name = tempfile.mkstemp(prefix="kalm-store-ids-", suffix=".sqlite",
                                     dir=None if directory is None else str(directory))
         os.close(fd)
-        self.path = Path(name)
+        self.path = Path(name)  # where the file is made; its name is removed once SQLite holds it open
         self.stored_count = 0  # distinct ids added with add_stored
         self.seen_count = 0  # distinct ids classify has seen
         # the table version whose ids add_stored received (of_table), None when unknown: the builder
@@ -78,6 +79,9 @@ class IdSet:
         except BaseException:
             self.close()
             raise
+        # the open connection keeps the file; its name goes now, so that a build killed (SIGKILL, OOM
+        # killer) leaves nothing in TMPDIR: the kernel frees the space when the process ends
+        _unlink_open(self.path)
 
     # --------------------------------------------------------------------------------------- building
     @classmethod
@@ -189,6 +193,16 @@ class IdSet:
         return _Transaction(self)
 
 
+def _unlink_open(path: Path) -> bool:
+    """Remove the name of the open file ``path``; False where the system refuses (Windows: then
+    :meth:`IdSet.close` removes it)."""
+    try:
+        path.unlink()
+    except PermissionError:
+        return False
+    return True
+
+
 class _Transaction:
     """One explicit transaction around a batch of writes; a full disk becomes :class:`IdSetFullError`."""
 
@@ -209,7 +223,8 @@ class _Transaction:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         if isinstance(error, sqlite3.OperationalError) and "full" in str(error).lower():
-            raise IdSetFullError(f"no space left for the build's id set {str(self.ids.path)!r} "
+            raise IdSetFullError(f"no space left for the build's id set {str(self.ids.path)!r} (its name removed "
+                                 "once open, its space freed when the build ends) "
                                  f"({self.ids.stored_count + self.ids.seen_count} ids so far, about 1.3 x (id "
                                  "length + 8) bytes each): free disk space there, or set TMPDIR to a folder "
                                  "with more room and run the same command again") from error

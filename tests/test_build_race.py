@@ -204,3 +204,55 @@ def test_two_builds_holding_one_snapshot_of_a_stored_table_lose_nothing(tmp_path
     assert cb["already_stored"] == 1 + 30 - (45 - new_a)  # s4, and the new ids a stored first
     assert ca["rows"] <= 57 and cb["rows"] <= 57 and len(texts) == 57
     assert id_set_files(tmpdir) == []
+
+
+# ------------------------------------------------------------------------------ SIGKILL, then resume
+def test_a_killed_build_leaves_no_id_set_file_and_resumes_exactly(tmp_path, model, tiny_model_dir):
+    """SIGKILL a build once it has committed rows: its id set file must not stay in TMPDIR (nothing ever
+    removes it: every build makes a fresh one). Before: the killed build's kalm-store-ids-*.sqlite stayed.
+    The resumed build then stores the rest once each, its first occurrences, while another build of a
+    second table runs beside it on the same TMPDIR, each with its own set."""
+    import lance
+
+    from kalm_store.build import BuildOptions, build
+
+    db, tmpdir = tmp_path / "db", tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    ids = [f"p{i}" for i in range(200)]
+    recs = records(ids + ids[:50], "A")  # the repeats are later occurrences: skipped, also after a resume
+    inp = write_jsonl(tmp_path / "a.jsonl", recs)
+    proc = subprocess.Popen([sys.executable, "-m", "kalm_store", *build_cmd(inp, db, tiny_model_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, TMPDIR=str(tmpdir)))
+    rows_at_kill, deadline = 0, time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                rows_at_kill = lance.dataset(str(db / "docs.lance")).count_rows()
+            except Exception:  # noqa: BLE001 - not created yet
+                rows_at_kill = 0
+            if rows_at_kill:
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert 0 < rows_at_kill < 200
+    assert id_set_files(tmpdir) == []  # nothing of the killed build left behind
+
+    other = write_jsonl(tmp_path / "b.jsonl", records([f"p{i}" for i in range(100, 140)], "B"))
+    (ca, ea), (cb, eb) = run_together(tmp_path, "writer", [
+        build_cmd(inp, db, tiny_model_dir),  # the resume
+        build_cmd(other, db, tiny_model_dir, "other")], tmpdir)
+    texts = check_each_id_once(stored(db))
+    assert texts == first_texts(recs) and ca["rows"] == 200
+    assert ca["written"] + ca["already_stored"] == 200 and ca["already_stored"] >= rows_at_kill
+    assert ca["duplicates"] == 50
+    assert check_each_id_once(stored(db, "other")) == first_texts(records([f"p{i}" for i in range(100, 140)], "B"))
+    assert cb["written"] == 40
+    assert id_set_files(tmpdir) == []
+    # a second resume of a finished build adds nothing
+    again = build(BuildOptions(input=str(inp), db=str(db), table="docs", model=str(tiny_model_dir), progress=False,
+                               chunk_size=4, fts_index=False), model=model)
+    assert (again.written, again.already_stored, again.duplicates, again.rows) == (0, 200, 50, 200)

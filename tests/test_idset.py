@@ -4,6 +4,7 @@ keep the duplicate-id rule, resume and --delete-missing exactly as before withou
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -41,10 +42,30 @@ def test_missing_streams_sorted_in_python_order():
         assert ids.missing_count() == 10
 
 
+def open_deleted_files() -> list[str]:
+    """Files this process holds open whose name was removed (Linux: ``/proc/self/fd``)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed meanwhile
+            continue
+        if target.endswith(" (deleted)"):
+            out.append(target[:-len(" (deleted)")])
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc to see open deleted files")
 def test_file_lives_in_the_given_folder_and_goes_with_close(tmp_path):
+    """The file is made in the folder and its name removed at once (a killed build leaves nothing there);
+    the set keeps working on the open file, which close() releases."""
     ids = IdSet(tmp_path)
-    assert ids.path.parent == tmp_path and ids.path.exists()
+    assert ids.path.parent == tmp_path and not ids.path.exists() and list(tmp_path.iterdir()) == []
+    assert str(ids.path) in open_deleted_files()
+    ids.add_stored(f"s{i:06d}" for i in range(50_000))  # more pages than the file had when its name went
+    assert ids.classify(["s000007", "n"]) == ["stored", "new"] and ids.stored_count == 50_000
     ids.close()
+    assert str(ids.path) not in open_deleted_files()
     ids.close()  # repeatable
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="is closed"):

@@ -256,3 +256,33 @@ def test_a_killed_build_leaves_no_id_set_file_and_resumes_exactly(tmp_path, mode
     again = build(BuildOptions(input=str(inp), db=str(db), table="docs", model=str(tiny_model_dir), progress=False,
                                chunk_size=4, fts_index=False), model=model)
     assert (again.written, again.already_stored, again.duplicates, again.rows) == (0, 200, 50, 200)
+
+
+# ------------------------------------------------------------ --update against a writer in between
+def test_update_replaces_a_row_another_writer_stored_after_the_build_read_the_ids(tmp_path, model, tiny_model_dir):
+    """An --update build reads the stored ids; then another writer stores one of the build's new ids with
+    another text, before the build's chunk holding it commits. Run one after the other, in either order,
+    the table ends with the --update input's text (its purpose: the table mirrors its input); before, the
+    chunk's merge skipped the row as "already stored", and the other writer's text stayed."""
+    from kalm_store.build import BuildOptions, build
+    from kalm_store.store import PassageStore
+
+    db = tmp_path / "db"
+    opts = lambda inp: BuildOptions(input=str(inp), db=str(db), table="docs", model=str(tiny_model_dir),  # noqa: E731
+                                    progress=False, chunk_size=4, fts_index=False, update=True)
+    build(opts(write_jsonl(tmp_path / "base.jsonl", records([f"s{i}" for i in range(4)], "base"))), model=model)
+    mine = records([f"n{i}" for i in range(8)], "mine")
+    fired: list[int] = []
+
+    def other_writer_stores_n5(summary):
+        if not fired:
+            other = PassageStore.open(str(db), "docs", model=model)
+            fired.append(other.add([{"id": "n5", "text": "theirs n5"}, {"id": "n6", "text": mine[6]["text"]}]))
+
+    summary = build(opts(write_jsonl(tmp_path / "mine.jsonl", mine)), model=model, on_commit=other_writer_stores_n5)
+    assert fired
+    texts = check_each_id_once(stored(db))
+    assert texts["n5"] == "mine line 5 n5"  # the update's text, not the other writer's
+    assert texts == {**{f"s{i}": f"base line {i} s{i}" for i in range(4)}, **first_texts(mine)}
+    # n5 replaced a row whose text differed (updated); n6 was stored meanwhile with the same text (already stored)
+    assert (summary.written, summary.updated, summary.already_stored) == (7, 1, 1)

@@ -58,8 +58,12 @@ class IdSet:
     def __init__(self, directory: str | Path | None = None, *, cache_mib: int = CACHE_MIB) -> None:
         if isinstance(cache_mib, bool) or not isinstance(cache_mib, int) or cache_mib < 1:
             raise ValueError(f"cache_mib must be a positive int, got {cache_mib!r}")
-        fd, name = tempfile.mkstemp(prefix="kalm-store-ids-", suffix=".sqlite",
-                                    dir=None if directory is None else str(directory))
+        folder = _folder(directory)
+        try:
+            fd, name = tempfile.mkstemp(prefix="kalm-store-ids-", suffix=".sqlite", dir=folder)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot make the build's id set in {folder!r} ({e.strerror}): give a "
+                                   "writable folder (TMPDIR) and run the same command again") from e
         os.close(fd)
         self.path = Path(name)  # where the file is made; its name is removed once SQLite holds it open
         self.stored_count = 0  # distinct ids added with add_stored
@@ -191,6 +195,24 @@ class IdSet:
 
     def _write(self) -> _Transaction:
         return _Transaction(self)
+
+
+def _folder(directory: str | Path | None) -> str:
+    """The id set's folder: ``directory``, else ``TMPDIR`` when set, else the system's temporary folder.
+
+    A ``TMPDIR`` that is no writable folder is refused, naming it: Python's :mod:`tempfile` would instead
+    fall back to ``/tmp`` without a word, which may be a small tmpfs held in RAM, the very thing a large
+    build's ``TMPDIR`` is set to avoid.
+    """
+    if directory is not None:
+        return str(directory)
+    env = os.environ.get("TMPDIR")
+    if env and not (os.path.isdir(env) and os.access(env, os.W_OK | os.X_OK)):
+        what = "is not a folder" if not os.path.isdir(env) else "is not writable"
+        raise NotADirectoryError(f"TMPDIR={env!r} {what}: the build's id set (about 1.3 x (id length + 8) "
+                                 "bytes per id) goes there; create it, point TMPDIR at a writable folder, or "
+                                 "unset it, and run the same command again")
+    return tempfile.gettempdir()
 
 
 def _unlink_open(path: Path) -> bool:

@@ -140,6 +140,7 @@ def check_each_id_once(rows: list[tuple[str, str]]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------- two builds at once
+@pytest.mark.slow
 def test_two_builds_that_both_find_no_table_store_each_id_once(tmp_path, tiny_model_dir):
     """Both builds find no table and start with an empty id set (each believes it is alone); both reach
     the table's creation before either makes it. Before: the second failed with "table 'docs' already
@@ -168,18 +169,19 @@ def test_two_builds_that_both_find_no_table_store_each_id_once(tmp_path, tiny_mo
     assert id_set_files(tmpdir) == []
 
 
-def test_two_builds_holding_one_snapshot_of_a_stored_table_lose_nothing(tmp_path, tiny_model_dir):
+@pytest.mark.slow
+def test_two_builds_holding_one_snapshot_of_a_stored_table_lose_nothing(tmp_path, model, tiny_model_dir):
     """A table with stored rows; two builds read the same stored ids (both held after reading them, before
     their first commit), then write overlapping new ids at once, one of them with --update changing some
     stored texts. Every stored row survives (changed only where the --update input changed it), every
     id once, counts add up."""
+    from kalm_store.build import BuildOptions, build
+
     db, tmpdir = tmp_path / "db", tmp_path / "tmpdir"
     tmpdir.mkdir()
     base = records([f"s{i}" for i in range(12)], "base")
-    code = subprocess.run([sys.executable, "-m", "kalm_store",
-                           *build_cmd(write_jsonl(tmp_path / "base.jsonl", base), db, tiny_model_dir)],
-                          capture_output=True, text=True, timeout=180, env=dict(os.environ, TMPDIR=str(tmpdir)))
-    assert code.returncode == 0, code.stderr
+    build(BuildOptions(input=str(write_jsonl(tmp_path / "base.jsonl", base)), db=str(db), table="docs",
+                       model=str(tiny_model_dir), progress=False, chunk_size=4, fts_index=False), model=model)
     a_ids = ["s0", "s1"] + [f"n{i}" for i in range(0, 30)]
     a = records(a_ids, "A")
     a[0]["text"], a[1]["text"] = base[0]["text"], base[1]["text"]  # a plain build: stored ids are skipped anyway
@@ -207,6 +209,7 @@ def test_two_builds_holding_one_snapshot_of_a_stored_table_lose_nothing(tmp_path
 
 
 # ------------------------------------------------------------------------------ SIGKILL, then resume
+@pytest.mark.slow
 def test_a_killed_build_leaves_no_id_set_file_and_resumes_exactly(tmp_path, model, tiny_model_dir):
     """SIGKILL a build once it has committed rows: its id set file must not stay in TMPDIR (nothing ever
     removes it: every build makes a fresh one). Before: the killed build's kalm-store-ids-*.sqlite stayed.

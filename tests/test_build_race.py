@@ -183,10 +183,11 @@ def test_two_builds_holding_one_snapshot_of_a_stored_table_lose_nothing(tmp_path
     base = records([f"s{i}" for i in range(12)], "base")
     build(BuildOptions(input=str(write_jsonl(tmp_path / "base.jsonl", base)), db=str(db), table="docs",
                        model=str(tiny_model_dir), progress=False, chunk_size=4, fts_index=False), model=model)
-    a_ids = ["s0", "s1"] + [f"n{i}" for i in range(0, 30)]
+    # a meets the shared new ids (n15..n29) first, b last: a commits most of them before b gets there
+    a_ids = ["s0", "s1"] + [f"n{i}" for i in range(15, 30)] + [f"n{i}" for i in range(0, 15)]
     a = records(a_ids, "A")
     a[0]["text"], a[1]["text"] = base[0]["text"], base[1]["text"]  # a plain build: stored ids are skipped anyway
-    b_ids = ["s2", "s3", "s4"] + [f"n{i}" for i in range(15, 45)]
+    b_ids = ["s2", "s3", "s4"] + [f"n{i}" for i in range(30, 45)] + [f"n{i}" for i in range(15, 30)]
     b = records(b_ids, "B")
     b[2]["text"] = base[4]["text"]  # --update: s2 and s3 change, s4 is unchanged
     (ca, _), (cb, _) = run_together(tmp_path, "writer", [
@@ -198,7 +199,7 @@ def test_two_builds_holding_one_snapshot_of_a_stored_table_lose_nothing(tmp_path
         want = {2: "B line 0 s2", 3: "B line 1 s3"}.get(i, base[i]["text"])
         assert texts[f"s{i}"] == want
     for i in range(45):  # the --update input wins every id it holds, whoever committed it first
-        assert texts[f"n{i}"] == (f"A line {i + 2} n{i}" if i < 15 else f"B line {i - 12} n{i}")
+        assert texts[f"n{i}"] == (first_texts(a) if i < 15 else first_texts(b))[f"n{i}"]
     # k: new ids of both that a committed first and b then replaced (b's --update, as if run after a)
     k = ca["written"] - 15
     assert 0 <= k <= 15 and ca["already_stored"] == 2 + 15 - k

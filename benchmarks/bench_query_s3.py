@@ -62,7 +62,7 @@ def run_s3(args: argparse.Namespace, load_model: Callable[[argparse.Namespace, P
     from kalm_store import PassageStore
     from kalm_store.corpus import stdlib_passages
     from kalm_store.latency_proxy import round_trips
-    from kalm_store.local_s3 import CREDENTIALS, s3_storage_options, s3rver_command, start_proxy, start_server
+    from kalm_store.local_s3 import CREDENTIALS, mark_listable, s3_storage_options, s3rver_command, start_proxy, start_server
     from kalm_store.plugins.lancedb import KaLMReranker
     from kalm_store.query import first_stage
     from kalm_store.store import decode_rows, sql_in
@@ -120,6 +120,8 @@ def run_s3(args: argparse.Namespace, load_model: Callable[[argparse.Namespace, P
         for path in sorted(local.rglob("*")):
             if path.is_file():
                 s3.upload_file(str(path), BUCKET, "db/" + path.relative_to(local).as_posix())
+        if args.s3_server == "s3rver":
+            mark_listable(s3, BUCKET, "db/docs.lance")  # else its LIST hides the table from LanceDB
         proxy_proc, proxy = start_proxy(server.url, max_seconds=args.s3_max_seconds)
         s3_store = PassageStore.open(f"s3://{BUCKET}/db", "docs", model=model,
                                      storage_options=s3_storage_options(args.s3_server, proxy.url))

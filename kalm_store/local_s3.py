@@ -15,7 +15,10 @@ Two servers:
   from files with Node's asynchronous IO, so a burst of parallel reads is served concurrently.
 
 Both speak path-style S3 over plain HTTP: Lance needs ``allow_http`` and no virtual-hosted-style requests
-(its default), see :func:`s3_storage_options`.
+(its default), see :func:`s3_storage_options`. Lance's reads and writes (PUT, ranged GET, HEAD, LIST of a
+prefix) work against both; s3rver 3.7.1's LIST with a delimiter does not report a common prefix whose
+objects all lie two or more folders down (its directory walk prunes them), which is how LanceDB lists
+tables: :func:`mark_listable` puts one empty object in each table folder so that it is listed.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from kalm_store.latency_proxy import RemoteProxy
 
@@ -176,6 +179,16 @@ def start_proxy(upstream: str, *, max_seconds: float, latency_ms: float = 0.0,
     return proc, RemoteProxy(proc.url, timeout=timeout)
 
 
+LISTING_MARKER = "_s3rver_listing_marker"  # not a name Lance reads: data, _versions, _indices, _transactions...
+
+
+def mark_listable(client: Any, bucket: str, folder: str) -> None:
+    """Make ``folder`` (a table folder such as ``db/docs.lance``) show up in s3rver's delimited LIST, as the
+    common prefix LanceDB's table listing looks for (see the module's note): one empty object in it.
+    ``client`` is a boto3 S3 client for the server."""
+    client.put_object(Bucket=bucket, Key=f"{folder.strip('/')}/{LISTING_MARKER}", Body=b"")
+
+
 def s3_storage_options(kind: str, endpoint: str) -> dict[str, str]:
     """Lance/LanceDB storage options for a local ``kind`` server at ``endpoint`` (path style, plain HTTP)."""
     key, secret = CREDENTIALS[kind]
@@ -183,5 +196,5 @@ def s3_storage_options(kind: str, endpoint: str) -> dict[str, str]:
             "aws_secret_access_key": secret, "allow_http": "true"}
 
 
-__all__ = ["CREDENTIALS", "SERVERS", "ServerProcess", "free_port", "s3_storage_options", "s3rver_command",
+__all__ = ["CREDENTIALS", "LISTING_MARKER", "SERVERS", "mark_listable", "ServerProcess", "free_port", "s3_storage_options", "s3rver_command",
            "start_proxy", "start_server"]

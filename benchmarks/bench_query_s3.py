@@ -296,13 +296,15 @@ def run_s3(args: argparse.Namespace, load_model: Callable[[argparse.Namespace, P
            + ("met" if at20["rowid_met"] or at20["id_met"] else "not met")
            + f" in wall time with {args.s3_server}; of the take, {at20['rowid_at_base_ms']:.0f} ms are there "
            f"with nothing added (the server's, the client's and the proxy's time on this {machine['cpus']}-core "
-           f"host) and {at20['rowid_added_by_latency_ms']:.0f} ms are the latency's "
-           f"({at20['rowid_latency_share_ms']:.0f} ms = round trips x latency)."] if at20 else []),
+           f"host) and {at20['rowid_added_by_latency_ms']:.0f} ms came on top with the latency added "
+           f"(round trips x latency: {at20['rowid_latency_share_ms']:.0f} ms; the rest of that difference is "
+           "the shared host's noise)."] if at20 else []),
         f"- The server's time per request during a take (median, arrival at the proxy to the server's answer, "
         f"less the added latency, at {base_lat:g} ms): {base['fetch_rowid']['server_ms']:.0f} ms; a take's "
         f"{base['fetch_rowid']['requests']:.0f} requests come on {base['fetch_rowid']['connections']:.0f} client "
-        f"connections (Lance sends them together, one connection each), which the proxy kept: "
-        f"{upstream_connections} upstream connections in the whole run, one per client connection.",
+        f"connections (Lance sends them together); the proxy opens one upstream connection per client "
+        f"connection and reuses it for every request on it: {upstream_connections} in the whole run (Lance's "
+        "pool reuses idle connections and opens more for each burst).",
         f"- Cold first query of the session (at {passes[0]['latency_ms']:g} ms): " + "; ".join(
             f"{LABELS[s]} {cold[s]['first_ms']:.0f} ms / {cold[s]['first_requests']:.0f} req / "
             f"{cold[s]['first_round_trips']:.0f} rt"

@@ -290,12 +290,9 @@ def _build(options: BuildOptions, model: KaLMModel, store: PassageStore | None, 
         for chunk in read_chunks(options, fields, vector_dim, summary, on_bad, records=records, columns=columns):
             if store is None:  # first chunk of a new table: now the vector width and the input's columns are known
                 width = len(chunk[0].vector) if options.vector_field and chunk[0].vector else None
-                store = PassageStore.create(options.db, options.table, model, ratios,
-                                            vector_dim=width, embedder=embedder,
-                                            storage_options=options.storage_options, columns=columns.take_new())
-                ids.version = empty_version(store.table)
+                store = create_or_join(options, model, ratios, width, embedder, columns.take_new(), ids)
             if writer is None:
-                writer = _Writer(store, summary, on_commit, known_version=ids.version)
+                writer = _Writer(store, summary, on_commit, known_version=ids.version, update=options.update)
             if new_columns := columns.take_new():  # fields met first in this chunk: columns before rows
                 writer.drain()
                 store.add_input_columns(new_columns)
@@ -327,6 +324,44 @@ def _build(options: BuildOptions, model: KaLMModel, store: PassageStore | None, 
     if options.delete_missing and store is not None:  # only here: the whole input was read and committed
         delete_missing(store, options, ids, summary)
     return finish_build(store, options, summary, start)
+
+
+def create_or_join(options: BuildOptions, model: KaLMModel, ratios: list[int], vector_dim: int | None,
+                   embedder: Any, new_columns: list[pa.Field], ids: IdSet, *,
+                   compute_dtype: str | None = None) -> PassageStore:
+    """The table a build found missing, created for its first chunk; ``ids`` learns the version at
+    which it knows every stored id (none).
+
+    Two builds started on one missing table both get here. The one whose creation loses (LanceDB:
+    "Table ... already exists") joins the table the other made, as if it had found it at start: checked
+    against its options and model, its ids read into ``ids`` (nothing of the input is seen yet), its
+    missing input columns added. Its chunks then merge on id, so neither build stores an id twice.
+    ``compute_dtype``: as in :func:`open_target` (default: ``model``'s).
+    """
+    from .dtypes import dtype_name, record_compute_dtype
+    from .store import PassageStore, StoreMismatchError
+
+    try:
+        store = PassageStore.create(options.db, options.table, model, ratios, vector_dim=vector_dim,
+                                    embedder=embedder, storage_options=options.storage_options,
+                                    columns=new_columns, compute_dtype=compute_dtype)
+    except (ValueError, OSError) as e:
+        # the same checks as a table found at start (open_target), now against the one another build made
+        target = check_target(options, options.storage_options, max_length=model.max_length)
+        if target is None:  # no table made by another build: a real failure
+            raise
+        store = PassageStore(target, model)  # refuses another model
+        if store.ratios != ratios:  # this build encodes `ratios`: it cannot fill the other's columns
+            raise StoreMismatchError(f"table {options.table!r} was created meanwhile by another build with ratios "
+                                     f"{store.ratios}, this build writes {ratios}; run it again with --ratio "
+                                     f"{' --ratio '.join(map(str, store.ratios))}") from e
+        record_compute_dtype(store.table, compute_dtype or dtype_name(model.dtype))
+        ids.add_table(store.table)  # every id stored so far, and the version it holds them at
+        if missing := [f for f in new_columns if f.name not in store.table.schema.names]:
+            store.add_input_columns(missing)
+        return store
+    ids.version = empty_version(store.table)
+    return store
 
 
 def check_skip_bad(options: BuildOptions, on_bad: Callable[[BadRecordError], None] | None) -> None:
@@ -537,11 +572,17 @@ def read_chunks(options: BuildOptions, fields: Fields, vector_dim: int | None, s
 
 
 def commit_encoded(store: PassageStore, rows: pa.Table, replaced: int, summary: BuildSummary, *,
-                   known_version: int | None = None) -> int | None:
+                   known_version: int | None = None, update: bool = False) -> int | None:
     """Commit encoded rows (both engines): one atomic commit through the pinned merge-insert of
     :mod:`kalm_store.commit` (an append while the table is still at ``known_version``, the version whose
     every id the build's id set holds); ``replaced`` of them replace stored rows of the same id
-    (``update=True``). Returns the version known after the commit (``None``: unknown from now on)."""
+    (``update=True``). Returns the version known after the commit (``None``: unknown from now on).
+
+    With ``update``, rows skipped because a concurrent writer stored their id after the build read the
+    stored ids are replaced where that writer's text (or brought vector) differs, in a second commit: as
+    if the update had run after that writer, which is what it would have done (before, the other text
+    stayed, an outcome of no order of the two runs). A build killed between the two commits leaves the
+    other writer's row; running the same ``--update`` again replaces it."""
     from .commit import next_known_version
 
     result = store.write(rows, replace=replaced > 0, known_version=known_version)
@@ -549,7 +590,31 @@ def commit_encoded(store: PassageStore, rows: pa.Table, replaced: int, summary: 
     summary.already_stored += result.skipped  # a concurrent writer stored them first
     summary.updated += replaced
     summary.commits += 1
-    return next_known_version(known_version, result)
+    known = next_known_version(known_version, result)
+    if update and result.skipped:  # only a merge without replace skips rows (with replace, it replaces them)
+        taken = rows.filter(changed_flags(store, rows))
+        if taken.num_rows:
+            again = store.write(taken, replace=True)
+            summary.written += again.inserted + again.replaced
+            summary.updated += again.replaced
+            summary.already_stored -= again.inserted + again.replaced
+            summary.commits += 1
+            known = None
+    return known
+
+
+def changed_flags(store: PassageStore, rows: pa.Table) -> list[bool]:
+    """For each of the encoded ``rows``: does the table's row of that id differ from it (text or brought
+    vector; True where the table has no such row)?"""
+    from .store import MissingRowError
+
+    ids, texts = rows.column("id").to_pylist(), rows.column("text").to_pylist()
+    vectors = rows.column("vector").to_pylist() if store.brings_vectors and "vector" in rows.column_names else None
+    store.refresh()
+    try:
+        return store.changed(ids, texts, vectors)
+    except MissingRowError:  # a row deleted meanwhile: rewriting all of them is right for it too
+        return [True] * len(ids)
 
 
 def fields_rows(records: list[Record], columns: InputColumns) -> pa.Table:
@@ -581,8 +646,10 @@ class _Writer:
     """
 
     def __init__(self, store: PassageStore, summary: BuildSummary,
-                 on_commit: Callable[[BuildSummary], None] | None, known_version: int | None = None) -> None:
+                 on_commit: Callable[[BuildSummary], None] | None, known_version: int | None = None,
+                 update: bool = False) -> None:
         self.store = store
+        self.update = update  # --update: rows a concurrent writer stored first are replaced (commit_encoded)
         # the version at which every stored id is in the build's id set (None: unknown): while no other
         # writer commits, chunks are appended instead of merged on id (kalm_store.commit)
         self.known_version = known_version
@@ -609,7 +676,7 @@ class _Writer:
                         commit_fields(self.store, rows, self.summary)
                     else:
                         self.known_version = commit_encoded(self.store, rows, replaced, self.summary,
-                                                            known_version=self.known_version)
+                                                            known_version=self.known_version, update=self.update)
                     if self.on_commit is not None:
                         self.on_commit(self.summary)
                 except BaseException as e:  # re-raised in the main thread

@@ -82,9 +82,9 @@ def retry_conflicts(action: Callable[[], T], what: str, *, retries: int = CONFLI
 class CommitResult:
     """What :func:`commit_rows` did."""
 
-    inserted: int  # rows whose id was absent, inserted
+    inserted: int  # rows whose id was absent, inserted (and kept: not an extra copy deleted after a race)
     replaced: int  # stored rows replaced (``replace=True`` only)
-    skipped: int  # rows whose id was stored by the time of the commit (another writer was first)
+    skipped: int  # rows whose id was stored by the time of the commit, or committed first by another writer
     duplicates_removed: int  # extra copies of our ids, committed concurrently by another writer, deleted
     version: int  # table version after the commit (and any clean-up)
     read_version: int = -1  # the version the commit was made against
@@ -144,7 +144,11 @@ def commit_rows(table: Any, rows: pa.Table, *, replace: bool = False, known_vers
     removed = 0
     table.checkout_latest()
     if committed != read_version + 1:  # other commits landed in between: one may hold our ids as well
-        removed = remove_duplicates(table, ids)
+        deleted = _remove_duplicate_rows(table, ids)
+        removed = len(deleted)
+        # a copy of ours deleted (the other writer's came first) was not stored by us after all
+        lost = _rows_committed_by(table, committed, deleted)
+        inserted -= lost
     return CommitResult(inserted=inserted, replaced=replaced, skipped=len(ids) - inserted - replaced,
                         duplicates_removed=removed, version=table.version, read_version=read_version,
                         committed_version=committed)
@@ -216,16 +220,30 @@ def remove_duplicates(table: Any, ids: Sequence[str] | None = None) -> int:
     Returns the copies deleted. Every writer keeps the same copy, so two of them removing the same
     duplicates at once delete the same rows (Lance retries the losing delete).
     """
+    return len(_remove_duplicate_rows(table, ids))
+
+
+def _rows_committed_by(table: Any, version: int, rowids: Sequence[int]) -> int:
+    """How many of ``rowids`` lie in the fragments that the commit making ``version`` added (a row id is
+    its fragment's id << 32 | its offset: the table has no stable row ids)."""
+    if not rowids:
+        return 0
+    ds = table.to_lance()
+    before = {f.fragment_id for f in ds.checkout_version(version - 1).get_fragments()}
+    added = {f.fragment_id for f in ds.checkout_version(version).get_fragments()} - before
+    return sum((r >> 32) in added for r in rowids)
+
+
+def _remove_duplicate_rows(table: Any, ids: Sequence[str] | None = None) -> list[int]:
+    """:func:`remove_duplicates`, returning the ``_rowid`` values of the copies deleted."""
     dups = duplicate_ids(table, ids)
     extra = [r for rowids in dups.values() for r in rowids[1:]]
-    removed = 0
     for i in range(0, len(extra), 1000):
         where = f"_rowid IN ({', '.join(map(str, extra[i:i + 1000]))})"
         retry_conflicts(lambda w=where: table.to_lance().delete(w), f"removing duplicate ids from table {table.name!r}",
                         before_retry=table.checkout_latest)
-        removed += len(extra[i:i + 1000])
     table.checkout_latest()
-    return removed
+    return extra
 
 
 __all__ = ["CommitResult", "commit_rows", "duplicate_ids", "is_retryable_conflict", "next_known_version",

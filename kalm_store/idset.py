@@ -5,7 +5,8 @@ A build needs two sets of ids: those stored before it started (resume, idempoten
 occurrence wins). Held as Python sets they cost about 100 bytes per id, 100 GB at a billion
 passages. :class:`IdSet` keeps both in one SQLite table in a temporary file instead (one row per id,
 a bit for "stored", a bit for "seen"), with a bounded page cache, queried one chunk of ids at a time;
-the file is deleted when the set is closed. Lookups are exact (no hashing, no false positives).
+the file's name is removed as soon as it is open (the space goes when the set is closed or the process
+ends, even by SIGKILL), so no build leaves files behind in ``TMPDIR``. Lookups are exact (no hashing, no false positives).
 
 Stored ids are streamed into it from the table's ``id`` column in batches, never materialised in
 Python. The file lives under the system temporary directory (``TMPDIR``), or the ``directory`` given;
@@ -57,10 +58,14 @@ class IdSet:
     def __init__(self, directory: str | Path | None = None, *, cache_mib: int = CACHE_MIB) -> None:
         if isinstance(cache_mib, bool) or not isinstance(cache_mib, int) or cache_mib < 1:
             raise ValueError(f"cache_mib must be a positive int, got {cache_mib!r}")
-        fd, name = tempfile.mkstemp(prefix="kalm-store-ids-", suffix=".sqlite",
-                                    dir=None if directory is None else str(directory))
+        folder = _folder(directory)
+        try:
+            fd, name = tempfile.mkstemp(prefix="kalm-store-ids-", suffix=".sqlite", dir=folder)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot make the build's id set in {folder!r} ({e.strerror}): give a "
+                                   "writable folder (TMPDIR) and run the same command again") from e
         os.close(fd)
-        self.path = Path(name)
+        self.path = Path(name)  # where the file is made; its name is removed once SQLite holds it open
         self.stored_count = 0  # distinct ids added with add_stored
         self.seen_count = 0  # distinct ids classify has seen
         # the table version whose ids add_stored received (of_table), None when unknown: the builder
@@ -78,6 +83,9 @@ class IdSet:
         except BaseException:
             self.close()
             raise
+        # the open connection keeps the file; its name goes now, so that a build killed (SIGKILL, OOM
+        # killer) leaves nothing in TMPDIR: the kernel frees the space when the process ends
+        _unlink_open(self.path)
 
     # --------------------------------------------------------------------------------------- building
     @classmethod
@@ -85,17 +93,21 @@ class IdSet:
         """An id set holding every id of the LanceDB ``table`` as stored: its ``id`` column streamed
         in batches of ``batch_rows`` (default :data:`STREAM_ROWS`; the memory it takes), never read whole."""
         ids = cls(directory)
-        batch_rows = batch_rows or STREAM_ROWS
         try:
-            ds = table.to_lance()  # pinned: exactly the ids of this version
-            if ds.count_rows():
-                for batch in ds.to_batches(columns=["id"], batch_size=batch_rows):
-                    ids.add_stored(batch.column(0).to_pylist())
-            ids.version = ds.version
+            ids.add_table(table, batch_rows=batch_rows)
         except BaseException:
             ids.close()
             raise
         return ids
+
+    def add_table(self, table: Any, *, batch_rows: int | None = None) -> None:
+        """Record every id of the LanceDB ``table`` as stored (streamed as in :meth:`of_table`), and its
+        version as :attr:`version`."""
+        ds = table.to_lance()  # pinned: exactly the ids of this version
+        if ds.count_rows():
+            for batch in ds.to_batches(columns=["id"], batch_size=batch_rows or STREAM_ROWS):
+                self.add_stored(batch.column(0).to_pylist())
+        self.version = ds.version
 
     def add_stored(self, ids: Iterable[str]) -> None:
         """Record ``ids`` as stored before this build (repeats are ignored)."""
@@ -185,6 +197,34 @@ class IdSet:
         return _Transaction(self)
 
 
+def _folder(directory: str | Path | None) -> str:
+    """The id set's folder: ``directory``, else ``TMPDIR`` when set, else the system's temporary folder.
+
+    A ``TMPDIR`` that is no writable folder is refused, naming it: Python's :mod:`tempfile` would instead
+    fall back to ``/tmp`` without a word, which may be a small tmpfs held in RAM, the very thing a large
+    build's ``TMPDIR`` is set to avoid.
+    """
+    if directory is not None:
+        return str(directory)
+    env = os.environ.get("TMPDIR")
+    if env and not (os.path.isdir(env) and os.access(env, os.W_OK | os.X_OK)):
+        what = "is not a folder" if not os.path.isdir(env) else "is not writable"
+        raise NotADirectoryError(f"TMPDIR={env!r} {what}: the build's id set (about 1.3 x (id length + 8) "
+                                 "bytes per id) goes there; create it, point TMPDIR at a writable folder, or "
+                                 "unset it, and run the same command again")
+    return tempfile.gettempdir()
+
+
+def _unlink_open(path: Path) -> bool:
+    """Remove the name of the open file ``path``; False where the system refuses (Windows: then
+    :meth:`IdSet.close` removes it)."""
+    try:
+        path.unlink()
+    except PermissionError:
+        return False
+    return True
+
+
 class _Transaction:
     """One explicit transaction around a batch of writes; a full disk becomes :class:`IdSetFullError`."""
 
@@ -205,7 +245,8 @@ class _Transaction:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         if isinstance(error, sqlite3.OperationalError) and "full" in str(error).lower():
-            raise IdSetFullError(f"no space left for the build's id set {str(self.ids.path)!r} "
+            raise IdSetFullError(f"no space left for the build's id set {str(self.ids.path)!r} (its name removed "
+                                 "once open, its space freed when the build ends) "
                                  f"({self.ids.stored_count + self.ids.seen_count} ids so far, about 1.3 x (id "
                                  "length + 8) bytes each): free disk space there, or set TMPDIR to a folder "
                                  "with more room and run the same command again") from error

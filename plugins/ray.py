@@ -207,11 +207,10 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
         ``commits`` counts windows (plus, with ``update``, one per window whose kept fields alone
         changed, and the deletions' commits).
     """
-    from kalm_store.build import (check_before_model, check_skip_bad, commit_fields, delete_missing, empty_version,
+    from kalm_store.build import (check_before_model, check_skip_bad, commit_fields, create_or_join, delete_missing,
                                   fields_rows, finish_build, open_target, read_chunks, select_work)
     from kalm_store.model import KaLMModel
     from kalm_store.records import STDIN, BadRecordError
-    from kalm_store.store import PassageStore
 
     ray_options = ray_options or RayOptions()
     storage_options = storage_options if storage_options is not None else options.storage_options
@@ -266,10 +265,10 @@ def build_on_ray(options: BuildOptions, ray_options: RayOptions | None = None, *
                                               columns=columns)):
             if store is None:  # first chunk of a new table: the vector width and the input's columns are known now
                 width = len(chunk[0].vector) if options.vector_field and chunk[0].vector else None
-                store = PassageStore.create(db_uri, options.table, model, summary.ratios, vector_dim=width,
-                                            embedder=embedder, storage_options=storage_options,
-                                            columns=columns.take_new(), compute_dtype=compute_dtype)
-                ids.version = empty_version(store.table)
+                # another build may create it meanwhile: then this one joins it (kalm_store.build.create_or_join)
+                store = create_or_join(replace(options, db=db_uri, storage_options=storage_options), model,
+                                       summary.ratios, width, embedder, columns.take_new(), ids,
+                                       compute_dtype=compute_dtype)
             if new_columns := columns.take_new():  # fields met first in this chunk: columns before rows
                 store.add_input_columns(new_columns)
             todo, n_replaced, fields_only = select_work(store, chunk, ids, summary, update=options.update,

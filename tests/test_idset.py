@@ -4,6 +4,7 @@ keep the duplicate-id rule, resume and --delete-missing exactly as before withou
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -41,10 +42,30 @@ def test_missing_streams_sorted_in_python_order():
         assert ids.missing_count() == 10
 
 
+def open_deleted_files() -> list[str]:
+    """Files this process holds open whose name was removed (Linux: ``/proc/self/fd``)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, closed meanwhile
+            continue
+        if target.endswith(" (deleted)"):
+            out.append(target[:-len(" (deleted)")])
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc to see open deleted files")
 def test_file_lives_in_the_given_folder_and_goes_with_close(tmp_path):
+    """The file is made in the folder and its name removed at once (a killed build leaves nothing there);
+    the set keeps working on the open file, which close() releases."""
     ids = IdSet(tmp_path)
-    assert ids.path.parent == tmp_path and ids.path.exists()
+    assert ids.path.parent == tmp_path and not ids.path.exists() and list(tmp_path.iterdir()) == []
+    assert str(ids.path) in open_deleted_files()
+    ids.add_stored(f"s{i:06d}" for i in range(50_000))  # more pages than the file had when its name went
+    assert ids.classify(["s000007", "n"]) == ["stored", "new"] and ids.stored_count == 50_000
     ids.close()
+    assert str(ids.path) not in open_deleted_files()
     ids.close()  # repeatable
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="is closed"):
@@ -168,3 +189,90 @@ def test_a_failed_build_removes_its_id_set(tmp_path, model, tiny_model_dir, no_i
         build(_opts(tmp_path, bad, tiny_model_dir), model=model)
     assert _texts(tmp_path) == {"a": "fine"}
     assert list(no_id_sets_in_memory["tmp"].iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ odd ids
+ODD_IDS = ["a", "A", "é", "e\u0301",  # case differs; NFC and NFD of one letter: distinct ids, never folded
+           "a\x00b", "a\x00c", "a\x00", "\x7f\x01",  # NUL and control bytes (SQLite text holds them whole)
+           "x" * 20_000, "x" * 19_999 + "y",  # long ids that differ only in their last character
+           "it's", "back\\slash", "new\nline", "%", "_", " a", "a ", "\U0001F600"]
+
+
+def test_classify_keeps_ids_that_differ_by_case_normalisation_nul_or_one_late_character_apart():
+    assert len(set(ODD_IDS)) == len(ODD_IDS)
+    with IdSet() as ids:
+        ids.add_stored(["A", "a\x00"])
+        assert ids.classify(ODD_IDS) == ["stored" if i in ("A", "a\x00") else "new" for i in ODD_IDS]
+        assert ids.classify(ODD_IDS[::-1]) == ["duplicate"] * len(ODD_IDS)
+        assert ids.classify(["a\x00d", "x" * 20_001]) == ["new", "new"]  # a prefix of nothing seen
+        assert ids.missing_count() == 0
+        ids.add_stored(["zz\x00z", "zz"])
+        assert list(ids.missing()) == [["zz", "zz\x00z"]]
+
+
+def test_a_build_keeps_odd_ids_apart_through_resume_update_and_delete_missing(tmp_path, model, tiny_model_dir,
+                                                                            no_id_sets_in_memory):
+    """Ids of ODD_IDS go through the whole build: the id set, Lance's merge on id, and the SQL filters of
+    --update (changed rows) and --delete-missing (quoted literals with NUL, quotes, backslashes)."""
+    records = [(pid, f"text {k}") for k, pid in enumerate(ODD_IDS)]
+    inp = _write(tmp_path / "odd.jsonl", records + [("A", "a later A"), ("a\x00b", "a later a\\0b")])
+    s = build(_opts(tmp_path, inp, tiny_model_dir), model=model)
+    assert (s.written, s.duplicates, s.rows) == (len(ODD_IDS), 2, len(ODD_IDS))
+    assert _texts(tmp_path) == dict(records)
+    again = build(_opts(tmp_path, inp, tiny_model_dir), model=model)
+    assert (again.written, again.already_stored, again.duplicates) == (0, len(ODD_IDS), 2)
+    changed = [(pid, f"changed {k}" if k % 2 else text) for k, (pid, text) in enumerate(records)]
+    s = build(_opts(tmp_path, _write(tmp_path / "u.jsonl", changed), tiny_model_dir, update=True), model=model)
+    assert (s.updated, s.already_stored) == (len(ODD_IDS) // 2, len(ODD_IDS) - len(ODD_IDS) // 2)
+    assert _texts(tmp_path) == dict(changed)
+    keep = changed[::2] + [changed[5]]  # "a\x00c" stays, "a\x00b" and "a\x00" go, and so on
+    s = build(_opts(tmp_path, _write(tmp_path / "k.jsonl", keep), tiny_model_dir, delete_missing=True), model=model)
+    assert s.deleted == len(ODD_IDS) - len(keep) and _texts(tmp_path) == dict(keep)
+
+
+# ----------------------------------------------------------------------------- where the set's file goes
+def test_a_tmpdir_that_is_no_writable_folder_is_refused_before_anything_is_written(tmp_path, model, tiny_model_dir,
+                                                                                 monkeypatch):
+    """Python's tempfile falls back to /tmp (perhaps a small tmpfs) when TMPDIR is missing; the build
+    instead names TMPDIR and stops before touching the table."""
+    import lance
+
+    inp = _write(tmp_path / "c.jsonl", [("p1", "one"), ("p2", "two")])
+    build(_opts(tmp_path, inp, tiny_model_dir), model=model)
+    version = lance.dataset(str(tmp_path / "db" / "docs.lance")).version
+    more = _write(tmp_path / "more.jsonl", [("p3", "three")])
+    for bad in (tmp_path / "no-such-folder", inp):  # missing, and a file
+        monkeypatch.setenv("TMPDIR", str(bad))
+        monkeypatch.setattr("tempfile.tempdir", None)
+        with pytest.raises(NotADirectoryError, match=rf"TMPDIR='{bad}' is not a folder"):
+            build(_opts(tmp_path, more, tiny_model_dir), model=model)
+    assert lance.dataset(str(tmp_path / "db" / "docs.lance")).version == version
+    assert _texts(tmp_path) == {"p1": "one", "p2": "two"}
+    with pytest.raises(FileNotFoundError, match="cannot make the build's id set in '.*no-such-folder'"):
+        IdSet(tmp_path / "no-such-folder")
+
+
+def test_a_full_disk_mid_build_stops_it_clearly_keeps_what_was_stored_and_resumes(tmp_path, model, tiny_model_dir,
+                                                                                 monkeypatch):
+    """The id set's disk fills while the build runs (SQLite's own "database or disk is full"): the build
+    stops with the error naming the set and TMPDIR; the rows stored before and the chunks committed
+    before stay, once each; the same command, with room, finishes the build."""
+    before = [(f"s{i}", f"stored {i}") for i in range(6)]
+    build(_opts(tmp_path, _write(tmp_path / "s.jsonl", before), tiny_model_dir), model=model)
+    records = [(f"p{i:05d}-" + "x" * 200, f"text {i}") for i in range(120)]
+    inp = _write(tmp_path / "c.jsonl", records)
+    real = IdSet.__init__
+
+    def small_disk(self, *a, **k):
+        real(self, *a, **k)
+        self._conn.execute("PRAGMA max_page_count = 8")  # a few pages of ids, then "full"
+
+    monkeypatch.setattr(IdSet, "__init__", small_disk)
+    with pytest.raises(IdSetFullError, match=r"no space left for the build's id set .*set TMPDIR"):
+        build(_opts(tmp_path, inp, tiny_model_dir), model=model)
+    texts = _texts(tmp_path)  # no id stored twice (checked there), the earlier rows intact
+    assert {k: texts[k] for k, _ in before} == dict(before) and 6 < len(texts) < 126
+    assert all(texts[k] == dict(records)[k] for k in texts if k.startswith("p"))
+    monkeypatch.setattr(IdSet, "__init__", real)
+    s = build(_opts(tmp_path, inp, tiny_model_dir), model=model)
+    assert s.written == 126 - len(texts) and _texts(tmp_path) == dict(before) | dict(records)

@@ -4,9 +4,10 @@ side by side with the same backbone used as a joint reranker that re-encodes the
 Run:  .venv/bin/python benchmarks/bench_query.py [--shape tiny|small|nano] [--quick] [--queries N] ...
 Writes benchmarks/results/query_<shape>.md and .json (machine and exact command included).
 
-With ``--s3`` the store is served by a local S3-compatible server (moto) behind
-:class:`kalm_store.latency_proxy.LatencyProxy`, which adds ``--latency-ms`` to every request and
-counts requests and sequential round trips per stage; writes benchmarks/results/query_s3.md and .json.
+With ``--s3`` the store is served by a local S3-compatible server (``--s3-server moto``, the default, or
+``s3rver``) behind :class:`kalm_store.latency_proxy.LatencyProxy`, each in a process of its own
+(:mod:`kalm_store.local_s3`); the proxy adds ``--latency-ms`` to every request and counts requests and
+sequential round trips per stage; writes benchmarks/results/query_s3[_SERVER].md and .json.
 
 The model is a random-weight T5Gemma2 of the chosen shape (scores are meaningless, arithmetic is real);
 "nano" is the KaLM-Reranker-V1-Nano shape except the vocabulary (1024 here: the vocabulary only sizes
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +42,21 @@ SHAPES = {
 
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
+
+
+def load_model(args: argparse.Namespace, work: Path) -> tuple[Any, dict[str, int]]:
+    """The random-weight model of ``--shape`` (``--hidden-size`` overriding its width), saved under ``work``
+    and loaded through ``KaLMModel.from_pretrained``; returns it and the shape used."""
+    from kalm_store import KaLMModel
+    from kalm_store.testing import TinyShape, make_test_model
+
+    shape = dict(SHAPES[args.shape])
+    if args.hidden_size:
+        shape["hidden_size"] = args.hidden_size
+    t0 = time.perf_counter()
+    model = KaLMModel.from_pretrained(make_test_model(work / "model", TinyShape(**shape, vocab_size=1024)))
+    print(f"model {args.shape} {shape} on {model.device}/{model.dtype}: {_ms(t0) / 1000:.1f} s", flush=True)
+    return model, shape
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="serve the store from a local S3 server (moto) behind a latency proxy; see --latency-ms")
     p.add_argument("--latency-ms", type=float, nargs="+", default=[0, 5, 20, 50],
                    help="with --s3: added latency per request, one pass each (default: 0 5 20 50)")
+    p.add_argument("--s3-server", choices=["moto", "s3rver"], default="moto",
+                   help="with --s3: the local S3-compatible server, run in its own process: moto (the s3 extra) "
+                        "or s3rver (npm install -g s3rver@3.7.1; serves parallel ranged GETs concurrently) "
+                        "(default: moto)")
+    p.add_argument("--s3-max-seconds", type=float, default=1800,
+                   help="with --s3: the server and the proxy processes exit after this long even if this one "
+                        "dies first (default: 1800)")
     p.add_argument("--fragments", type=int, default=8,
                    help="with --s3: the table is written in this many commits (fragments), so that candidates "
                         "live in different files (default: 8)")
@@ -71,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench_query_s3 import run_s3  # the S3 rig lives in its own script
 
         args.passages = args.passages or 3000
-        return run_s3(args, SHAPES)
+        return run_s3(args, load_model)
     args.passages = args.passages or 200
     if args.quick:
         args.shape, args.passages, args.queries = "tiny", 120, 2
@@ -81,21 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from lancedb.index import FTS
 
-    from kalm_store import KaLMModel, PassageStore
+    from kalm_store import PassageStore
     from kalm_store.corpus import stdlib_passages
     from kalm_store.plugins.lancedb import KaLMReranker
     from kalm_store.query import first_stage
     from kalm_store.store import decode_rows
-    from kalm_store.testing import TinyShape, make_test_model
 
-    shape = dict(SHAPES[args.shape])
-    if args.hidden_size:
-        shape["hidden_size"] = args.hidden_size
     work = Path(tempfile.mkdtemp(prefix="kalm-bench-"))
-    t0 = time.perf_counter()
-    folder = make_test_model(work / "model", TinyShape(**shape, vocab_size=1024))
-    model = KaLMModel.from_pretrained(folder)
-    print(f"model {args.shape} {shape} on {model.device}/{model.dtype}: {_ms(t0) / 1000:.1f} s", flush=True)
+    model, shape = load_model(args, work)
 
     rng = np.random.default_rng(0)
     docs = stdlib_passages(args.passages, max_words=args.max_words)

@@ -408,8 +408,11 @@ def finish_build(store: PassageStore | None, options: BuildOptions, summary: Bui
     """After the last commit (both engines): FTS and id indices, the table's row count, the wall time."""
     if store is None:
         raise ValueError(f"input {options.input!r} holds no records; nothing to build")
+    from .index_memory import release_unused_memory
+
     store.refresh()
     t = time.perf_counter()
+    release_unused_memory()  # the committed chunks' freed pages, before the index step adds its own
     summary.indices = store.update_indices(fts=options.fts_index, id_index=options.id_index)
     summary.index_seconds = time.perf_counter() - t
     summary.rows = store.table.count_rows()

@@ -140,6 +140,15 @@ def optimize_store(store: PassageStore, *, dedupe: bool = False, fts: bool = Tru
     -------
     OptimizeResult
     """
+    from .index_memory import bounded_index_memory
+
+    with bounded_index_memory():  # index builds and updates sort in a bounded pool (kalm_store.index_memory)
+        return _optimize_store(store, dedupe=dedupe, fts=fts, id_index=id_index,
+                               cleanup_older_than=cleanup_older_than)
+
+
+def _optimize_store(store: PassageStore, *, dedupe: bool, fts: bool, id_index: bool,
+                    cleanup_older_than: timedelta | None) -> OptimizeResult:
     from lancedb.index import FTS, BTree
 
     from .commit import duplicate_ids, remove_duplicates, retry_conflicts

@@ -582,8 +582,16 @@ class PassageStore:
         rows to them.
 
         Existing indices are updated incrementally (only rows they do not cover are indexed);
-        returns the names of the indices created or updated.
+        returns the names of the indices created or updated. Lance's sort for the BTREE indices runs
+        in a bounded memory pool (:func:`kalm_store.index_memory.bounded_index_memory`; an exported
+        ``LANCE_MEM_POOL_SIZE`` is kept).
         """
+        from .index_memory import bounded_index_memory
+
+        with bounded_index_memory():  # Lance's BTREE sort spills past a bounded pool (kalm_store.index_memory)
+            return self._update_indices(fts=fts, id_index=id_index, digest_index=digest_index)
+
+    def _update_indices(self, *, fts: bool, id_index: bool, digest_index: bool) -> list[str]:
         from .commit import retry_conflicts
 
         wanted = []

@@ -234,8 +234,11 @@ class Service:
             return
         from lancedb.index import BTree
 
+        from ..index_memory import bounded_index_memory
+
         try:
-            self.store.table.create_index(schema.DIGEST_COLUMN, config=BTree(), replace=False)
+            with bounded_index_memory():
+                self.store.table.create_index(schema.DIGEST_COLUMN, config=BTree(), replace=False)
             log.info("created the BTREE index on %s of table %r", schema.DIGEST_COLUMN, self.options.table)
         except Exception as e:  # noqa: BLE001 - a read-only store still serves, by scanning the digests
             log.warning("could not create the %s index (%s: %s); text lookups scan the column",

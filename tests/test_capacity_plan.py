@@ -101,6 +101,11 @@ def test_readers_use_the_other_helpers_files_when_present(tmp_path):
     s3 = capacity_plan.s3_source(folder)
     assert (s3["first_stage_ms"], s3["fetch_ms"], s3["fetch_method"]) == (360.0, 530.0, "fetch_rowid")
     assert "d = 256" in s3["note"]
+    # the s3rver run, when present, is read before moto's
+    (folder / "query_s3_s3rver.json").write_text(json.dumps({"passes": [
+        {"latency_ms": 20.0, "median": {"first_stage": {"ms": 140.0}, "fetch_rowid": {"ms": 150.0}}}]}))
+    s3 = capacity_plan.s3_source(folder)
+    assert (s3["file"], s3["first_stage_ms"], s3["fetch_ms"]) == ("query_s3_s3rver.json", 140.0, 150.0)
     serve = capacity_plan.serve_source(folder)
     assert (serve["file"], serve["requests_per_s"], serve["concurrency"]) == ("serve_nano.json", 0.3, 4)
     assert capacity_plan.gpu_source(folder)["file"] is None

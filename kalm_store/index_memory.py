@@ -4,10 +4,10 @@ the freed heap handed back to the system before it.
 Lance trains a BTREE index by sorting the whole column with DataFusion, and merges an update the same
 way; the sort spills to disk once its memory pool is full. That pool is ``LANCE_MEM_POOL_SIZE`` bytes
 when the variable is set, else 150 MiB (pylance 14). Measured on a 2-core box
-(``benchmarks/results/index_memory.md``, ``python benchmarks/bench_index_memory.py``: the index created
+(``benchmarks/results/index_memory_pool_only.md``, ``python benchmarks/bench_index_memory.py``: the index created
 alone on an existing table), the default lets the ``text_digest`` index add +95 MiB at 1M rows, +341 MiB
 at 10M (the sort filling its pool) and +411 MiB at 30M; with a 32 MiB pool +69, +141 and +240 MiB, in
-the same time (a smaller pool only spills earlier). What remains grows by a few bytes per row in
+the same time (a smaller pool only spills earlier). What remained grew by a few bytes per row in
 Lance's merge phase, whatever the pool (2 to 64 MiB measured), and an incremental update
 (``optimize_indices``) holds about 13 B per row already indexed, so building the index in parts as
 the table grows would not bound it either.
@@ -24,9 +24,10 @@ merge phase allocates and frees many blocks of 32 KiB and more (4096-row pages o
 row ids, spill-file batches), and glibc's *dynamic* mmap threshold, raised by the first such block
 freed, puts all later ones in the heap, where they fragment it (anon RSS rose steadily through the
 merge). Inside the block the threshold is fixed at :data:`INDEX_MMAP_THRESHOLD_BYTES` (``mallopt``),
-so those blocks are mapped and unmapped on their own: the ``text_digest`` index added +57/+69/+90 MiB
-of peak at 1M/10M/30M rows instead of +73/+159/+229 (VmHWM, pool 32 MiB; /work/notes/index-grow.md),
-about 25% more seconds for the index (mmap and page faults per block). glibc cannot be put back to a
+so those blocks are mapped and unmapped on their own: the ``text_digest`` index adds +57/+69/+90 MiB
+of peak at 1M/10M/30M rows, the ``id`` index +51/+77/+78 (``benchmarks/results/index_memory.md``),
+instead of +69/+141/+240 and +90/+184/+232 with the pool alone, for more seconds in the index step
+(about 25% on a quiet box; mmap and page faults per block). glibc cannot be put back to a
 dynamic threshold, so on leaving the block it is fixed at glibc's starting value, 128 KiB. An
 exported ``MALLOC_MMAP_THRESHOLD_`` (which glibc reads at start-up) is the user's choice and kept.
 

@@ -10,7 +10,9 @@ pool), creates that one index through LanceDB as ``PassageStore.update_indices``
 process's peak resident memory (``VmHWM``) before and after: what the index build adds. Pools: Lance's
 default (``LANCE_MEM_POOL_SIZE`` unset: 150 MiB for the BTREE sort) and kalm-store's bound
 (:data:`kalm_store.index_memory.INDEX_POOL_BYTES`, which the builder sets); the FTS index has its own
-per-worker limit (``LANCE_FTS_PARTITION_SIZE``) and is measured with the default only.
+per-worker limit (``LANCE_FTS_PARTITION_SIZE``) and is measured with the default only. kalm-store's
+bound is the index call inside :func:`kalm_store.index_memory.bounded_index_memory`, as the builder
+makes it: the pool and glibc's mmap threshold fixed at 32 KiB.
 """
 
 from __future__ import annotations
@@ -60,10 +62,15 @@ def run_child(spec: dict[str, Any]) -> int:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
+    from contextlib import nullcontext
+
+    from kalm_store.index_memory import bounded_index_memory
+
     table = lancedb.connect(spec["db"]).open_table("t")
     before = hwm()
     t = time.perf_counter()
-    table.create_index(spec["column"], config=FTS() if spec["column"] == "text" else BTree(), replace=True)
+    with bounded_index_memory() if spec.get("bounded") else nullcontext():  # the pool is in the env already
+        table.create_index(spec["column"], config=FTS() if spec["column"] == "text" else BTree(), replace=True)
     print(json.dumps({"peak_before_mib": before, "peak_after_mib": hwm(), "seconds": time.perf_counter() - t}))
     return 0
 
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     if pool is not None:
                         env[ENV] = str(pool)
                     cmd = [sys.executable, str(Path(__file__).resolve()), "--child",
-                           json.dumps({"db": str(db), "column": column})]
+                           json.dumps({"db": str(db), "column": column, "bounded": pool is not None})]
                     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
                     if out.returncode != 0:
                         raise RuntimeError(f"{shlex.join(cmd)} failed: {out.stderr[-2000:]}")
@@ -134,7 +141,8 @@ def to_markdown(res: dict[str, Any]) -> str:
                  if r["column"] == column and r["pool_bytes"] == pool]
         name = "FTS on text" if column == "text" else f"BTREE on {column}"
         how = ("Lance's FTS default (own per-worker limit)" if column == "text" else
-               "default (150 MiB)" if pool is None else f"{pool >> 20} MiB (kalm-store's bound)")
+               "default (150 MiB)" if pool is None else
+               f"{pool >> 20} MiB, glibc mmap threshold 32 KiB (kalm-store's bound)")
         lines.append(f"| {name} | {how} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

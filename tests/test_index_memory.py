@@ -142,3 +142,59 @@ def test_lance_reads_the_pool_set_in_the_block(tmp_path, monkeypatch):
             ds.create_scalar_index("text_digest", "BTREE")
     ds.create_scalar_index("text_digest", "BTREE")
     assert lance.dataset(tmp_path / "t.lance").stats.index_stats("text_digest_idx")["num_unindexed_rows"] == 0
+
+
+# A fresh interpreter frees an 8 MiB block (mapped; freeing it raises glibc's dynamic mmap threshold
+# to 8 MiB), then asks for a 4 MiB block: it comes from the heap (no new mapping). glibc maps a block
+# only when the heap's free top cannot hold it, so the next asks are larger (6 MiB inside the block,
+# 7 MiB after it): with the threshold fixed at 32 KiB, then 128 KiB, each is mapped on its own.
+_MMAP_PROBE = """
+import ctypes, json
+from kalm_store.index_memory import bounded_index_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def mapped(n):
+    before = libc.mallinfo2().hblks
+    p = libc.malloc(n)
+    grew = libc.mallinfo2().hblks - before
+    libc.free(p)
+    return grew
+libc.free(libc.malloc(8 << 20))
+out = {"outside": mapped(4 << 20)}
+with bounded_index_memory():
+    out["inside"] = mapped(6 << 20)
+out["after"] = mapped(7 << 20)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/lib/x86_64-linux-gnu/libc.so.6")
+                    and not os.path.exists("/lib/aarch64-linux-gnu/libc.so.6"), reason="glibc's malloc only")
+@pytest.mark.parametrize("exported, want", [
+    (None, {"outside": 0, "inside": 1, "after": 1}),
+    # the user's threshold (read by glibc at start-up) is kept: the blocks stay in the heap throughout
+    ("16777216", {"outside": 0, "inside": 0, "after": 0}),
+])
+def test_block_fixes_glibc_mmap_threshold(exported, want):
+    import subprocess
+    import sys
+
+    from kalm_store.index_memory import MALLOC_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != MALLOC_ENV}
+    if exported is not None:
+        env[MALLOC_ENV] = exported
+    out = subprocess.run([sys.executable, "-c", _MMAP_PROBE], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == want
+
+
+def test_set_mmap_threshold_refuses_a_negative_size():
+    from kalm_store.index_memory import set_mmap_threshold
+
+    with pytest.raises(ValueError, match="nbytes must be a non-negative int"):
+        set_mmap_threshold(-1)

@@ -224,14 +224,25 @@ def remove_duplicates(table: Any, ids: Sequence[str] | None = None) -> int:
 
 
 def _rows_committed_by(table: Any, version: int, rowids: Sequence[int]) -> int:
-    """How many of ``rowids`` lie in the fragments that the commit making ``version`` added (a row id is
+    """How many of ``rowids`` lie in the fragments that the commit making ``version`` added."""
+    return len(rows_added_by(table, version, rowids))
+
+
+def rows_added_by(table: Any, version: int, rowids: Sequence[int]) -> list[int]:
+    """Those of ``rowids`` that lie in the fragments the commit making ``version`` added (a row id is
     its fragment's id << 32 | its offset: the table has no stable row ids)."""
     if not rowids:
-        return 0
+        return []
     ds = table.to_lance()
     before = {f.fragment_id for f in ds.checkout_version(version - 1).get_fragments()}
     added = {f.fragment_id for f in ds.checkout_version(version).get_fragments()} - before
-    return sum((r >> 32) in added for r in rowids)
+    return [r for r in rowids if (r >> 32) in added]
+
+
+def remove_duplicates_of(table: Any, ids: Sequence[str], version: int) -> list[int]:
+    """:func:`remove_duplicates` among ``ids`` after the commit that made ``version`` raced another
+    writer; returns the deleted copies that this commit had added (the other writer's came first)."""
+    return rows_added_by(table, version, _remove_duplicate_rows(table, ids))
 
 
 def _remove_duplicate_rows(table: Any, ids: Sequence[str] | None = None) -> list[int]:
@@ -247,4 +258,4 @@ def _remove_duplicate_rows(table: Any, ids: Sequence[str] | None = None) -> list
 
 
 __all__ = ["CommitResult", "commit_rows", "duplicate_ids", "is_retryable_conflict", "next_known_version",
-           "remove_duplicates", "retry_conflicts"]
+           "remove_duplicates", "remove_duplicates_of", "retry_conflicts", "rows_added_by"]

@@ -350,17 +350,40 @@ def _run_window(window: list[dict[str, Any]], store: PassageStore, options: Buil
     # another writer committed meanwhile, or since the stored ids were read: it may hold our ids too
     uncontested = read_version == known_version and committed.version == read_version + 1
     if not uncontested:
-        from kalm_store.commit import remove_duplicates
+        from kalm_store.commit import remove_duplicates_of
 
         store.refresh()
-        removed = remove_duplicates(store.table, [i for item in window for i in item["ids"]])
-        summary.written -= removed
-        summary.already_stored += removed
+        lost = remove_duplicates_of(store.table, [i for item in window for i in item["ids"]], committed.version)
+        summary.written -= len(lost)  # only copies of ours: the other writer's first copy stays
+        summary.already_stored += len(lost)
+        if options.update and lost:
+            _update_lost_rows(store, committed.version, lost, summary)
     summary.tokens += sum(p["tokens"] for p in parts)
     summary.truncated += sum(p["truncated"] for p in parts)  # as the local builder counts them
     summary.commits += 1
     store.refresh()
     return committed.version if uncontested else None
+
+
+def _update_lost_rows(store: PassageStore, version: int, lost: list[int], summary: BuildSummary) -> None:
+    """``--update``: rows of ours deleted as later copies of ids another writer stored after the driver
+    read the ids replace that writer's rows where their text (or brought vector) differs, as the local
+    engine does (:func:`kalm_store.build.commit_encoded`): read back from ``version``, the Append that
+    held them, and committed in one merge that replaces; nothing is re-encoded."""
+    from kalm_store.build import changed_flags
+
+    import pyarrow as pa
+
+    at = store.table.to_lance().checkout_version(version)
+    rows = pa.concat_tables([at.to_table(filter=f"_rowid IN ({', '.join(map(str, lost[i:i + 1000]))})")
+                             for i in range(0, len(lost), 1000)])
+    taken = rows.filter(changed_flags(store, rows))
+    if taken.num_rows:
+        again = store.write(taken, replace=True)
+        summary.written += again.inserted + again.replaced
+        summary.updated += again.replaced
+        summary.already_stored -= again.inserted + again.replaced
+        summary.commits += 1
 
 
 def _merge_window(encoded: Any, store: PassageStore, replaced: int, max_length: int, summary: BuildSummary,

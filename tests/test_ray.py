@@ -144,11 +144,14 @@ def test_ray_driver_keeps_the_ids_on_disk_not_in_memory(built, tiny_model_dir, m
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("update", [False, True], ids=["build", "update"])
 def test_ray_window_sees_ids_another_writer_stored_after_the_run_read_its_ids(built, tiny_model_dir, model, tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, update):
     """Another writer commits, after the driver read the stored ids and before its window's read, an id of
     the input: the window's Append (read at that newer version, so no race inside the commit) is still
-    checked and the extra copy deleted; the first committed copy (the other writer's) stays."""
+    checked and the extra copy deleted; the first committed copy (the other writer's) stays. With
+    ``--update`` the input's row then replaces the other writer's, as the local engine does (run after
+    that writer, the update would have replaced it)."""
     import kalm_store.plugins.ray as kray
     from kalm_store.build import build
     from kalm_store.plugins.ray import RayOptions, build_on_ray
@@ -169,12 +172,18 @@ def test_ray_window_sees_ids_another_writer_stored_after_the_run_read_its_ids(bu
         return real_init(opts)
 
     monkeypatch.setattr(kray, "init_ray", other_writer_then_init)
-    s = build_on_ray(_options(built["corpus"], tmp_path / "db", tiny_model_dir), RayOptions(workers=1), model=model)
+    s = build_on_ray(_options(built["corpus"], tmp_path / "db", tiny_model_dir, update=update), RayOptions(workers=1),
+                     model=model)
     got = _snapshot(tmp_path / "db")["rows"]
     ids = [r["id"] for r in got]
     assert len(ids) == len(set(ids)) == len(firsts)  # every id once
-    assert {r["id"]: r["text"] for r in got}[late["id"]] == "the other writer's text"
-    assert s.written == len(firsts) - len(stored_first) - 1 and s.already_stored == len(stored_first) + 1
+    text = {r["id"]: r["text"] for r in got}[late["id"]]
+    if not update:
+        assert text == "the other writer's text"
+        assert s.written == len(firsts) - len(stored_first) - 1 and s.already_stored == len(stored_first) + 1
+    else:
+        assert text == late["text"]
+        assert s.updated == 1 and s.written == len(firsts) - len(stored_first)
 
 
 def test_ray_build_with_an_embedder_matches_local(built, tiny_model_dir, model):

@@ -594,16 +594,24 @@ def commit_encoded(store: PassageStore, rows: pa.Table, replaced: int, summary: 
     summary.updated += replaced
     summary.commits += 1
     known = next_known_version(known_version, result)
-    if update and result.skipped:  # only a merge without replace skips rows (with replace, it replaces them)
-        taken = rows.filter(changed_flags(store, rows))
-        if taken.num_rows:
-            again = store.write(taken, replace=True)
-            summary.written += again.inserted + again.replaced
-            summary.updated += again.replaced
-            summary.already_stored -= again.inserted + again.replaced
-            summary.commits += 1
-            known = None
+    if update and result.skipped and replace_changed(store, rows, summary):  # only a merge without replace skips
+        known = None
     return known
+
+
+def replace_changed(store: PassageStore, rows: pa.Table, summary: BuildSummary) -> bool:
+    """``--update`` after a race (both engines): of encoded ``rows`` counted as already stored, those
+    whose stored row differs (another writer's text or vector) replace it, in one commit; nothing is
+    re-encoded. Returns whether it committed."""
+    taken = rows.filter(changed_flags(store, rows))
+    if not taken.num_rows:
+        return False
+    again = store.write(taken, replace=True)
+    summary.written += again.inserted + again.replaced
+    summary.updated += again.replaced
+    summary.already_stored -= again.inserted + again.replaced
+    summary.commits += 1
+    return True
 
 
 def changed_flags(store: PassageStore, rows: pa.Table) -> list[bool]:

@@ -370,20 +370,14 @@ def _update_lost_rows(store: PassageStore, version: int, lost: list[int], summar
     read the ids replace that writer's rows where their text (or brought vector) differs, as the local
     engine does (:func:`kalm_store.build.commit_encoded`): read back from ``version``, the Append that
     held them, and committed in one merge that replaces; nothing is re-encoded."""
-    from kalm_store.build import changed_flags
-
     import pyarrow as pa
+
+    from kalm_store.build import replace_changed
 
     at = store.table.to_lance().checkout_version(version)
     rows = pa.concat_tables([at.to_table(filter=f"_rowid IN ({', '.join(map(str, lost[i:i + 1000]))})")
                              for i in range(0, len(lost), 1000)])
-    taken = rows.filter(changed_flags(store, rows))
-    if taken.num_rows:
-        again = store.write(taken, replace=True)
-        summary.written += again.inserted + again.replaced
-        summary.updated += again.replaced
-        summary.already_stored -= again.inserted + again.replaced
-        summary.commits += 1
+    replace_changed(store, rows, summary)
 
 
 def _merge_window(encoded: Any, store: PassageStore, replaced: int, max_length: int, summary: BuildSummary,
